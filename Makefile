@@ -1,0 +1,33 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both build .venv on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# torch and torchvision are pinned as a pair: a torchvision wheel only works against the torch it was
+# built for ("operator torchvision::nms does not exist" otherwise), and timm needs torchvision.
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m retclip_dist.demo --out demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not dist"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf demo runs .pytest_cache .ruff_cache
