@@ -1,0 +1,190 @@
+"""RET-CLIP: one vision tower for both eyes, one text tower, three projection levels (patient, left, right).
+
+The module only computes features: it never moves itself to a device, reads the environment or talks to
+other processes, so the same object works under DDP, Accelerate, DeepSpeed or a plain evaluation script.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from retclip_dist.config import from_dict, to_dict
+from retclip_dist.model.config import LEVELS, ModelConfig
+from retclip_dist.model.tokenizer import build_tokenizer
+from retclip_dist.model.towers import build_text_tower, build_vision_tower
+from retclip_dist.model.weights import LoadReport
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+class PerLevel(NamedTuple):
+    """One tensor per contrastive level: features [b, D], or scalar scales/biases."""
+
+    patient: Tensor
+    left: Tensor
+    right: Tensor
+
+
+class RetClipOutput(NamedTuple):
+    """Everything the tripartite loss needs; ``loss_fn(*model(batch))`` unpacks it in order."""
+
+    image: PerLevel  # L2-normalised image features per level
+    text: PerLevel  # L2-normalised text features per level
+    logit_scale: PerLevel  # exp of the learnable log-scales
+    logit_bias: PerLevel | None  # learnable biases, sigmoid loss only
+
+
+def _text_head(hidden: int, embed_dim: int) -> nn.Sequential:
+    head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, embed_dim))
+    for layer in (head[0], head[2]):
+        nn.init.normal_(layer.weight, std=hidden**-0.5)
+        nn.init.zeros_(layer.bias)
+    return head
+
+
+def _scalars(value: float) -> nn.ParameterDict:
+    return nn.ParameterDict({level: nn.Parameter(torch.tensor(float(value))) for level in LEVELS})
+
+
+class RetClip(nn.Module):
+    """The tripartite CLIP model. ``RetClip(cfg)`` builds both towers, loading local weights if configured."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.visual, vision_report = build_vision_tower(cfg)
+        self.text, text_report = build_text_tower(cfg)
+        # Kept so that a launcher can print or assert what was initialised from disk.
+        self.load_reports: dict[str, LoadReport] = {
+            r.tower: r for r in (vision_report, text_report) if r is not None
+        }
+        width = self.visual.num_features
+        hidden = self.text.config.hidden_size
+        self.image_patient = nn.Linear(2 * width, cfg.embed_dim, bias=False)
+        self.image_left = nn.Linear(width, cfg.embed_dim, bias=False)
+        self.image_right = nn.Linear(width, cfg.embed_dim, bias=False)
+        self.text_patient = _text_head(hidden, cfg.embed_dim)
+        self.text_left = _text_head(hidden, cfg.embed_dim)
+        self.text_right = _text_head(hidden, cfg.embed_dim)
+        self.logit_scale = _scalars(cfg.resolved_init_logit_scale())
+        self.logit_bias = _scalars(cfg.init_logit_bias) if cfg.loss == "sigmoid" else None
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute both towers' activations during backward (HF only does so in training mode)."""
+        self.visual.set_grad_checkpointing(enable)
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*.
+        if enable:
+            self.text.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            self.text.activation_checkpointing_disable()
+
+    @torch.no_grad()
+    def clamp_logit_scales_(self) -> None:
+        """Cap every log-scale at cfg.max_logit_scale; the trainer calls this after each optimizer step."""
+        for scale in self.logit_scale.values():
+            scale.clamp_(max=self.config.max_logit_scale)
+
+    def embed_eye(self, images: Tensor) -> Tensor:
+        """Pooled, un-projected vision embedding [n, W] of single-eye images, for downstream probes."""
+        return self.visual(images)
+
+    def encode_image(self, left: Tensor, right: Tensor) -> PerLevel:
+        """Normalised patient/left/right image features; both eyes go through the tower in one batch."""
+        eyes = self.embed_eye(torch.cat([left, right]))
+        v_left, v_right = eyes[: left.shape[0]], eyes[left.shape[0] :]
+        return PerLevel(
+            patient=F.normalize(self.image_patient(torch.cat([v_left, v_right], dim=-1)), dim=-1),
+            left=F.normalize(self.image_left(v_left), dim=-1),
+            right=F.normalize(self.image_right(v_right), dim=-1),
+        )
+
+    def _cls(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+
+    def encode_text(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        left_input_ids: Tensor | None = None,
+        left_attention_mask: Tensor | None = None,
+        right_input_ids: Tensor | None = None,
+        right_attention_mask: Tensor | None = None,
+    ) -> PerLevel:
+        """Normalised text features; an eye's head reads its own report when given, else the patient one.
+
+        Per-eye reports are all-or-nothing per batch: the data loader fills a patient that lacks one with
+        the patient report, so the tensors stay rectangular.
+        """
+        patient_cls = self._cls(input_ids, attention_mask)
+        left_cls = patient_cls if left_input_ids is None else self._cls(left_input_ids, left_attention_mask)
+        right_cls = (
+            patient_cls if right_input_ids is None else self._cls(right_input_ids, right_attention_mask)
+        )
+        return PerLevel(
+            patient=F.normalize(self.text_patient(patient_cls), dim=-1),
+            left=F.normalize(self.text_left(left_cls), dim=-1),
+            right=F.normalize(self.text_right(right_cls), dim=-1),
+        )
+
+    def forward(self, batch: dict[str, Tensor]) -> RetClipOutput:
+        """Training step features from a collated batch ("left", "right", "input_ids", "attention_mask",
+        and optionally "left_input_ids", "left_attention_mask", "right_input_ids", "right_attention_mask")."""
+        image = self.encode_image(batch["left"], batch["right"])
+        text = self.encode_text(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("left_input_ids"),
+            batch.get("left_attention_mask"),
+            batch.get("right_input_ids"),
+            batch.get("right_attention_mask"),
+        )
+        scale = PerLevel(*(self.logit_scale[level].exp() for level in LEVELS))
+        bias = None if self.logit_bias is None else PerLevel(*(self.logit_bias[level] for level in LEVELS))
+        return RetClipOutput(image, text, scale, bias)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a self-contained dir: safetensors weights, config.json, and the tokenizer if one is set."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        # The saved config must rebuild the architecture without the original files: towers are
+        # described inline and their weights live in model.safetensors.
+        standalone = replace(
+            self.config,
+            vision_weights=None,
+            text_path=None,
+            text_config={**self.text.config.to_dict(), "model_type": self.text.config.model_type},
+            tokenizer_path=None,
+        )
+        if self.config.tokenizer_path or self.config.text_path:
+            build_tokenizer(self.config).save_pretrained(str(directory / TOKENIZER_DIR))
+        (directory / CONFIG_FILE).write_text(json.dumps(to_dict(standalone), indent=2, sort_keys=True))
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> RetClip:
+        """Rebuild a model written by save_pretrained; weights must match the architecture exactly."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; was it written by save_pretrained?")
+        cfg = from_dict(ModelConfig, json.loads(config_path.read_text()), where=str(config_path))
+        if (directory / TOKENIZER_DIR).is_dir():
+            cfg = replace(cfg, tokenizer_path=str(directory / TOKENIZER_DIR))
+        model = cls(cfg)
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+        return model

@@ -1,0 +1,45 @@
+"""The text tower's tokenizer, from a plain WordPiece vocab.txt or a saved HF tokenizer directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
+
+from retclip_dist.model.config import ModelConfig
+from retclip_dist.model.towers import text_model_config
+
+
+def read_vocab(path: Path) -> dict[str, int]:
+    """WordPiece vocab.txt -> {token: line index}; duplicates are an error (they would shift every id)."""
+    vocab: dict[str, int] = {}
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line:
+            raise ValueError(f"vocab file {path}: line {lineno} is empty")
+        if line in vocab:
+            raise ValueError(
+                f"vocab file {path}: line {lineno} repeats token {line!r} (first on {vocab[line] + 1})"
+            )
+        vocab[line] = len(vocab)
+    return vocab
+
+
+def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """Fast tokenizer from cfg.tokenizer_path (or cfg.text_path), checked against the text tower's vocab."""
+    source = cfg.tokenizer_path or cfg.text_path
+    if source is None:
+        raise ValueError("model.tokenizer_path and model.text_path are both unset; the tokenizer needs one")
+    path = Path(source)
+    if path.is_file():
+        tokenizer = BertTokenizerFast(vocab=read_vocab(path), do_lower_case=True)
+    elif path.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    else:
+        raise FileNotFoundError(f"tokenizer source {path} is neither a vocab file nor a directory")
+    vocab_size = text_model_config(cfg).vocab_size
+    if len(tokenizer) > vocab_size:
+        raise ValueError(
+            f"tokenizer {path} has {len(tokenizer)} tokens but the text tower embeds only {vocab_size}; "
+            "ids past the table would crash the embedding lookup"
+        )
+    return tokenizer

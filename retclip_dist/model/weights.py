@@ -1,0 +1,95 @@
+"""Reading local state-dict files and loading them into a tower with an explicit report.
+
+Pretrained tower weights come from files on disk (no hub access during training), so the two things a
+user must see are which keys did not line up (reported) and which tensors have the wrong shape (an error:
+silently skipping them would train from a half-random tower).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+# Training checkpoints often wrap the weights one level down under one of these keys.
+_WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What happened when a tower was initialised from a local checkpoint."""
+
+    tower: str  # "vision" or "text"
+    source: str  # the file or directory the weights came from
+    loaded: int  # number of tensors copied into the tower
+    missing: list[str]  # tower keys the checkpoint did not provide (left at random init)
+    unexpected: list[str]  # checkpoint keys the tower has no place for (ignored)
+
+    def __str__(self) -> str:
+        parts = [f"{self.tower} tower <- {self.source}: {self.loaded} tensors loaded"]
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (random init): {', '.join(self.missing)}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected (ignored): {', '.join(self.unexpected)}")
+        return "; ".join(parts)
+
+    def log(self) -> None:
+        (log.warning if self.missing else log.info)("%s", self)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors/.bin/.pt/.pth file, unwrapped from a training checkpoint and 'module.'."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        obj: object = load_file(str(path))
+    elif path.suffix in _TORCH_SUFFIXES:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(
+            f"weights file {path}: unsupported suffix {path.suffix!r}; use .safetensors, .bin, .pt or .pth"
+        )
+    for key in _WRAPPER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"weights file {path} does not hold a flat mapping of names to tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def raise_on_shape_mismatch(tower: str, source: str, mismatched: list[tuple[str, tuple, tuple]]) -> None:
+    """Fail loudly, naming every (key, checkpoint shape, tower shape) that cannot be copied."""
+    if mismatched:
+        lines = "\n".join(
+            f"  {k}: checkpoint {tuple(a)} vs {tower} tower {tuple(b)}" for k, a, b in mismatched
+        )
+        raise ValueError(f"{source}: {len(mismatched)} tensor(s) do not fit the {tower} tower:\n{lines}")
+
+
+def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], tower: str, source: str) -> LoadReport:
+    """Copy matching tensors into ``module``; shape mismatches raise, key mismatches are reported."""
+    own = module.state_dict()
+    mismatched = [
+        (k, tuple(v.shape), tuple(own[k].shape))
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    raise_on_shape_mismatch(tower, source, mismatched)
+    result = module.load_state_dict(state_dict, strict=False)
+    report = LoadReport(
+        tower=tower,
+        source=source,
+        loaded=len(state_dict) - len(result.unexpected_keys),
+        missing=sorted(result.missing_keys),
+        unexpected=sorted(result.unexpected_keys),
+    )
+    report.log()
+    return report
