@@ -1,0 +1,295 @@
+"""make-shards build: read inputs, plan, process images in parallel, pack shards, write the manifest.
+
+Workers run an ordered map (Pool.imap), so one writer in this process packs samples in the planned
+order whatever the worker count; that and fixed tar metadata make the output byte-identical across
+``--workers`` values and across interrupted-then-resumed runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from retclip_dist.shards.images import ImageOptions, process_image
+from retclip_dist.shards.journal import JOURNAL_NAME, Journal, Progress
+from retclip_dist.shards.plan import plan
+from retclip_dist.shards.records import (
+    PatientRecord,
+    Reject,
+    RejectError,
+    ShardInputError,
+    count_rejects,
+    valid_split,
+)
+from retclip_dist.shards.roots import ImageStore, open_image_root
+from retclip_dist.shards.sources import read_manifest, read_retclip
+from retclip_dist.shards.storage import OutputDir
+from retclip_dist.shards.writer import ShardWriter, manifest_json, rejects_jsonl
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"
+# Options that cannot change the output bytes; kept out of manifest.json and the resume fingerprint.
+_RUNTIME_ONLY = ("out", "workers", "progress")
+
+
+@dataclass
+class BuildOptions:
+    """Everything ``make-shards build`` takes; the CLI flags map one-to-one onto these fields."""
+
+    out: str = "shards/default"  # output directory, local path or s3://bucket/prefix
+    manifest: str | None = None  # CSV/JSONL manifest (patient_id,left_image,right_image,report,...)
+    images: str | None = None  # image root of the manifest: directory, .zip, .tar or .tar.gz
+    retclip_dir: str | None = None  # directory with the RET-CLIP release's {split}_imgs.tsv/_texts.jsonl
+    split: str = "train"  # split of patients without one (and which RET-CLIP files to read)
+    val_fraction: float = 0.0  # share of patients without an explicit split sent to "val" (seeded id hash)
+    image: ImageOptions = field(default_factory=ImageOptions)  # resize, JPEG and reject thresholds
+    max_count: int = 1000  # patients per shard at most
+    max_size: int = 1_000_000_000  # bytes per shard at most (a lone larger sample gets its own shard)
+    seed: int = 0  # seed of the patient shuffle and of the val assignment
+    workers: int = 1  # image-processing processes
+    strict: bool = False  # any reject is an error: stop, write no manifest
+    progress: bool = True  # show a tqdm progress bar on stderr
+
+    def validate(self) -> None:
+        if (self.retclip_dir is None) == (self.manifest is None):
+            raise ShardInputError("give either --manifest with --images, or --retclip-dir")
+        if self.manifest is not None and self.images is None:
+            raise ShardInputError("--manifest needs --images (the root its image paths are relative to)")
+        if not valid_split(self.split):
+            raise ShardInputError(f"--split {self.split!r} must be a plain word ([A-Za-z0-9_])")
+        checks = {
+            "--val-fraction must be in [0, 1]": 0.0 <= self.val_fraction <= 1.0,
+            "--max-count must be >= 1": self.max_count >= 1,
+            "--max-size must be >= 1": self.max_size >= 1,
+            "--workers must be >= 1": self.workers >= 1,
+            "--image-size must be >= 1": self.image.size >= 1,
+            "--jpeg-quality must be in [1, 100]": 1 <= self.image.quality <= 100,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise ShardInputError(message)
+
+    def recorded(self) -> dict[str, Any]:
+        """The options as written into manifest.json (those that shape the output)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_ONLY}
+
+
+@dataclass
+class BuildResult:
+    """Outcome of one build (also of a resumed one: counts cover the whole shard set)."""
+
+    out: str  # output directory
+    kept: int  # patients written to shards
+    rejected: dict[str, int]  # reason -> count, every reason listed
+    shards: list[dict[str, Any]]  # manifest shard entries
+    seconds: float  # wall time of this run
+    processed: int  # patients handled by this run (less than the total when resuming)
+
+    @property
+    def patients_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+class StrictRejectError(Exception):
+    """--strict and a patient was rejected."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A processed patient, ready to be packed."""
+
+    split: str
+    key: str
+    members: dict[str, bytes]
+
+
+def process_record(store: ImageStore, opts: ImageOptions, rec: PatientRecord) -> Sample | Reject:
+    """Read and convert both eyes of one patient; any bad image rejects the whole patient."""
+    members: dict[str, bytes] = {}
+    sizes: dict[str, list[int]] = {}
+    for eye in ("left", "right"):
+        ref = getattr(rec, eye)
+        try:
+            members[f"{eye}.jpg"], size = process_image(store.read(ref), opts)
+        except RejectError as exc:
+            return Reject(rec.order, rec.patient_id, rec.source, exc.reason, f"{eye} eye: {exc.detail}")
+        sizes[eye] = list(size)
+    members["report.txt"] = rec.report.encode("utf-8")
+    for eye, text in (("left", rec.left_report), ("right", rec.right_report)):
+        if text is not None:
+            members[f"{eye}.txt"] = text.encode("utf-8")
+    meta = {
+        "patient_id": rec.patient_id,
+        "split": rec.split,
+        "source": {"left": store.describe(rec.left), "right": store.describe(rec.right)},
+        "orig_size": sizes,
+    }
+    members["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return Sample(str(rec.split), rec.key, members)
+
+
+_worker_state: tuple[ImageStore, ImageOptions] | None = None
+
+
+def _init_worker(store: ImageStore, opts: ImageOptions) -> None:
+    global _worker_state
+    _worker_state = (store, opts)
+
+
+def _work(rec: PatientRecord) -> Sample | Reject:
+    assert _worker_state is not None, "pool initializer did not run"
+    return process_record(*_worker_state, rec)
+
+
+def ordered_map(
+    store: ImageStore, opts: ImageOptions, records: list[PatientRecord], workers: int
+) -> Iterator[Sample | Reject]:
+    """Processed records in input order; with workers > 1 a Pool.imap keeps order while spreading work."""
+    if workers == 1:
+        yield from (process_record(store, opts, rec) for rec in records)
+        return
+    chunk = max(1, min(16, len(records) // (workers * 8)))
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(store, opts)) as pool:
+        yield from pool.imap(_work, records, chunksize=chunk)
+
+
+def _fingerprint(recorded: dict[str, Any], planned: Iterable[PatientRecord]) -> str:
+    sha = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode("utf-8"))
+    for rec in planned:
+        sha.update(json.dumps(dataclasses.astuple(rec), ensure_ascii=False).encode("utf-8"))
+    return sha.hexdigest()
+
+
+def _read_inputs(opts: BuildOptions) -> tuple[list[PatientRecord], list[Reject], ImageStore]:
+    if opts.retclip_dir is not None:
+        return read_retclip(opts.retclip_dir, opts.split)
+    assert opts.manifest is not None and opts.images is not None  # validate() guarantees both
+    records, rejects = read_manifest(opts.manifest)
+    return records, rejects, open_image_root(opts.images)
+
+
+def _strict_error(r: Reject) -> StrictRejectError:
+    return StrictRejectError(f"--strict: {r.source} ({r.patient_id}): {r.reason}: {r.detail}")
+
+
+class _Packer:
+    """Feeds processed patients to the ShardWriter and journals every published shard together with
+    the planned position and the rejects it covers, so a resumed run skips exactly that much."""
+
+    def __init__(self, out: OutputDir, opts: BuildOptions, journal: Journal, done: Progress) -> None:
+        self.journal = journal
+        self.shards = list(done.shards)
+        self.rejects = list(done.rejects)
+        self.pending: list[Reject] = []
+        self.position = done.consumed
+        next_index = dict(Counter(shard["split"] for shard in self.shards))
+        self.writer = ShardWriter(out, opts.max_count, opts.max_size, next_index, self._on_close)
+
+    def _on_close(self, entry: dict[str, Any]) -> None:
+        # Called before the sample at self.position is added, so every pending reject precedes it.
+        self.shards.append(entry)
+        self.journal.record(entry, self.position, self.pending)
+        self.rejects += self.pending
+        self.pending = []
+
+    def consume(self, result: Sample | Reject) -> None:
+        if isinstance(result, Reject):
+            self.pending.append(result)
+        else:
+            self.writer.add(result.split, result.key, result.members)
+        self.position += 1
+
+    def finish(self) -> None:
+        self.writer.close()
+        self.rejects += self.pending
+        self.pending = []
+
+
+def _process_all(
+    packer: _Packer, store: ImageStore, opts: BuildOptions, todo: list[PatientRecord], total: int
+) -> None:
+    """Process ``todo`` in order into ``packer``; on any failure the open shard is dropped (a resume redoes it)."""
+    bar = tqdm(total=total, initial=total - len(todo), unit="patient", disable=not opts.progress)
+    try:
+        with bar:
+            for result in ordered_map(store, opts.image, todo, opts.workers):
+                if opts.strict and isinstance(result, Reject):
+                    raise _strict_error(result)
+                packer.consume(result)
+                bar.update(1)
+    except BaseException:
+        packer.writer.abort()
+        raise
+    packer.finish()
+
+
+def _already_built(out: OutputDir, opts: BuildOptions, start: float) -> BuildResult:
+    """A finished set built with the same options is left alone, so rerunning a command is harmless."""
+    manifest = json.loads(out.read_text(MANIFEST_NAME))
+    if manifest.get("options") != opts.recorded():
+        raise ShardInputError(
+            f"{opts.out} already holds a shard set built with other options; delete it or choose another --out"
+        )
+    log.info("%s already holds this shard set (same options); nothing to do, delete it to rebuild", opts.out)
+    return BuildResult(
+        out=opts.out,
+        kept=sum(s["count"] for s in manifest["shards"]),
+        rejected=manifest["rejected"],
+        shards=manifest["shards"],
+        seconds=time.perf_counter() - start,
+        processed=0,
+    )
+
+
+def build_shards(opts: BuildOptions) -> BuildResult:
+    """Build (or finish an interrupted build of) the shard set ``opts.out``.
+
+    Raises ShardInputError for unusable inputs/options and StrictRejectError under ``strict``.
+    """
+    opts.validate()
+    start = time.perf_counter()
+    out = OutputDir(opts.out)
+    if out.exists(MANIFEST_NAME) and not out.exists(JOURNAL_NAME):
+        return _already_built(out, opts, start)
+    records, rejects, store = _read_inputs(opts)
+    try:
+        planned, duplicates = plan(records, opts.split, opts.val_fraction, opts.seed)
+        early = sorted(rejects + duplicates, key=lambda r: r.order)
+        if opts.strict and early:
+            raise _strict_error(early[0])
+        journal = Journal(out, _fingerprint(opts.recorded(), planned))
+        done = journal.load()
+        if done.consumed:
+            log.info("resuming: %d shards and %d patients already done", len(done.shards), done.consumed)
+        for name in out.names():
+            if name.endswith(".tmp"):
+                out.remove(name)
+        packer = _Packer(out, opts, journal, done)
+        todo = planned[done.consumed :]
+        _process_all(packer, store, opts, todo, len(planned))
+        all_rejects = early + packer.rejects
+        out.write_text(REJECTS_NAME, rejects_jsonl(all_rejects))
+        out.write_text(MANIFEST_NAME, manifest_json(opts.recorded(), packer.shards, all_rejects))
+        journal.remove()
+    finally:
+        store.cleanup()
+    return BuildResult(
+        out=opts.out,
+        kept=sum(s["count"] for s in packer.shards),
+        rejected=count_rejects(all_rejects),
+        shards=packer.shards,
+        seconds=time.perf_counter() - start,
+        processed=len(todo),
+    )

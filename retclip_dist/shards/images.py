@@ -1,0 +1,84 @@
+"""One eye image: bytes in, checked, converted to 8-bit RGB, resized (never up), JPEG bytes out."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from retclip_dist.shards.records import RejectError
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How each eye image is checked and re-encoded."""
+
+    size: int = 512  # target side in pixels (the paper resizes offline to 512x512)
+    resize: Literal["square", "shorter"] = "square"  # square: squash to size x size; shorter: keep aspect
+    quality: int = 95  # JPEG quality of the stored images
+    min_side: int = 224  # reject images whose shorter side is below this (model input is 224)
+    max_pixels: int = 50_000_000  # reject larger images from their header, before decoding (bombs)
+
+
+def target_size(width: int, height: int, opts: ImageOptions) -> tuple[int, int]:
+    """Output size for an input size; never larger than the input in either dimension."""
+    if opts.resize == "square":
+        side = min(opts.size, width, height)
+        return side, side
+    scale = min(1.0, opts.size / min(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit grey is rescaled (65535 -> 255) rather than clipped, alpha is laid on black."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT:
+        # "I" is how PIL may report 16-bit greyscale, so it is treated as 16-bit too.
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        # Fundus backgrounds are black, so transparent areas become black instead of stray colour.
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def process_image(data: bytes, opts: ImageOptions) -> tuple[bytes, tuple[int, int]]:
+    """JPEG bytes and the original (width, height), or RejectError with a reason from REJECT_REASONS."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns about large images at open; the max_pixels check below is the policy we apply.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise RejectError("too_many_pixels", str(exc)) from None
+    except Exception as exc:
+        # PIL's format plugins raise many exception types on hostile bytes; any of them means "not an image".
+        raise RejectError("undecodable", f"{type(exc).__name__}: {exc}") from None
+    width, height = img.size
+    if width * height > opts.max_pixels:
+        raise RejectError("too_many_pixels", f"{width}x{height} is over {opts.max_pixels} pixels")
+    if min(width, height) < opts.min_side:
+        raise RejectError("too_small", f"{width}x{height}: shorter side under {opts.min_side}")
+    size = target_size(width, height, opts)
+    if img.format == "JPEG":
+        # DCT-domain downscaling: decode at 1/2, 1/4 or 1/8 scale when that still covers the target.
+        img.draft("RGB", size)
+    try:
+        img.load()
+    except Exception as exc:
+        reason = "truncated" if "truncat" in str(exc).lower() else "undecodable"
+        raise RejectError(reason, f"{type(exc).__name__}: {exc}") from None
+    rgb = to_rgb(img)
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    rgb.save(buf, "JPEG", quality=opts.quality)
+    return buf.getvalue(), (width, height)

@@ -1,0 +1,57 @@
+"""Which patients go where, in which order: duplicates out, splits assigned, seeded shuffle.
+
+Everything here depends only on the patient ids, the seed and the options, never on manifest order or
+worker count, so two runs over the same patients always produce the same shard contents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+from retclip_dist.shards.records import PatientRecord, Reject
+
+
+def hash_unit(*parts: object) -> float:
+    """A uniform number in [0, 1) from a stable hash of ``parts`` (Python's hash() is salted per process)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def drop_duplicates(records: list[PatientRecord]) -> tuple[list[PatientRecord], list[Reject]]:
+    """Keep the first row of each patient id (and of each shard key, which sanitising could make collide)."""
+    by_id: dict[str, str] = {}
+    by_key: dict[str, PatientRecord] = {}
+    kept, rejects = [], []
+    for rec in sorted(records, key=lambda r: r.order):
+        if rec.patient_id in by_id:
+            detail = f"patient id already used at {by_id[rec.patient_id]}"
+        elif rec.key in by_key:
+            first = by_key[rec.key]
+            detail = f"shard key {rec.key} already used by id {first.patient_id!r} at {first.source}"
+        else:
+            by_id[rec.patient_id] = rec.source
+            by_key[rec.key] = rec
+            kept.append(rec)
+            continue
+        rejects.append(Reject(rec.order, rec.patient_id, rec.source, "duplicate_id", detail))
+    return kept, rejects
+
+
+def plan(
+    records: list[PatientRecord], default_split: str, val_fraction: float, seed: int
+) -> tuple[list[PatientRecord], list[Reject]]:
+    """Deduplicated records with a split each, grouped by split (sorted) and shuffled within it.
+
+    Training reads shards in order, so the seeded shuffle keeps one day's or one camera's patients from
+    filling one shard. Patients without an explicit split go to ``val`` with probability ``val_fraction``.
+    """
+    kept, rejects = drop_duplicates(records)
+    assigned = []
+    for rec in kept:
+        split = rec.split
+        if split is None:
+            split = "val" if hash_unit("val", seed, rec.patient_id) < val_fraction else default_split
+        assigned.append(dataclasses.replace(rec, split=split))
+    assigned.sort(key=lambda r: (r.split, hash_unit("order", seed, r.key), r.key))
+    return assigned, rejects

@@ -1,0 +1,203 @@
+"""Image stores: where eye images are read from, by a reference the source readers produced.
+
+Stores are built (and indexed) once in the parent process, then pickled to workers; each worker opens
+its own file handles lazily, because zip/tar/S3 handles cannot be shared across processes. Archive
+members are looked up by normalised name in an index and read from memory: nothing is ever extracted
+to disk under a name taken from the archive.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import gzip
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from abc import ABC, abstractmethod
+from typing import IO, Any
+
+import fsspec
+
+from retclip_dist.shards import storage
+from retclip_dist.shards.records import RejectError, ShardInputError, normalise_relpath
+
+log = logging.getLogger(__name__)
+
+
+class ImageStore(ABC):
+    """Reads image bytes by reference; raises RejectError for anything a single patient can fail on."""
+
+    @abstractmethod
+    def read(self, ref: str) -> bytes: ...
+
+    def describe(self, ref: str) -> str:
+        """The image's origin as written into the sample's JSON."""
+        return ref
+
+    temp_dir: str | None = None  # scratch space this store owns (a decompressed tar.gz)
+
+    def cleanup(self) -> None:
+        """Remove the store's scratch space, if it made one."""
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Open handles stay in the process that opened them.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_fh")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class DirStore(ImageStore):
+    """A directory, local or ``s3://``; local symlinks that resolve outside the root are refused."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.local = storage.is_local(url)
+        if self.local:
+            if not os.path.isdir(url):
+                raise ShardInputError(f"image root {url}: not a directory, .zip, .tar or .tar.gz")
+            self.real_root = os.path.realpath(url)
+
+    def read(self, ref: str) -> bytes:
+        if not self.local:
+            try:
+                return storage.read_bytes(storage.join(self.url, ref))
+            except FileNotFoundError:
+                raise RejectError("missing_file", f"{ref} not found under {self.url}") from None
+        real = os.path.realpath(os.path.join(self.real_root, ref))
+        if os.path.commonpath([real, self.real_root]) != self.real_root:
+            raise RejectError("unsafe_path", f"{ref} resolves outside {self.url}")
+        if not os.path.isfile(real):
+            raise RejectError("missing_file", f"{ref} not found under {self.url}")
+        with open(real, "rb") as fh:
+            return fh.read()
+
+
+def _member_index(names: list[tuple[str, Any]], archive: str) -> dict[str, Any]:
+    """Normalised member name -> locator; unsafe names are dropped so no manifest path can reach them."""
+    index: dict[str, Any] = {}
+    for name, locator in names:
+        try:
+            norm = normalise_relpath(name)
+        except RejectError as exc:
+            log.warning("%s: ignoring member %r (%s)", archive, name, exc.reason)
+            continue
+        index.setdefault(norm, locator)
+    return index
+
+
+class ZipStore(ImageStore):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            with fsspec.open(url, "rb") as fh, zipfile.ZipFile(fh) as zf:
+                members = [(i.filename, i.filename) for i in zf.infolist() if not i.is_dir()]
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise ShardInputError(f"image root {url}: not a readable zip archive ({exc})") from exc
+        self.index = _member_index(members, url)
+
+    def read(self, ref: str) -> bytes:
+        name = self.index.get(ref)
+        if name is None:
+            raise RejectError("missing_file", f"{ref} not in {self.url}")
+        if getattr(self, "_fh_zip", None) is None:
+            self._fh_raw = fsspec.open(self.url, "rb").open()
+            self._fh_zip = zipfile.ZipFile(self._fh_raw)
+        try:
+            return self._fh_zip.read(name)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise RejectError("undecodable", f"{ref} in {self.url}: corrupt zip member ({exc})") from None
+
+
+class TarStore(ImageStore):
+    """An uncompressed tar, read by seeking to each member's data offset (regular files only)."""
+
+    def __init__(self, url: str, shown_as: str | None = None, temp_dir: str | None = None) -> None:
+        self.url = url
+        self.shown_as = shown_as or url
+        self.temp_dir = temp_dir
+        try:
+            with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
+                members = [(m.name, (m.offset_data, m.size)) for m in tf if m.isreg()]
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise ShardInputError(f"image root {self.shown_as}: not a readable tar archive ({exc})") from exc
+        self.index = _member_index(members, self.shown_as)
+
+    def read(self, ref: str) -> bytes:
+        loc = self.index.get(ref)
+        if loc is None:
+            raise RejectError("missing_file", f"{ref} not in {self.shown_as}")
+        if getattr(self, "_fh", None) is None:
+            self._fh: IO[bytes] = fsspec.open(self.url, "rb").open()
+        self._fh.seek(loc[0])
+        return self._fh.read(loc[1])
+
+
+def _decompressed_tar(url: str) -> TarStore:
+    # gzip has no random access, so pay one sequential pass instead of re-reading per image.
+    temp_dir = tempfile.mkdtemp(prefix="make-shards-")
+    target = os.path.join(temp_dir, "images.tar")
+    log.info("decompressing %s to temporary %s (one pass; gzip cannot be read randomly)", url, target)
+    try:
+        with fsspec.open(url, "rb") as raw, gzip.open(raw) as gz, open(target, "wb") as out:
+            shutil.copyfileobj(gz, out, 1 << 20)
+    except (OSError, EOFError, zlib.error) as exc:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise ShardInputError(f"image root {url}: not a readable tar.gz archive ({exc})") from exc
+    try:
+        return TarStore(target, shown_as=url, temp_dir=temp_dir)
+    except ShardInputError:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+
+
+def open_image_root(url: str) -> ImageStore:
+    """Pick the store by name: ``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, else a directory."""
+    lower = url.lower()
+    if lower.endswith((".zip", ".tar", ".tar.gz", ".tgz")) and not storage.exists(url):
+        raise ShardInputError(f"image root {url}: no such file")
+    if lower.endswith(".zip"):
+        return ZipStore(url)
+    if lower.endswith((".tar.gz", ".tgz")):
+        return _decompressed_tar(url)
+    if lower.endswith(".tar"):
+        return TarStore(url)
+    return DirStore(url)
+
+
+class RetclipTsvStore(ImageStore):
+    """The RET-CLIP ``{split}_imgs.tsv``; a ref is ``line:offset:length:column`` of one base64 image."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.name = storage.basename(url)
+
+    def _line(self, offset: int, length: int) -> bytes:
+        # Both eyes live on one line, so keep the last one read rather than fetching it twice.
+        if getattr(self, "_fh_last", (None,))[0] != offset:
+            if getattr(self, "_fh", None) is None:
+                self._fh: IO[bytes] = fsspec.open(self.url, "rb").open()
+            self._fh.seek(offset)
+            self._fh_last = (offset, self._fh.read(length))
+        return self._fh_last[1]
+
+    def read(self, ref: str) -> bytes:
+        line_no, offset, length, column = (int(x) for x in ref.split(":"))
+        field = self._line(offset, length).rstrip(b"\r\n").split(b"\t")[column]
+        try:
+            return base64.b64decode(field, validate=True)
+        except binascii.Error as exc:
+            raise RejectError(
+                "undecodable", f"{self.name}:{line_no}: column {column + 1} is not base64 ({exc})"
+            ) from None
+
+    def describe(self, ref: str) -> str:
+        line_no, _, _, column = ref.split(":")
+        return f"{self.name}:{line_no}:{'left' if column == '1' else 'right'}"

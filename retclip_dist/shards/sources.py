@@ -1,0 +1,225 @@
+"""Input readers: a CSV/JSONL patient manifest, or the original RET-CLIP ``{split}_imgs.tsv`` +
+``{split}_texts.jsonl``. Both yield PatientRecords (images not read yet) plus per-row rejects; only an
+input that cannot be read at all raises ShardInputError."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import fsspec
+
+from retclip_dist.shards import storage
+from retclip_dist.shards.records import (
+    PatientRecord,
+    Reject,
+    RejectError,
+    ShardInputError,
+    normalise_relpath,
+    valid_split,
+)
+from retclip_dist.shards.roots import RetclipTsvStore
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("patient_id", "left_image", "right_image", "report")
+OPTIONAL_COLUMNS = ("left_report", "right_report", "split")
+
+
+def _optional_text(row: Mapping[str, Any], column: str) -> str | None:
+    value = row.get(column)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RejectError("bad_row", f"{column} must be text, got {type(value).__name__}")
+    return value if value.strip() else None
+
+
+def record_from_row(row: Mapping[str, Any], order: int, source: str) -> PatientRecord:
+    """Validate one manifest row (CSV cells or a JSON object); the first failing check is the reason."""
+    pid = row.get("patient_id")
+    if isinstance(pid, int) and not isinstance(pid, bool):
+        pid = str(pid)
+    if not isinstance(pid, str) or not pid.strip():
+        raise RejectError("bad_row", f"patient_id is missing or blank ({pid!r})")
+    paths = {}
+    for eye in ("left", "right"):
+        value = row.get(f"{eye}_image")
+        if value is None or value == "":
+            raise RejectError("missing_eye", f"no {eye}_image")
+        if not isinstance(value, str):
+            raise RejectError("bad_row", f"{eye}_image must be text, got {type(value).__name__}")
+        paths[eye] = normalise_relpath(value)
+    report = row.get("report")
+    if report is None:
+        raise RejectError("missing_report", "no report field")
+    if not isinstance(report, str):
+        raise RejectError("bad_row", f"report must be text, got {type(report).__name__}")
+    if not report.strip():
+        raise RejectError("blank_report", "report is blank")
+    split = _optional_text(row, "split")
+    if split is not None and not valid_split(split.strip()):
+        raise RejectError("bad_row", f"split {split!r} is not a plain word ([A-Za-z0-9_])")
+    return PatientRecord(
+        order=order,
+        patient_id=pid,
+        source=source,
+        left=paths["left"],
+        right=paths["right"],
+        report=report.strip(),
+        left_report=(_optional_text(row, "left_report") or "").strip() or None,
+        right_report=(_optional_text(row, "right_report") or "").strip() or None,
+        split=split.strip() if split else None,
+    )
+
+
+def _read_text(url: str) -> str:
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise ShardInputError(f"manifest {url}: no such file") from None
+    except OSError as exc:
+        raise ShardInputError(f"manifest {url}: cannot read ({exc})") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ShardInputError(f"manifest {url}: not UTF-8 text ({exc})") from exc
+
+
+def _csv_rows(text: str, url: str, delimiter: str) -> Iterator[tuple[int, Mapping[str, Any] | RejectError]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        first = next(reader, None)
+    except csv.Error as exc:
+        raise ShardInputError(f"manifest {url}: header row is not CSV ({exc})") from None
+    if first is None:
+        raise ShardInputError(f"manifest {url}: empty file")
+    header = [h.strip() for h in first]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ShardInputError(f"manifest {url}: missing required column(s) {missing}; header is {header}")
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield reader.line_num, RejectError("bad_row", f"unparseable CSV ({exc})")
+            continue
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            yield reader.line_num, RejectError("bad_row", f"{len(cells)} fields, header has {len(header)}")
+        else:
+            yield reader.line_num, dict(zip(header, cells, strict=True))
+
+
+def _jsonl_rows(text: str, url: str) -> Iterator[tuple[int, Mapping[str, Any] | RejectError]]:
+    parsed = 0
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield line_no, RejectError("bad_row", f"not JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(obj, dict):
+            yield line_no, RejectError("bad_row", f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        parsed += 1
+        yield line_no, obj
+    if parsed == 0:
+        raise ShardInputError(f"manifest {url}: no line is a JSON object; is this really JSONL?")
+
+
+def read_manifest(url: str) -> tuple[list[PatientRecord], list[Reject]]:
+    """CSV (``.csv``; ``.tsv`` tab-separated) or JSONL (``.jsonl``/``.ndjson``, or content starting ``{``)."""
+    text = _read_text(url)
+    name = storage.basename(url)
+    lower = name.lower()
+    if lower.endswith((".jsonl", ".ndjson")) or (
+        not lower.endswith((".csv", ".tsv")) and text.lstrip()[:1] == "{"
+    ):
+        rows = _jsonl_rows(text, url)
+    else:
+        rows = _csv_rows(text, url, "\t" if lower.endswith(".tsv") else ",")
+    records, rejects = [], []
+    for order, (line_no, row) in enumerate(rows):
+        source = f"{name}:{line_no}"
+        try:
+            if isinstance(row, RejectError):
+                raise row
+            records.append(record_from_row(row, order, source))
+        except RejectError as exc:
+            pid = row.get("patient_id", "") if isinstance(row, Mapping) else ""
+            rejects.append(Reject(order, str(pid or ""), source, exc.reason, exc.detail))
+    return records, rejects
+
+
+def _retclip_texts(url: str) -> dict[str, str]:
+    texts: dict[str, str] = {}
+    for line_no, line in enumerate(_read_text(url).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            text, ids = obj["text"], obj["image_ids"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            # A text line names no single patient, so it cannot become a reject; its patients will be
+            # rejected as missing_report instead.
+            log.warning("%s:%d: skipping unreadable text line (%s)", storage.basename(url), line_no, exc)
+            continue
+        for pid in ids:
+            texts.setdefault(str(pid), text if isinstance(text, str) else "")
+    return texts
+
+
+def read_retclip(directory: str, split: str) -> tuple[list[PatientRecord], list[Reject], RetclipTsvStore]:
+    """Index ``{split}_imgs.tsv`` by byte offset (images stay on disk) and join ``{split}_texts.jsonl``."""
+    tsv_url = storage.join(directory, f"{split}_imgs.tsv")
+    texts_url = storage.join(directory, f"{split}_texts.jsonl")
+    for url in (tsv_url, texts_url):
+        if not storage.exists(url):
+            raise ShardInputError(f"RET-CLIP dir {directory}: {storage.basename(url)} not found")
+    texts = _retclip_texts(texts_url)
+    name = storage.basename(tsv_url)
+    records, rejects = [], []
+    offset = 0
+    with fsspec.open(tsv_url, "rb") as fh:
+        for order, line in enumerate(fh):
+            source = f"{name}:{order + 1}"
+            fields = line.rstrip(b"\r\n").split(b"\t")
+            pid = fields[0].decode("utf-8", "replace").strip()
+            ref = f"{order + 1}:{offset}:{len(line)}"
+            offset += len(line)
+            try:
+                if len(fields) != 3 or not pid:
+                    raise RejectError("bad_row", f"expected 3 tab-separated fields, got {len(fields)}")
+                for column, eye in ((1, "left"), (2, "right")):
+                    if not fields[column].strip():
+                        raise RejectError("missing_eye", f"no {eye} image")
+                if pid not in texts:
+                    raise RejectError(
+                        "missing_report", f"{pid} is in no line of {storage.basename(texts_url)}"
+                    )
+                if not texts[pid].strip():
+                    raise RejectError("blank_report", "report is blank")
+            except RejectError as exc:
+                rejects.append(Reject(order, pid, source, exc.reason, exc.detail))
+                continue
+            records.append(
+                PatientRecord(
+                    order=order,
+                    patient_id=pid,
+                    source=source,
+                    left=f"{ref}:1",
+                    right=f"{ref}:2",
+                    report=texts[pid].strip(),
+                )
+            )
+    return records, rejects, RetclipTsvStore(tsv_url)

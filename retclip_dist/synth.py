@@ -1,0 +1,270 @@
+"""Seeded synthetic fundus patients: two eye photographs plus a report that names what was drawn.
+
+Real retinal data cannot ship with the repository, so demos and tests train on these. Each eye is drawn
+independently (orange-red fundus, optic disc on the nasal side, vessels, macula, lesions) and the report
+is built from the same lesion flags, so image-text agreement is learnable and retrieval beats chance.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+LESIONS: tuple[str, ...] = ("haemorrhages", "hard_exudates", "drusen", "cotton_wool_spots")
+# Each lesion kind appears in an eye independently with this probability.
+_LESION_P = {"haemorrhages": 0.35, "hard_exudates": 0.3, "drusen": 0.3, "cotton_wool_spots": 0.2}
+# Phrase per lesion by amount (few / scattered / many); the amount follows the number of dots drawn.
+_PHRASES = {
+    "haemorrhages": ("a few haemorrhages", "scattered haemorrhages", "multiple haemorrhages"),
+    "hard_exudates": ("a few hard exudates", "scattered hard exudates", "clusters of hard exudates"),
+    "drusen": ("a few drusen", "scattered drusen", "numerous drusen"),
+    "cotton_wool_spots": ("a cotton wool spot", "cotton wool spots", "multiple cotton wool spots"),
+}
+_NORMAL = ("no abnormality", "normal fundus", "no abnormal findings")
+_IMPRESSION = (
+    "no diabetic retinopathy",
+    "mild non-proliferative diabetic retinopathy",
+    "moderate non-proliferative diabetic retinopathy",
+    "severe non-proliferative diabetic retinopathy",
+)
+_EXTRA_WORDS = ("left", "right", "eye", "impression", "and")
+_PUNCTUATION = (".", ",", ":", "-")
+
+
+@dataclass
+class Patient:
+    """One synthetic patient; ``labels[eye][lesion]`` says what was drawn in that eye."""
+
+    left: Image.Image
+    right: Image.Image
+    report: str
+    left_report: str
+    right_report: str
+    labels: dict[str, dict[str, bool]]
+    grade: int  # DR-like grade 0-3 of the worse eye
+
+
+def vocabulary() -> list[str]:
+    """Every lower-case word and punctuation mark a report can contain, sorted (for a tiny WordPiece vocab)."""
+    texts = [p for phrases in _PHRASES.values() for p in phrases] + list(_NORMAL + _IMPRESSION + _EXTRA_WORDS)
+    words = {w for text in texts for w in re.findall(r"[a-z]+", text)}
+    return sorted(words | set(_PUNCTUATION))
+
+
+def eye_grade(labels: dict[str, bool]) -> int:
+    """DR-like grade of one eye: cotton wool spots 3, exudates 2, haemorrhages only 1, else 0 (drusen are not DR)."""
+    if labels["cotton_wool_spots"]:
+        return 3
+    if labels["hard_exudates"]:
+        return 2
+    return 1 if labels["haemorrhages"] else 0
+
+
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _amount(count: int, low: int, high: int) -> int:
+    return 0 if count < low else (2 if count >= high else 1)
+
+
+def _dots(
+    draw: ImageDraw.ImageDraw,
+    rng: np.random.Generator,
+    size: int,
+    count: int,
+    radius: tuple[float, float],
+    colour: tuple[int, int, int],
+    centre: tuple[float, float],
+    spread: float,
+) -> None:
+    # Positions are in image-normalised units around ``centre``; kept inside the fundus circle.
+    for _ in range(count):
+        angle = rng.uniform(0, 2 * np.pi)
+        dist = spread * np.sqrt(rng.uniform(0, 1))
+        x = (0.5 + 0.5 * (centre[0] + dist * np.cos(angle))) * size
+        y = (0.5 + 0.5 * (centre[1] + dist * np.sin(angle))) * size
+        r = rng.uniform(*radius) * size
+        rx = r * rng.uniform(0.8, 1.25)
+        draw.ellipse((x - rx, y - r, x + rx, y + r), fill=colour)
+
+
+def _draw_eye(
+    rng: np.random.Generator, size: int, labels: dict[str, bool]
+) -> tuple[Image.Image, dict[str, int]]:
+    """A right-eye image (disc on the right of the picture); the caller mirrors it for a left eye."""
+    axis = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
+    xx, yy = np.meshgrid(axis, axis)
+    r2 = xx * xx + yy * yy
+    tint = rng.uniform(0.85, 1.1, size=3).astype(np.float32)
+    base = np.array([215, 100, 45], dtype=np.float32) * tint
+    shade = 1.0 - 0.5 * r2
+    mac_x, mac_y = -0.12 + rng.uniform(-0.03, 0.03), rng.uniform(-0.04, 0.04)
+    shade *= 1.0 - 0.4 * np.exp(-((xx - mac_x) ** 2 + (yy - mac_y) ** 2) / 0.012)
+    rgb = np.clip(base[None, None, :] * shade[..., None], 0, 255).astype(np.uint8)
+    img = Image.fromarray(rgb, "RGB")
+    draw = ImageDraw.Draw(img)
+
+    disc_x, disc_y, disc_r = 0.48 + rng.uniform(-0.03, 0.03), rng.uniform(-0.05, 0.05), 0.1
+
+    def px(u: float, v: float) -> tuple[float, float]:
+        return (0.5 + 0.5 * u) * size, (0.5 + 0.5 * v) * size
+
+    for sign in (-1, 1):
+        for branch in range(2):
+            # Arcades leave the disc vertically and bend towards the temporal side, around the macula.
+            reach, lift = rng.uniform(1.0, 1.4), rng.uniform(0.35, 0.6) * (1 + 0.4 * branch)
+            t = np.linspace(0, 1, 24)
+            u = disc_x - reach * t
+            v = disc_y + sign * lift * np.sin(np.pi * t * 0.9) + rng.normal(0, 0.01, t.size)
+            width = max(1, round(size * (0.012 - 0.004 * branch)))
+            draw.line([px(a, b) for a, b in zip(u, v, strict=True)], fill=(125, 22, 18), width=width)
+    cx, cy = px(disc_x, disc_y)
+    rad = disc_r * size / 2
+    draw.ellipse((cx - rad, cy - rad * 1.1, cx + rad, cy + rad * 1.1), fill=(250, 220, 135))
+
+    counts = {k: 0 for k in LESIONS}
+    if labels["haemorrhages"]:
+        counts["haemorrhages"] = int(rng.integers(4, 18))
+        _dots(draw, rng, size, counts["haemorrhages"], (0.008, 0.018), (95, 10, 8), (mac_x, mac_y), 0.55)
+    if labels["hard_exudates"]:
+        counts["hard_exudates"] = int(rng.integers(6, 30))
+        _dots(draw, rng, size, counts["hard_exudates"], (0.005, 0.01), (245, 225, 80), (mac_x, mac_y), 0.35)
+    if labels["drusen"]:
+        counts["drusen"] = int(rng.integers(6, 26))
+        _dots(draw, rng, size, counts["drusen"], (0.006, 0.012), (235, 205, 165), (mac_x, mac_y), 0.2)
+    if labels["cotton_wool_spots"]:
+        counts["cotton_wool_spots"] = int(rng.integers(1, 6))
+        _dots(draw, rng, size, counts["cotton_wool_spots"], (0.02, 0.035), (238, 232, 215), (0.1, 0.0), 0.5)
+
+    mask = Image.fromarray(((r2 < 0.92**2) * 255).astype(np.uint8), "L")
+    return Image.composite(img, Image.new("RGB", img.size), mask), counts
+
+
+def _eye_sentence(rng: np.random.Generator, counts: dict[str, int]) -> str:
+    bounds = {
+        "haemorrhages": (8, 13),
+        "hard_exudates": (12, 22),
+        "drusen": (10, 19),
+        "cotton_wool_spots": (2, 4),
+    }
+    found = [_PHRASES[k][_amount(counts[k], *bounds[k])] for k in LESIONS if counts[k]]
+    return _join(found) if found else _NORMAL[int(rng.integers(len(_NORMAL)))]
+
+
+def make_patient(rng: np.random.Generator | int, size: int = 320) -> Patient:
+    """Draw one patient from ``rng`` (or a seed): both eyes, patient and per-eye reports, labels, grade."""
+    rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
+    images, sentences, labels = {}, {}, {}
+    for eye in ("left", "right"):
+        labels[eye] = {k: bool(rng.uniform() < _LESION_P[k]) for k in LESIONS}
+        img, counts = _draw_eye(rng, size, labels[eye])
+        # Fundus photos show the optic disc on the nasal side: right of the picture for a right eye.
+        images[eye] = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if eye == "left" else img
+        sentences[eye] = _eye_sentence(rng, counts)
+    grades = {eye: eye_grade(labels[eye]) for eye in labels}
+    grade = max(grades.values())
+    report = (
+        f"left eye: {sentences['left']}. right eye: {sentences['right']}. impression: {_IMPRESSION[grade]}."
+    )
+    eye_reports = {eye: f"{sentences[eye]}. impression: {_IMPRESSION[grades[eye]]}." for eye in labels}
+    return Patient(
+        left=images["left"],
+        right=images["right"],
+        report=report,
+        left_report=eye_reports["left"],
+        right_report=eye_reports["right"],
+        labels=labels,
+        grade=grade,
+    )
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _patients(n: int, seed: int, size: int) -> list[tuple[str, Patient]]:
+    # One generator per patient so patient i is the same whatever n is.
+    return [(f"patient-{i:06d}", make_patient(np.random.default_rng([seed, i]), size)) for i in range(n)]
+
+
+def write_raw_archive(
+    out_dir: str | Path,
+    n_patients: int,
+    seed: int = 0,
+    image_size: int = 320,
+    layout: Literal["zip", "dir", "tar"] = "zip",
+    eye_reports: bool = False,
+) -> tuple[Path, Path]:
+    """Write JPEG eye images under an image root plus ``patients.csv``; returns (manifest, image root).
+
+    This is the layout a user starts from: ``make-shards build --manifest patients.csv --images ROOT``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, bytes] = {}
+    rows = []
+    for pid, patient in _patients(n_patients, seed, image_size):
+        row = {"patient_id": pid, "report": patient.report}
+        for eye in ("left", "right"):
+            rel = f"{pid[-2:]}/{pid}_{eye}.jpg"
+            files[rel] = _jpeg(getattr(patient, eye))
+            row[f"{eye}_image"] = rel
+            if eye_reports:
+                row[f"{eye}_report"] = getattr(patient, f"{eye}_report")
+        rows.append(row)
+
+    root = {"dir": out / "images", "zip": out / "images.zip", "tar": out / "images.tar"}[layout]
+    if layout == "dir":
+        for rel, data in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+    elif layout == "zip":
+        with zipfile.ZipFile(root, "w", zipfile.ZIP_STORED) as zf:
+            for rel, data in files.items():
+                zf.writestr(rel, data)
+    else:
+        with tarfile.open(root, "w") as tf:
+            for rel, data in files.items():
+                info = tarfile.TarInfo(rel)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+    manifest = out / "patients.csv"
+    columns = ["patient_id", "left_image", "right_image", "report"]
+    columns += ["left_report", "right_report"] if eye_reports else []
+    with manifest.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest, root
+
+
+def write_retclip_dir(
+    out_dir: str | Path, n: int, seed: int = 0, split: str = "train", image_size: int = 320
+) -> Path:
+    """Write the original RET-CLIP release layout: ``{split}_imgs.tsv`` and ``{split}_texts.jsonl``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    patients = _patients(n, seed, image_size)
+    with (out / f"{split}_imgs.tsv").open("w", encoding="ascii") as fh:
+        for pid, p in patients:
+            left, right = (base64.b64encode(_jpeg(img)).decode("ascii") for img in (p.left, p.right))
+            fh.write(f"{pid}\t{left}\t{right}\n")
+    with (out / f"{split}_texts.jsonl").open("w", encoding="utf-8") as fh:
+        for text_id, (pid, p) in enumerate(patients):
+            fh.write(json.dumps({"text_id": text_id, "text": p.report, "image_ids": [pid]}) + "\n")
+    return out

@@ -1,0 +1,277 @@
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+import zipfile
+
+import pytest
+
+from retclip_dist import synth
+from retclip_dist.shards.plan import drop_duplicates, plan
+from retclip_dist.shards.records import (
+    PatientRecord,
+    RejectError,
+    ShardInputError,
+    normalise_relpath,
+    shard_key,
+)
+from retclip_dist.shards.roots import DirStore, ZipStore, open_image_root
+from retclip_dist.shards.sources import read_manifest, read_retclip
+
+HEADER = "patient_id,left_image,right_image,report"
+
+
+def write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def rejects_by_line(rejects):
+    return {r.source: (r.reason, r.patient_id) for r in rejects}
+
+
+def test_normalise_relpath_rules():
+    assert normalise_relpath("./a//b/./c.jpg") == "a/b/c.jpg"
+    assert normalise_relpath("a\\b.jpg") == "a/b.jpg"
+    for bad in ("/etc/passwd", "../x.jpg", "a/../../x.jpg", "C:/x.jpg", "..\\x.jpg"):
+        with pytest.raises(RejectError) as info:
+            normalise_relpath(bad)
+        assert info.value.reason == "unsafe_path", bad
+    for empty in ("   ", "./", "."):
+        with pytest.raises(RejectError) as info:
+            normalise_relpath(empty)
+        assert info.value.reason == "empty_path", empty
+
+
+def test_shard_key_sanitises_only_when_needed():
+    assert shard_key("P-001_a") == "P-001_a"
+    assert shard_key("P 001.jpg") == "sanitised-" + hashlib.sha1(b"P 001.jpg").hexdigest()[:8]
+    assert shard_key("x" * 65).startswith("sanitised-")
+    assert shard_key("a/b") != shard_key("a\\b")
+
+
+def test_csv_manifest_every_row_problem_names_its_line(tmp_path):
+    text = "\n".join(
+        [
+            HEADER + ",split,left_report",
+            "p1,a.jpg,b.jpg,fine report,,left says",
+            "p2,,b.jpg,r,,",
+            "p3,   ,b.jpg,r,,",
+            "p4,/etc/passwd,b.jpg,r,,",
+            "p5,a.jpg,../b.jpg,r,,",
+            "p6,a.jpg,b.jpg,   ,,",
+            "p7,a.jpg,b.jpg,r,te st,",
+            "p8,a.jpg",
+            ",a.jpg,b.jpg,r,,",
+            "p10,a.jpg,b.jpg,r,val,",
+        ]
+    )
+    records, rejects = read_manifest(write(tmp_path / "m.csv", text + "\n"))
+    assert rejects_by_line(rejects) == {
+        "m.csv:3": ("missing_eye", "p2"),
+        "m.csv:4": ("empty_path", "p3"),
+        "m.csv:5": ("unsafe_path", "p4"),
+        "m.csv:6": ("unsafe_path", "p5"),
+        "m.csv:7": ("blank_report", "p6"),
+        "m.csv:8": ("bad_row", "p7"),
+        "m.csv:9": ("bad_row", ""),
+        "m.csv:10": ("bad_row", ""),
+    }
+    assert [(r.patient_id, r.split, r.source) for r in records] == [
+        ("p1", None, "m.csv:2"),
+        ("p10", "val", "m.csv:11"),
+    ]
+    assert records[0].left_report == "left says" and records[0].right_report is None
+    assert records[0].report == "fine report"
+
+
+def test_jsonl_manifest_rows(tmp_path):
+    lines = [
+        json.dumps({"patient_id": 17, "left_image": "l.png", "right_image": "r.png", "report": "ok"}),
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"patient_id": "p", "left_image": "l.png", "right_image": "r.png"}),
+        "",
+        json.dumps({"patient_id": "q", "left_image": None, "right_image": "r.png", "report": "x"}),
+    ]
+    records, rejects = read_manifest(write(tmp_path / "m.jsonl", "\n".join(lines)))
+    assert [r.patient_id for r in records] == ["17"]
+    assert rejects_by_line(rejects) == {
+        "m.jsonl:2": ("bad_row", ""),
+        "m.jsonl:3": ("bad_row", ""),
+        "m.jsonl:4": ("missing_report", "p"),
+        "m.jsonl:6": ("missing_eye", "q"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("m.csv", "patient_id,left_image,report\np,a,b\n", "missing required column(s) ['right_image']"),
+        ("m.csv", "", "empty file"),
+        ("m.jsonl", "this is not json\nnor this\n", "no line is a JSON object"),
+        ("m.csv", b"\xff\xfe\x00garbage", "not UTF-8"),
+        ("absent.csv", None, "no such file"),
+    ],
+)
+def test_unusable_manifest_is_one_clear_error(tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ShardInputError) as info:
+        read_manifest(str(path))
+    assert message in str(info.value) and name in str(info.value)
+
+
+def test_duplicates_keep_first_and_plan_is_order_independent(tmp_path):
+    rows = [f"p{i},a.jpg,b.jpg,r" for i in range(40)] + ["p3,c.jpg,d.jpg,second copy"]
+    records, _ = read_manifest(write(tmp_path / "a.csv", "\n".join([HEADER, *rows])))
+    kept, dups = drop_duplicates(records)
+    assert len(kept) == 40 and [(d.patient_id, d.source, d.reason) for d in dups] == [
+        ("p3", "a.csv:42", "duplicate_id")
+    ]
+    assert "a.csv:5" in dups[0].detail
+    planned, _ = plan(records, "train", 0.25, seed=3)
+    shuffled, _ = read_manifest(write(tmp_path / "b.csv", "\n".join([HEADER, *reversed(rows[:40])])))
+    planned_rev, _ = plan(shuffled, "train", 0.25, seed=3)
+    order = [(r.split, r.patient_id) for r in planned]
+    assert order == [(r.split, r.patient_id) for r in planned_rev]
+    val = [pid for split, pid in order if split == "val"]
+    assert 4 <= len(val) <= 18 and order[: len(order) - len(val)] == [
+        ("train", p) for _, p in order if _ == "train"
+    ]
+    assert [p for _, p in order[:5]] != ["p0", "p1", "p2", "p3", "p4"]  # shuffled, not manifest order
+    planned_seed4, _ = plan(records, "train", 0.25, seed=4)
+    assert [r.patient_id for r in planned_seed4] != [p for _, p in order]
+
+
+def test_sanitised_key_collision_is_a_duplicate():
+    odd = PatientRecord(order=0, patient_id="a b", source="m.csv:2", left="l", right="r", report="x")
+    twin = PatientRecord(order=1, patient_id=odd.key, source="m.csv:3", left="l", right="r", report="x")
+    kept, dups = drop_duplicates([twin, odd])
+    assert kept == [odd]
+    assert (dups[0].patient_id, dups[0].reason) == (odd.key, "duplicate_id")
+    assert "already used by id 'a b' at m.csv:2" in dups[0].detail
+
+
+def _archive_bytes() -> dict[str, bytes]:
+    return {"a/left.jpg": b"L" * 10, "a/right.jpg": b"R" * 7}
+
+
+def test_zip_tar_and_targz_roots_read_by_normalised_name(tmp_path):
+    files = _archive_bytes()
+    with zipfile.ZipFile(tmp_path / "i.zip", "w") as zf:
+        for name, data in files.items():
+            zf.writestr("./" + name, data)
+        zf.writestr("../evil.jpg", b"E")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in {**files, "/abs.jpg": b"A", "b/../../evil.jpg": b"E"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("a/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    (tmp_path / "i.tar").write_bytes(buf.getvalue())
+    (tmp_path / "i.tar.gz").write_bytes(gzip.compress(buf.getvalue()))
+    for name in ("i.zip", "i.tar", "i.tar.gz"):
+        store = open_image_root(str(tmp_path / name))
+        try:
+            assert store.read("a/left.jpg") == b"L" * 10
+            assert store.read("a/right.jpg") == b"R" * 7
+            for missing in ("evil.jpg", "abs.jpg", "a/link.jpg", "nope.jpg"):
+                with pytest.raises(RejectError) as info:
+                    store.read(missing)
+                assert info.value.reason == "missing_file", (name, missing)
+        finally:
+            store.cleanup()
+    assert not (tmp_path / "evil.jpg").exists()
+
+
+def test_targz_is_decompressed_once_to_a_temp_tar_that_cleanup_removes(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("x.jpg")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    (tmp_path / "i.tgz").write_bytes(gzip.compress(buf.getvalue()))
+    store = open_image_root(str(tmp_path / "i.tgz"))
+    assert store.temp_dir and os.path.exists(os.path.join(store.temp_dir, "images.tar"))
+    assert store.read("x.jpg") == b"abc"
+    store.cleanup()
+    assert not os.path.exists(store.temp_dir)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.zip", b"PK\x03\x04 not really", "not a readable zip"),
+        ("bad.tar", b"\x01" * 1000, "not a readable tar"),
+        ("bad.tar.gz", b"\x1f\x8b garbage", "not a readable tar.gz"),
+    ],
+)
+def test_bad_archive_is_one_clear_error(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ShardInputError) as info:
+        open_image_root(str(tmp_path / name))
+    assert message in str(info.value) and name in str(info.value)
+
+
+def test_dir_root_refuses_symlinks_leaving_the_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "ok.jpg").write_bytes(b"ok")
+    (tmp_path / "secret.jpg").write_bytes(b"secret")
+    (root / "escape.jpg").symlink_to(tmp_path / "secret.jpg")
+    (root / "inside.jpg").symlink_to(root / "sub" / "ok.jpg")
+    (root / "subdir-link").symlink_to(tmp_path)
+    store = DirStore(str(root))
+    assert store.read("sub/ok.jpg") == b"ok"
+    assert store.read("inside.jpg") == b"ok"
+    for ref, why in (
+        ("escape.jpg", "unsafe_path"),
+        ("subdir-link/secret.jpg", "unsafe_path"),
+        ("no.jpg", "missing_file"),
+    ):
+        with pytest.raises(RejectError) as info:
+            store.read(ref)
+        assert info.value.reason == why, ref
+
+
+def test_zip_store_pickles_without_handles_and_reopens_in_worker(tmp_path):
+    import pickle
+
+    with zipfile.ZipFile(tmp_path / "i.zip", "w") as zf:
+        zf.writestr("x.jpg", b"xyz")
+    store = ZipStore(str(tmp_path / "i.zip"))
+    assert store.read("x.jpg") == b"xyz"  # opens a handle in this process
+    clone = pickle.loads(pickle.dumps(store))
+    assert not any(k.startswith("_fh") for k in vars(clone))
+    assert clone.read("x.jpg") == b"xyz"
+
+
+def test_retclip_dir_records_and_rejects(tmp_path):
+    synth.write_retclip_dir(tmp_path, 3, seed=0, split="train", image_size=32)
+    with (tmp_path / "train_imgs.tsv").open("a") as fh:
+        fh.write("orphan\tQUJD\tQUJD\n")  # no text line for this patient
+        fh.write("broken-line-without-tabs\n")
+        fh.write("noeye\t\tQUJD\n")
+    with (tmp_path / "train_texts.jsonl").open("a") as fh:
+        fh.write(json.dumps({"text_id": 9, "text": "  ", "image_ids": ["noeye"]}) + "\n")
+    records, rejects, store = read_retclip(str(tmp_path), "train")
+    assert [r.patient_id for r in records] == ["patient-000000", "patient-000001", "patient-000002"]
+    assert rejects_by_line(rejects) == {
+        "train_imgs.tsv:4": ("missing_report", "orphan"),
+        "train_imgs.tsv:5": ("bad_row", "broken-line-without-tabs"),
+        "train_imgs.tsv:6": ("missing_eye", "noeye"),
+    }
+    left = store.read(records[1].left)
+    assert left[:2] == b"\xff\xd8"  # JPEG magic after base64 decoding
+    assert store.describe(records[1].right) == "train_imgs.tsv:2:right"
+    with pytest.raises(ShardInputError, match=r"valid_imgs\.tsv not found"):
+        read_retclip(str(tmp_path), "valid")
