@@ -1,0 +1,95 @@
+"""The held-out split: every patient exactly once across ranks, unaugmented, with keys and report texts."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import IterableDataset, get_worker_info
+from transformers import PreTrainedTokenizerBase
+
+from retclip_dist.data.config import DataConfig
+from retclip_dist.data.loader import data_loader
+from retclip_dist.data.manifest import ShardInfo, read_manifest
+from retclip_dist.data.samples import SampleDecoder, collate
+from retclip_dist.data.skips import SkipCounter, skipped_total
+from retclip_dist.data.streams import read_shard
+
+log = logging.getLogger("retclip_dist.data")
+
+
+class EvalStream(IterableDataset):
+    """A worker's share of this rank's shards, in order, batched; the last batch may be short."""
+
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, shards: list[ShardInfo]) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.shards = shards
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any] | None, dict[str, int]]]:
+        info = get_worker_info()
+        mine = self.shards[info.id :: info.num_workers] if info else self.shards
+        counter = SkipCounter()
+        # Evaluation batches carry identity parameters: resize to the model size and normalise only.
+        decode = SampleDecoder(self.cfg, seed=0, epoch=0, train=False, counter=counter)
+        patients = []
+        for shard in mine:
+            for raw in read_shard(shard, self.cfg.storage_options, counter):
+                patient = decode(raw)
+                if patient is not None:
+                    patients.append(patient)
+                if len(patients) == self.cfg.batch_size:
+                    yield collate(patients, self.tokenizer, self.cfg, with_texts=True), counter.take()
+                    patients = []
+        # A final item even without patients, so that skips after the last full batch are still reported.
+        yield (
+            (collate(patients, self.tokenizer, self.cfg, with_texts=True) if patients else None),
+            counter.take(),
+        )
+
+
+class EvalLoader:
+    """Rank ``rank`` reads shards[rank::world_size] of the split; ranks may get unequal shares."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        shards: list[ShardInfo],
+        rank: int,
+        world_size: int,
+    ) -> None:
+        self.cfg = cfg
+        self.shards = shards[rank::world_size]
+        self.dataset = EvalStream(cfg, tokenizer, self.shards)
+        self.skip_counts: Counter[str] = Counter()
+
+    @property
+    def samples(self) -> int:
+        """Patients the manifest lists for this rank."""
+        return sum(s.count for s in self.shards)
+
+    @property
+    def skipped(self) -> int:
+        return skipped_total(self.skip_counts)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch, skips in data_loader(self.dataset, self.cfg):
+            self.skip_counts.update(skips)
+            if batch is not None:
+                yield batch
+
+
+def build_eval_data(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rank: int, world_size: int
+) -> EvalLoader | None:
+    """The validation loader, or None when no validation split is configured or the shard set has none."""
+    if cfg.val_split is None:
+        return None
+    manifest = read_manifest(cfg.shards, cfg.storage_options)
+    if not manifest.has_split(cfg.val_split):
+        log.warning("%s has no %r split; training runs without validation", manifest.location, cfg.val_split)
+        return None
+    return EvalLoader(cfg, tokenizer, manifest.split(cfg.val_split), rank, world_size)

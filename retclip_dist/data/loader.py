@@ -1,0 +1,268 @@
+"""The training loader: partitioned WebDataset streams, per-worker batches and an exact resume position.
+
+Data flow per logical worker w of W, for each partition p this rank serves:
+  shards[p][w] (plan) -> raw samples -> seeded shuffle buffer -> skip resumed positions -> decode and
+  augment -> micro-batch; the worker concatenates one micro-batch per partition into the rank's batch and
+  tags it with w and its stream positions. ``TrainLoader`` hands the batches out in the planned order,
+  remembers the positions behind the last batch of every worker, and resumes from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from transformers import PreTrainedTokenizerBase
+
+from retclip_dist.data.augment import DeviceAugment
+from retclip_dist.data.config import DataConfig
+from retclip_dist.data.manifest import Manifest, read_manifest
+from retclip_dist.data.plan import EpochPlan, Layout, derive_seed, plan_epoch
+from retclip_dist.data.samples import SampleDecoder, collate
+from retclip_dist.data.skips import SkipCounter, skipped_total
+from retclip_dist.data.streams import stream_samples
+
+log = logging.getLogger("retclip_dist.data")
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def data_loader(dataset: IterableDataset, cfg: DataConfig) -> DataLoader:
+    """A DataLoader that passes worker-made batches through untouched."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        collate_fn=_as_is,
+        num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+        # Each new iterator draws a base seed; from its own generator it leaves the global RNG (dropout,
+        # init) untouched, so a resumed run and an uninterrupted one consume the same random numbers.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+class TrainStream(IterableDataset):
+    """What each DataLoader worker runs: the batches of one logical worker, from a given position."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        layout: Layout,
+        plan: EpochPlan,
+        seed: int,
+        epoch: int,
+        first_worker: int,
+        served: list[int],
+        positions: list[list[int]],
+    ) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.plan = plan
+        self.seed = seed
+        self.epoch = epoch
+        self.first_worker = first_worker
+        self.served = served
+        self.positions = positions
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        info = get_worker_info()
+        workers = len(self.plan.caps)
+        # The DataLoader polls its workers from 0; rotating roles makes that poll order continue the
+        # planned step order after a resume.
+        w = (self.first_worker + (info.id if info else 0)) % workers
+        quota = self.plan.caps[w] - self.served[w]
+        if quota <= 0:
+            return
+        counters, streams = [], []
+        for i, p in enumerate(self.layout.local_partitions):
+            counter = SkipCounter()
+            decoder = SampleDecoder(self.cfg, self.seed, self.epoch, train=True, counter=counter)
+            stream = stream_samples(
+                self.plan.streams[p][w],
+                derive_seed(self.seed, self.epoch, p, w),
+                self.cfg.shuffle_buffer,
+                self.positions[w][i],
+                decoder,
+                self.cfg.storage_options,
+                counter,
+            )
+            counters.append(counter)
+            streams.append(stream)
+        positions = list(self.positions[w])
+        for _ in range(quota):
+            patients = []
+            for i, stream in enumerate(streams):
+                for _ in range(self.layout.micro_batch):
+                    positions[i], patient = next(stream)
+                    patients.append(patient)
+            skips: Counter[str] = Counter()
+            for counter in counters:
+                skips.update(counter.take())
+            meta = {"worker": w, "positions": list(positions), "skips": dict(skips)}
+            yield collate(patients, self.tokenizer, self.cfg, with_texts=False), meta
+
+
+class TrainLoader:
+    """One rank's training batches for an epoch, with a checkpointable position.
+
+    Handed rank, world size and seed; every rank runs ``steps_per_epoch`` steps, derived from the
+    manifest alone. ``state_dict()`` after a batch was used, loaded into a fresh loader, continues with
+    exactly the batches the uninterrupted loader would have produced next.
+    """
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        manifest: Manifest,
+        tokenizer: PreTrainedTokenizerBase,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.shards = manifest.split(cfg.train_split)
+        self.layout = Layout(rank, world_size, cfg.partitions or world_size, cfg.batch_size)
+        self.workers = max(cfg.num_workers, 1)
+        self.skip_counts: Counter[str] = Counter()
+        self.set_epoch(0)
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(
+            self.shards, self.layout.partitions, self.workers, self.layout.micro_batch, self.seed, epoch
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first step."""
+        self.epoch = epoch
+        self.step = 0
+        self.plan = self._plan(epoch)
+        self.positions = [[0] * len(self.layout.local_partitions) for _ in range(self.workers)]
+        if self.plan.steps == 0:
+            raise ValueError(
+                f"split {self.cfg.train_split!r} ({sum(s.count for s in self.shards)} samples in "
+                f"{len(self.shards)} shards) cannot fill one step of {self.layout.micro_batch} patients per "
+                f"partition over {self.layout.partitions} partitions and {self.workers} workers"
+            )
+        log.info(
+            "epoch %d: %d steps; %d samples of split %r unused this epoch (partition and worker remainders)",
+            epoch,
+            self.plan.steps,
+            self.plan.dropped,
+            self.cfg.train_split,
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps of the current epoch (equal on every rank)."""
+        return self.plan.steps
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """Steps of any epoch, for schedules that must know the total in advance."""
+        return self._plan(epoch).steps
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples of the split (all ranks) that the current epoch leaves out to keep ranks in step."""
+        return self.plan.dropped
+
+    @property
+    def skipped(self) -> int:
+        """Samples lost to damaged data so far (by reason: ``skip_counts``)."""
+        return skipped_total(self.skip_counts)
+
+    def __len__(self) -> int:
+        return self.plan.steps
+
+    def epoch_done(self) -> bool:
+        return self.step >= self.plan.steps
+
+    def at_epoch_start(self) -> bool:
+        return self.step == 0
+
+    def device_augment(self, device: torch.device | str) -> DeviceAugment:
+        """The batched augmentation the trainer applies on ``device`` (a no-op on CPU-path batches)."""
+        return DeviceAugment(self.cfg.image_size, device)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.epoch_done():
+            return
+        served = [0] * self.workers
+        for w in self.plan.order[: self.step]:
+            served[w] += 1
+        dataset = TrainStream(
+            self.cfg,
+            self.tokenizer,
+            self.layout,
+            self.plan,
+            self.seed,
+            self.epoch,
+            self.plan.order[self.step],
+            served,
+            [list(p) for p in self.positions],
+        )
+        for batch, meta in data_loader(dataset, self.cfg):
+            expected = self.plan.order[self.step]
+            if meta["worker"] != expected:
+                raise RuntimeError(
+                    f"step {self.step} of epoch {self.epoch} came from worker {meta['worker']}, planned "
+                    f"{expected}: the DataLoader no longer polls workers round-robin"
+                )
+            self.positions[expected] = list(meta["positions"])
+            self.skip_counts.update(meta["skips"])
+            self.step += 1
+            yield batch
+        if not self.epoch_done():
+            raise RuntimeError(
+                f"loader stopped at step {self.step} of {self.plan.steps} in epoch {self.epoch}"
+            )
+
+    def _layout_record(self) -> dict[str, int]:
+        return {
+            "rank": self.layout.rank,
+            "world_size": self.layout.world_size,
+            "partitions": self.layout.partitions,
+            "batch_size": self.layout.batch_size,
+            "workers": self.workers,
+            "seed": self.seed,
+            "shards": len(self.shards),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-ready position after the last batch handed out."""
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "positions": [list(p) for p in self.positions],
+            "skips": dict(self.skip_counts),
+            "layout": self._layout_record(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a ``state_dict()``; the data layout must be the one it was saved with."""
+        mine = self._layout_record()
+        changed = {k: (v, mine.get(k)) for k, v in state["layout"].items() if mine.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())
+            raise ValueError(f"cannot resume the data position exactly, the data layout changed ({detail})")
+        self.set_epoch(state["epoch"])
+        self.step = state["step"]
+        self.positions = [list(p) for p in state["positions"]]
+        self.skip_counts = Counter(state["skips"])
+
+
+def build_train_data(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rank: int, world_size: int, seed: int
+) -> TrainLoader:
+    """The training loader of ``rank`` of ``world_size`` for the shard set ``cfg.shards``."""
+    return TrainLoader(cfg, read_manifest(cfg.shards, cfg.storage_options), tokenizer, rank, world_size, seed)

@@ -1,0 +1,123 @@
+"""One raw WebDataset sample -> decoded, augmented patient; a list of patients -> a tokenised batch."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from retclip_dist.data.augment import augment_cpu, identity_params, sample_params, sample_rng
+from retclip_dist.data.config import DataConfig
+from retclip_dist.data.skips import SkipCounter
+
+EYES = ("left", "right")
+REQUIRED = ("left.jpg", "right.jpg", "report.txt")
+# What PIL raises on bytes that are not a complete image (UnidentifiedImageError is an OSError).
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass
+class Patient:
+    key: str  # sanitised patient id (the shard member prefix)
+    images: dict[str, torch.Tensor]  # per eye: normalised float [3, 224, 224] (cpu) or uint8 [3, 256, 256]
+    params: dict[str, np.ndarray] | None  # per eye: augmentation still to apply on the device, or None
+    reports: dict[str, str]  # "patient", "left", "right"; eyes without their own report repeat the patient's
+
+
+def clean_report(text: str) -> str:
+    """The release's text normalisation: lower case and straight double quotes."""
+    return text.lower().replace("\u201c", '"').replace("\u201d", '"')
+
+
+def decode_draft(image: Image.Image, size: int) -> torch.Tensor:
+    """uint8 [3, size, size] via JPEG DCT scaling: decoding 512 px at 1/2 scale costs about a quarter."""
+    image.draft("RGB", (size, size))
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    # A CHW view of the HWC pixels: the batch stack does the one copy into CHW layout.
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+class SampleDecoder:
+    """Turns raw samples into patients for one (seed, epoch); bad samples are counted and dropped."""
+
+    def __init__(self, cfg: DataConfig, seed: int, epoch: int, train: bool, counter: SkipCounter) -> None:
+        self.cfg = cfg
+        self.seed = seed
+        self.epoch = epoch
+        self.train = train
+        self.counter = counter
+
+    def _params(self, key: str, sizes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+        if not self.train:
+            return {eye: identity_params() for eye in EYES}
+        rng = sample_rng(self.seed, self.epoch, key)
+        return {eye: sample_params(rng, *sizes[eye], self.cfg) for eye in EYES}
+
+    def __call__(self, raw: dict[str, Any]) -> Patient | None:
+        key = raw["__key__"]
+        where = f"{raw.get('__url__')}: sample {key}"
+        missing = [m for m in REQUIRED if m not in raw]
+        if missing:
+            self.counter.add("missing_member", 1, f"{where} lacks {missing}")
+            return None
+        try:
+            report = raw["report.txt"].decode("utf-8")
+            reports = {"patient": report}
+            for eye in EYES:
+                reports[eye] = raw[f"{eye}.txt"].decode("utf-8") if f"{eye}.txt" in raw else report
+        except UnicodeDecodeError as exc:
+            self.counter.add("bad_text", 1, f"{where}: report is not UTF-8 ({exc})")
+            return None
+        try:
+            opened = {eye: Image.open(io.BytesIO(raw[f"{eye}.jpg"])) for eye in EYES}
+            params = self._params(key, {eye: img.size for eye, img in opened.items()})
+            if self.cfg.augment_on == "cpu":
+                images = {
+                    eye: augment_cpu(img.convert("RGB"), params[eye], self.cfg.image_size)
+                    for eye, img in opened.items()
+                }
+                return Patient(key, images, None, reports)
+            images = {eye: decode_draft(img, self.cfg.decode_size) for eye, img in opened.items()}
+        except IMAGE_ERRORS as exc:
+            self.counter.add("corrupt_image", 1, f"{where}: {type(exc).__name__}: {exc}")
+            return None
+        return Patient(key, images, params, reports)
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, texts: list[str], length: int) -> dict[str, torch.Tensor]:
+    out = tokenizer(
+        [clean_report(t) for t in texts],
+        padding="max_length",
+        truncation=True,
+        max_length=length,
+        return_tensors="pt",
+    )
+    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+def collate(
+    patients: list[Patient], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, with_texts: bool
+) -> dict[str, Any]:
+    """Stack images (and device-path parameters) and tokenise reports to ``cfg.context_length``."""
+    batch: dict[str, Any] = {"keys": [p.key for p in patients]}
+    for eye in EYES:
+        batch[eye] = torch.stack([p.images[eye] for p in patients])
+        if patients[0].params is not None:
+            batch[f"{eye}_params"] = torch.from_numpy(np.stack([p.params[eye] for p in patients]))
+    batch.update(_tokens(tokenizer, [p.reports["patient"] for p in patients], cfg.context_length))
+    if cfg.eye_reports:
+        for eye in EYES:
+            tokens = _tokens(tokenizer, [p.reports[eye] for p in patients], cfg.context_length)
+            batch.update({f"{eye}_{k}": v for k, v in tokens.items()})
+    if with_texts:
+        batch["reports"] = [p.reports["patient"] for p in patients]
+        for eye in EYES:
+            batch[f"{eye}_reports"] = [p.reports[eye] for p in patients]
+    return batch

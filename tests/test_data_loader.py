@@ -1,0 +1,238 @@
+"""The training and evaluation loaders on small shard sets written in the contract format."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from retclip_dist.data.config import DataConfig
+from retclip_dist.data.evaluation import build_eval_data
+from retclip_dist.data.fixtures import fake_patients, tiny_tokenizer, write_shard_set
+from retclip_dist.data.loader import build_train_data
+from retclip_dist.data.manifest import read_manifest
+
+TOKENIZER = tiny_tokenizer()
+# Small images keep the tests fast: 96 px sources, drafts of 48 px, 40 px model inputs.
+SMALL = {"decode_size": 48, "image_size": 40, "shuffle_buffer": 5, "num_workers": 0}
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    patients = fake_patients(51, size=96, seed=1, eye_reports_every=4)
+    write_shard_set(root, {"train": patients[:40], "val": patients[40:]}, per_shard=4)
+    return root
+
+
+def _cfg(root: Path, **changes: object) -> DataConfig:
+    return dataclasses.replace(DataConfig(shards=str(root), **SMALL), **changes)
+
+
+def _epoch(cfg: DataConfig, rank: int = 0, world: int = 1, seed: int = 0) -> list[dict]:
+    return list(build_train_data(cfg, TOKENIZER, rank, world, seed))
+
+
+def _assert_same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x["keys"] == y["keys"]
+        for k in ("left", "right", "left_params", "input_ids", "attention_mask"):
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_device_path_batch_shapes_dtypes_and_tokens(shard_set: Path) -> None:
+    batch = _epoch(_cfg(shard_set, batch_size=4, eye_reports=True))[0]
+    assert batch["left"].shape == (4, 3, 48, 48) and batch["left"].dtype == torch.uint8
+    assert batch["right_params"].shape == (4, 12) and batch["right_params"].dtype == torch.float32
+    for prefix in ("", "left_", "right_"):
+        assert batch[f"{prefix}input_ids"].shape == (4, 100)
+        assert batch[f"{prefix}input_ids"].dtype == torch.int64
+    ids = batch["input_ids"][0].tolist()
+    # [CLS] patient <number pieces> : " mild " ..., padded with [PAD] (0) to 100.
+    assert ids[:2] == [2, 5] and ids[-1] == 0
+    assert batch["attention_mask"][0].sum() == ids.index(3) + 1
+
+
+def test_cpu_path_yields_normalised_model_inputs(shard_set: Path) -> None:
+    batch = _epoch(_cfg(shard_set, batch_size=4, augment_on="cpu"))[0]
+    assert batch["left"].shape == (4, 3, 40, 40) and batch["left"].dtype == torch.float32
+    assert "left_params" not in batch
+    # Black corners normalise to -mean/std: about -1.79 for red.
+    assert batch["left"][:, 0].min().item() == pytest.approx(-0.48145466 / 0.26862954, abs=1e-4)
+
+
+def test_per_eye_reports_fall_back_to_the_patient_report(shard_set: Path) -> None:
+    batches = _epoch(_cfg(shard_set, batch_size=4, eye_reports=True))
+    for batch in batches:
+        for i, key in enumerate(batch["keys"]):
+            own = int(key[1:]) % 4 == 0
+            same = torch.equal(batch["left_input_ids"][i], batch["input_ids"][i])
+            assert same != own, key
+
+
+def test_ranks_run_equal_steps_and_the_drop_is_reported(shard_set: Path) -> None:
+    # 10 shards of 4, P=2, W=2, micro 3: caps (4, 2) -> 6 steps, 36 of 40 samples used.
+    cfg = _cfg(shard_set, batch_size=3, num_workers=2)
+    loaders = [build_train_data(cfg, TOKENIZER, r, 2, 0) for r in (0, 1)]
+    assert [d.steps_per_epoch for d in loaders] == [6, 6]
+    assert [d.dropped_per_epoch for d in loaders] == [4, 4]
+    keys = []
+    for d in loaders:
+        batches = list(d)
+        assert len(batches) == 6 and d.epoch_done()
+        keys += [k for b in batches for k in b["keys"]]
+    assert len(keys) == len(set(keys)) == 36
+
+
+def test_one_rank_with_two_partitions_sees_the_global_batch_of_two_ranks(shard_set: Path) -> None:
+    single = _epoch(_cfg(shard_set, batch_size=4, partitions=2))
+    ranks = [_epoch(_cfg(shard_set, batch_size=2), rank=r, world=2) for r in (0, 1)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 10
+    for step, batch in enumerate(single):
+        assert batch["keys"] == ranks[0][step]["keys"] + ranks[1][step]["keys"]
+        for k in ("left", "right", "right_params", "input_ids"):
+            assert torch.equal(batch[k], torch.cat([ranks[0][step][k], ranks[1][step][k]])), k
+
+
+def _resumed_epoch(cfg: DataConfig, seed: int, stop: int) -> tuple[list[dict], dict]:
+    """The batches of an epoch read as ``stop`` batches, a checkpoint, and a fresh loader continuing."""
+    first = build_train_data(cfg, TOKENIZER, 0, 1, seed)
+    head = []
+    for batch in first:
+        head.append(batch)
+        if len(head) == stop:
+            break
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["step"] == stop
+    resumed = build_train_data(cfg, TOKENIZER, 0, 1, seed)
+    resumed.load_state_dict(state)
+    batches = head + list(resumed)
+    assert resumed.epoch_done()
+    return batches, resumed.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("workers", "partitions", "batch_size", "stop", "steps"),
+    [
+        (0, 1, 3, 5, 13),
+        (2, 1, 3, 5, 12),
+        # Unequal workers: caps (4, 2), order 0 1 0 1 0 0; resume before and after worker 1 runs dry.
+        (2, 2, 6, 3, 6),
+        (2, 2, 6, 5, 6),
+    ],
+)
+def test_resume_continues_with_the_uninterrupted_batches(
+    shard_set: Path, workers: int, partitions: int, batch_size: int, stop: int, steps: int
+) -> None:
+    cfg = _cfg(shard_set, batch_size=batch_size, num_workers=workers, partitions=partitions)
+    full = build_train_data(cfg, TOKENIZER, 0, 1, 5)
+    full_batches = list(full)
+    assert len(full_batches) == full.steps_per_epoch == steps
+    batches, state = _resumed_epoch(cfg, 5, stop)
+    _assert_same(batches, full_batches)
+    assert state == full.state_dict()
+
+
+def test_next_epoch_after_a_resume_matches_a_fresh_next_epoch(shard_set: Path) -> None:
+    cfg = _cfg(shard_set, batch_size=4, num_workers=2)
+    resumed = build_train_data(cfg, TOKENIZER, 0, 1, 0)
+    resumed.load_state_dict(build_train_data(cfg, TOKENIZER, 0, 1, 0).state_dict())
+    list(resumed)
+    resumed.set_epoch(1)
+    fresh = build_train_data(cfg, TOKENIZER, 0, 1, 0)
+    fresh.set_epoch(1)
+    first_epoch = build_train_data(cfg, TOKENIZER, 0, 1, 0)
+    epoch1 = list(fresh)
+    _assert_same(list(resumed), epoch1)
+    assert [b["keys"] for b in epoch1] != [b["keys"] for b in first_epoch]
+    assert resumed.state_dict()["epoch"] == 1
+
+
+def test_resume_refuses_a_changed_layout(shard_set: Path) -> None:
+    state = build_train_data(_cfg(shard_set, batch_size=2), TOKENIZER, 0, 1, 0).state_dict()
+    other = build_train_data(_cfg(shard_set, batch_size=2, num_workers=2), TOKENIZER, 0, 1, 0)
+    with pytest.raises(ValueError, match="workers: saved 1, now 2"):
+        other.load_state_dict(state)
+
+
+def _damaged_set(root: Path) -> Path:
+    patients = fake_patients(12, size=96, seed=2)
+    patients[1].left = patients[1].left[:50]  # an undecodable JPEG
+    write_shard_set(root, {"train": patients}, per_shard=4)
+    # Drop one member of a sample and cut the third shard in the middle of its third sample.
+    with tarfile.open(root / "train-000001.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(root / "train-000001.tar", "w") as tar:
+        for m, data in members:
+            if m.name != "p00005.right.jpg":
+                tar.addfile(m, io.BytesIO(data))
+    with tarfile.open(root / "train-000002.tar") as tar:
+        cut = next(m for m in tar.getmembers() if m.name.startswith("p00010.")).offset_data + 20
+    (root / "train-000002.tar").write_bytes((root / "train-000002.tar").read_bytes()[:cut])
+    return root
+
+
+def test_damaged_samples_and_shards_are_skipped_and_counted(tmp_path: Path) -> None:
+    cfg = _cfg(_damaged_set(tmp_path), batch_size=4)
+    data = build_train_data(cfg, TOKENIZER, 0, 1, 0)
+    assert data.steps_per_epoch == 3
+    batches = list(data)
+    # Only p00008 survives the cut: p00009 is complete, but a sample is only known to be complete when
+    # the next one starts, and the read of p00010 fails. 3 samples short, so 5 are read a second time.
+    assert len(batches) == 3 and all(len(b["keys"]) == 4 for b in batches)
+    keys = [k for b in batches for k in b["keys"]]
+    assert {"p00001", "p00005", "p00009", "p00010", "p00011"}.isdisjoint(keys)
+    assert data.skip_counts == {"corrupt_image": 1, "missing_member": 1, "shard_error": 3, "reused": 5}
+    assert data.skipped == 5
+    assert len(set(keys)) == 7
+
+
+def test_resume_over_damaged_data_counts_each_loss_once(tmp_path: Path) -> None:
+    cfg = _cfg(_damaged_set(tmp_path), batch_size=4)
+    full = build_train_data(cfg, TOKENIZER, 0, 1, 0)
+    full_batches = list(full)
+    batches, state = _resumed_epoch(cfg, 0, 2)
+    _assert_same(batches, full_batches)
+    assert state["skips"] == dict(full.skip_counts)
+
+
+def test_eval_loader_reads_every_patient_once_across_ranks(shard_set: Path) -> None:
+    cfg = _cfg(shard_set, batch_size=3, augment_on="cpu")
+    seen = []
+    for rank in (0, 1):
+        loader = build_eval_data(dataclasses.replace(cfg, num_workers=2 - rank), TOKENIZER, rank, 2)
+        assert loader.samples == (7, 4)[rank]
+        for batch in loader:
+            assert batch["left"].shape[1:] == (3, 40, 40)
+            assert len(batch["reports"]) == len(batch["left_reports"]) == len(batch["keys"])
+            seen += batch["keys"]
+    assert sorted(seen) == [f"p{i:05d}" for i in range(40, 51)]
+
+
+def test_eval_batches_carry_identity_params(shard_set: Path) -> None:
+    batch = next(iter(build_eval_data(_cfg(shard_set, batch_size=2), TOKENIZER, 0, 1)))
+    rows = batch["left_params"]
+    assert rows[:, 2:4].eq(1).all() and rows[:, 4].eq(0).all() and rows[:, 5:8].eq(1).all()
+    assert rows[:, 8:].eq(0).all()
+
+
+def test_manifest_errors_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other/2", "shards": []}))
+    with pytest.raises(
+        ValueError, match=r"manifest.json: not a retclip-shards/1 manifest \(format is 'other/2'\)"
+    ):
+        read_manifest(str(tmp_path))
+    with pytest.raises(ValueError, match=r"cannot read shard manifest .*missing/manifest\.json"):
+        read_manifest(str(tmp_path / "missing"))
+
+
+def test_missing_val_split_disables_validation(tmp_path: Path) -> None:
+    write_shard_set(tmp_path, {"train": fake_patients(4, size=32)}, per_shard=4)
+    assert build_eval_data(_cfg(tmp_path), TOKENIZER, 0, 1) is None
+    assert build_eval_data(_cfg(tmp_path, val_split=None), TOKENIZER, 0, 1) is None
