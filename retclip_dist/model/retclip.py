@@ -53,7 +53,9 @@ def _text_head(hidden: int, embed_dim: int) -> nn.Sequential:
 
 
 def _scalars(value: float) -> nn.ParameterDict:
-    return nn.ParameterDict({level: nn.Parameter(torch.tensor(float(value))) for level in LEVELS})
+    # Shape [1], not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, which 0-d tensors
+    # cannot take, so a 0-d scale makes ZeRO fail before the first step.
+    return nn.ParameterDict({level: nn.Parameter(torch.full((1,), float(value))) for level in LEVELS})
 
 
 class RetClip(nn.Module):

@@ -1,0 +1,98 @@
+"""One component owns everything stateful in a run: save it atomically, find it, load it back.
+
+A checkpoint is a directory ``checkpoints/step_XXXXXXXX`` holding Accelerate's state (model, optimiser,
+grad scaler, every rank's RNG streams; DeepSpeed's shards under ZeRO), ``train_state.json`` (step, epoch,
+the run config) and ``data_rankN.json`` (each rank's loader position). All ranks write into a ``.tmp``
+directory first; the main process renames it only after every rank has finished, so a directory without
+the suffix is complete by construction and a run killed mid-save leaves nothing that looks usable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass
+class Restored:
+    step: int  # optimiser steps already taken
+    epoch: int  # epoch the next step belongs to
+    data_state: dict[str, Any] | None  # this rank's loader position
+    path: Path  # where it came from
+
+
+class Checkpointer:
+    def __init__(self, accelerator: Accelerator, root: str | Path, keep_last: int) -> None:
+        self.accelerator = accelerator
+        self.root = Path(root)
+        self.keep_last = max(1, keep_last)
+        if accelerator.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("step_*.tmp"):
+                log.warning("removing incomplete checkpoint %s (a run died while saving it)", stale)
+                shutil.rmtree(stale)
+        accelerator.wait_for_everyone()
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and (p / "train_state.json").exists()]
+        return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        done = self.complete() if self.root.exists() else []
+        return done[-1] if done else None
+
+    def save(self, step: int, epoch: int, config: dict[str, Any], data_state: dict[str, Any]) -> Path:
+        acc = self.accelerator
+        final = self.root / f"step_{step:08d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        (tmp / f"data_rank{acc.process_index}.json").write_text(json.dumps(data_state, sort_keys=True))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": step, "epoch": epoch, "world_size": acc.num_processes, "config": config}
+            (tmp / "train_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return final
+
+    def load(self, resume: str | None) -> Restored | None:
+        """Restore from ``resume`` ("auto" or a path); None when there is nothing to resume from."""
+        if resume is None:
+            return None
+        path = self.latest() if resume == "auto" else Path(resume)
+        if path is None:
+            log.info("resume=auto: no complete checkpoint under %s, starting fresh", self.root)
+            return None
+        if not (path / "train_state.json").exists():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no train_state.json)")
+        state = json.loads((path / "train_state.json").read_text())
+        if state["world_size"] != self.accelerator.num_processes:
+            raise ValueError(
+                f"{path} was saved by {state['world_size']} processes, this run has "
+                f"{self.accelerator.num_processes}: optimiser and loader state are per rank"
+            )
+        self.accelerator.load_state(str(path))
+        data_file = path / f"data_rank{self.accelerator.process_index}.json"
+        data_state = json.loads(data_file.read_text()) if data_file.exists() else None
+        log.info("resumed from %s at step %d", path, state["step"])
+        return Restored(step=state["step"], epoch=state["epoch"], data_state=data_state, path=path)

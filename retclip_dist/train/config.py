@@ -1,0 +1,58 @@
+"""The run configuration: one typed tree for model, data, optimisation, checkpoints and logging."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from retclip_dist.data.config import DataConfig
+from retclip_dist.model.config import ModelConfig
+
+
+@dataclass
+class TrainSection:
+    seed: int = 0  # seeds model init, data order and augmentation
+    epochs: int = 10  # passes over the training split
+    max_steps: int | None = None  # stop after this many optimiser steps (None: run all epochs)
+    lr: float = 3e-5  # peak learning rate (paper: 3e-5 at batch 256 per GPU)
+    weight_decay: float = 1e-3  # AdamW decay on weights; norms, biases and logit scales get none
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas (CLIP's)
+    eps: float = 1e-6  # AdamW epsilon
+    warmup_steps: int = 50  # linear warmup from 0 to lr
+    schedule: Literal["cosine", "constant"] = "cosine"  # decay after warmup
+    grad_clip: float | None = None  # max global grad norm (None: no clipping)
+    accum_steps: int = 1  # split each rank's batch into this many chunks, keeping every negative
+    precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast dtype (no: float32)
+    compile: bool = False  # torch.compile the model (GPU recipe)
+    allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 1000  # save every N optimiser steps (0: only at the end and on signals)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    resume: str | None = None  # "auto" (latest complete checkpoint, if any) or a checkpoint path
+
+
+@dataclass
+class LogSection:
+    every_steps: int = 10  # metrics to JSONL/TensorBoard every N steps
+    tensorboard: bool = True  # also write TensorBoard event files
+    progress: bool = True  # tqdm bar on the main process
+
+
+@dataclass
+class EvalSection:
+    every_epochs: int = 1  # validation recall every N epochs (0: never)
+    max_samples: int | None = None  # cap on validation patients (None: the whole split)
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/retclip"  # checkpoints, logs and the final model go here
+    model: ModelConfig = field(default_factory=ModelConfig)  # towers, heads, loss kind
+    data: DataConfig = field(default_factory=DataConfig)  # shard set, batch, augmentation
+    train: TrainSection = field(default_factory=TrainSection)  # optimisation
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)  # saving and resuming
+    log: LogSection = field(default_factory=LogSection)  # metrics
+    eval: EvalSection = field(default_factory=EvalSection)  # validation during training

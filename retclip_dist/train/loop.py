@@ -1,0 +1,354 @@
+"""``retclip-train``: tripartite RET-CLIP pretraining under Accelerate (DDP or DeepSpeed ZeRO).
+
+Reads top to bottom: build the run, restore it, then ``train_one_step`` until done, saving on a
+schedule and on SIGTERM/SIGUSR1, validating each epoch, and writing the model with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm import tqdm
+
+from retclip_dist.config import ConfigError, load_config, to_dict
+from retclip_dist.data.evaluation import build_eval_data
+from retclip_dist.data.loader import build_train_data
+from retclip_dist.launch.env import accelerator_placement
+from retclip_dist.loss import TripartiteLoss
+from retclip_dist.model.retclip import RetClip, RetClipOutput
+from retclip_dist.model.tokenizer import build_tokenizer
+from retclip_dist.retrieval import recall_at_k
+from retclip_dist.train.checkpoint import Checkpointer
+from retclip_dist.train.config import RunConfig
+from retclip_dist.train.metrics_log import MetricsLog
+from retclip_dist.train.optim import build_optimizer, lr_at, set_lr
+from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
+from retclip_dist.train.step import forward_backward
+
+log = logging.getLogger("retclip_dist.train")
+
+EXIT_OK = 0
+EXIT_STOPPED = 3  # saved and left on a signal; the job should be requeued with resume=auto
+EXIT_NONFINITE = 4  # a NaN/inf loss; the last complete checkpoint is the last good state
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def build_accelerator(cfg: RunConfig) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    # fp16 autocast needs a GPU; bf16 runs (slowly) on CPU too, so only fp16 falls back to float32.
+    precision = cfg.train.precision if cuda or cfg.train.precision != "fp16" else "no"
+    return Accelerator(mixed_precision=precision, **accelerator_placement(cuda))
+
+
+def _uses_deepspeed(acc: Accelerator) -> bool:
+    return acc.state.deepspeed_plugin is not None
+
+
+def _zero_stage(acc: Accelerator) -> int:
+    return acc.state.deepspeed_plugin.zero_stage if _uses_deepspeed(acc) else 0
+
+
+def _configure_deepspeed(acc: Accelerator, cfg: RunConfig) -> None:
+    """Fill in what DeepSpeed needs that Accelerate cannot infer (we do not hand it a DataLoader)."""
+    if not _uses_deepspeed(acc):
+        return
+    if cfg.train.accum_steps != 1:
+        raise ConfigError(
+            "train.accum_steps > 1 is not supported under DeepSpeed: its engine steps the optimiser inside "
+            "backward, which the chunked contrastive step calls once per chunk"
+        )
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds["train_batch_size"] = cfg.data.batch_size * acc.num_processes
+    ds["gradient_clipping"] = cfg.train.grad_clip or 0.0
+
+
+def _clamp_scales(acc: Accelerator, model: torch.nn.Module) -> None:
+    inner = acc.unwrap_model(model)
+    if _zero_stage(acc) == 3:
+        import deepspeed
+
+        params = list(inner.logit_scale.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            inner.clamp_logit_scales_()
+    else:
+        inner.clamp_logit_scales_()
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable[dict[str, Any]],
+    acc: Accelerator,
+    prepare: Callable[[dict[str, Any]], dict[str, Any]],
+    max_samples: int | None,
+) -> dict[str, float]:
+    """Recall@1/5/10 both ways at patient, left and right level over the held-out split.
+
+    Every rank embeds its own shards; features and report texts are gathered to all ranks so the
+    numbers are those of the whole split, whatever the world size.
+    """
+    inner = acc.unwrap_model(model)
+    was_training = inner.training
+    inner.eval()
+    rows: list[dict[str, Any]] = []
+    for batch in loader:
+        batch = prepare(_to_device(batch, acc.device))
+        with acc.autocast():
+            image = inner.encode_image(batch["left"], batch["right"])
+            text = inner.encode_text(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch.get("left_input_ids"),
+                batch.get("left_attention_mask"),
+                batch.get("right_input_ids"),
+                batch.get("right_attention_mask"),
+            )
+        for i, key in enumerate(batch["keys"]):
+            rows.append(
+                {
+                    "key": key,
+                    "reports": [batch["reports"][i], batch["left_reports"][i], batch["right_reports"][i]],
+                    "image": [f[i].float().cpu() for f in image],
+                    "text": [f[i].float().cpu() for f in text],
+                }
+            )
+    inner.train(was_training)
+    gathered = gather_object(rows) if acc.num_processes > 1 else rows
+    gathered = sorted({r["key"]: r for r in gathered}.values(), key=lambda r: r["key"])
+    if max_samples is not None:
+        gathered = gathered[:max_samples]
+    if not gathered:
+        return {}
+    out: dict[str, float] = {"samples": float(len(gathered))}
+    for i, level in enumerate(("patient", "left", "right")):
+        scores = recall_at_k(
+            torch.stack([r["image"][i] for r in gathered]),
+            torch.stack([r["text"][i] for r in gathered]),
+            [r["reports"][i] for r in gathered],
+        )
+        out.update({f"{level}/{k}": v for k, v in scores.items()})
+    return out
+
+
+def train(cfg: RunConfig) -> int:
+    """Run (or resume) pretraining as configured; returns the process exit code."""
+    acc = build_accelerator(cfg)
+    out_dir = Path(cfg.output_dir)
+    logging.basicConfig(
+        level=logging.INFO if acc.is_main_process else logging.WARNING,
+        format=f"%(asctime)s [rank {acc.process_index}] %(name)s: %(message)s",
+    )
+    if torch.cuda.is_available() and cfg.train.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    _configure_deepspeed(acc, cfg)
+    # Same seed everywhere: every rank must start from identical weights.
+    set_seed(cfg.train.seed)
+
+    model = RetClip(cfg.model)
+    tokenizer = build_tokenizer(cfg.model)
+    data = build_train_data(cfg.data, tokenizer, acc.process_index, acc.num_processes, cfg.train.seed)
+    eval_data = build_eval_data(cfg.data, tokenizer, acc.process_index, acc.num_processes)
+    device_augment = data.device_augment(acc.device)
+    total_steps = sum(data.steps_in_epoch(e) for e in range(cfg.train.epochs))
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    optimizer = build_optimizer(model, cfg.train, acc.device)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model, optimizer = acc.prepare(model, optimizer)
+    tripartite = TripartiteLoss(cfg.model.loss)
+
+    def loss_fn(out: RetClipOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return tripartite(*out)
+
+    checkpointer = Checkpointer(acc, out_dir / "checkpoints", cfg.checkpoint.keep_last)
+    restored = checkpointer.load(cfg.checkpoint.resume)
+    step, epoch = (restored.step, restored.epoch) if restored else (0, 0)
+    if restored and restored.data_state is not None:
+        data.load_state_dict(restored.data_state)
+
+    metrics = MetricsLog(out_dir, cfg.log.tensorboard) if acc.is_main_process else None
+    config_dict = to_dict(cfg)
+    if acc.is_main_process:
+        (out_dir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
+        log.info(
+            "%d processes x %d patients per step, %d steps per epoch, %d steps in all%s",
+            acc.num_processes,
+            cfg.data.batch_size,
+            data.steps_per_epoch,
+            total_steps,
+            f", resuming at step {step}" if restored else "",
+        )
+    last_validated = -1
+
+    def validate() -> None:
+        nonlocal last_validated
+        last_validated = step
+        if eval_data is None:
+            return
+        scores = evaluate(model, eval_data, acc, device_augment, cfg.eval.max_samples)
+        if metrics is not None and scores:
+            metrics.write("val", step, {"epoch": epoch, "skipped_samples": eval_data.skipped, **scores})
+            log.info("validation at step %d (epoch %d): %s", step, epoch, _summary(scores))
+
+    def save() -> None:
+        # A finite loss can still come with weights the update just broke; such a state is never saved,
+        # so the newest checkpoint is always one that can be resumed from.
+        finite = all(torch.isfinite(p).all() for p in model.parameters())
+        if any_rank(acc, not finite)[0]:
+            raise NonFiniteLoss(
+                f"weights became non-finite at step {step}; not saving them. The last complete checkpoint "
+                f"under {checkpointer.root} is the last good state: resume from it with a lower lr"
+            )
+        checkpointer.save(step, epoch, config_dict, data.state_dict())
+
+    stop = StopRequest()
+    bar = tqdm(total=total_steps, initial=step, disable=not (acc.is_main_process and cfg.log.progress))
+    window_start, window_steps = time.perf_counter(), 0
+    model.train()
+    exit_code = EXIT_OK
+
+    while step < total_steps and exit_code == EXIT_OK:
+        for batch in data:
+            batch = device_augment(_to_device(batch, acc.device))
+            lr = lr_at(step, total_steps, cfg.train)
+            set_lr(optimizer, lr)
+            loss, parts = forward_backward(model, batch, loss_fn, acc, cfg.train.accum_steps)
+            if cfg.train.grad_clip and not _uses_deepspeed(acc):
+                acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _clamp_scales(acc, model)
+            step += 1
+            window_steps += 1
+            bar.update(1)
+
+            # One small collective per step: every rank must agree to stop, or one would wait forever
+            # in the next all-gather. It also syncs the GPU once per step, which costs well under 1%.
+            nonfinite, signalled = any_rank(acc, not math.isfinite(loss.item()), stop.received is not None)
+            if nonfinite:
+                raise NonFiniteLoss(
+                    f"loss became {loss.item()} at step {step} (lr {lr:.3g}); the last complete checkpoint "
+                    f"under {checkpointer.root} is the last good state: resume from it with a lower lr"
+                )
+            if step % cfg.log.every_steps == 0 or step == total_steps:
+                # Each rank's loss is the mean over its own rows: their mean is the global-batch loss.
+                # Every rank joins this reduction; only the main process writes.
+                local = torch.stack(
+                    [loss, *parts.values(), torch.tensor(float(data.skipped), device=loss.device)]
+                )
+                summed = sum_over_ranks(acc, local).tolist()
+                world = acc.num_processes
+                if metrics is not None:
+                    elapsed = time.perf_counter() - window_start
+                    scales = acc.unwrap_model(model).logit_scale
+                    metrics.write(
+                        "train",
+                        step,
+                        {
+                            "epoch": epoch,
+                            "lr": lr,
+                            "loss": summed[0] / world,
+                            **{f"loss_{k}": v / world for k, v in zip(parts, summed[1:-1], strict=True)},
+                            **{f"scale_{k}": p.exp().item() for k, p in scales.items()},
+                            "patients_per_s": window_steps * cfg.data.batch_size * world / elapsed,
+                            "skipped_samples": int(summed[-1]),
+                        },
+                    )
+                    bar.set_postfix(loss=f"{summed[0] / world:.4f}")
+                window_start, window_steps = time.perf_counter(), 0
+            every = cfg.checkpoint.every_steps
+            if signalled or (every and step % every == 0 and step < total_steps):
+                save()
+            if signalled:
+                log.warning("stop requested by signal; saved step %d, exiting for requeue", step)
+                exit_code = EXIT_STOPPED
+                break
+            if step >= total_steps:
+                break
+        if data.epoch_done():
+            epoch += 1
+            data.set_epoch(epoch)
+            if cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0:
+                validate()
+    bar.close()
+
+    if exit_code == EXIT_OK:
+        save()
+        if cfg.eval.every_epochs and last_validated != step:
+            validate()
+        save_final_model(acc, model, out_dir / "model")
+    if metrics is not None:
+        metrics.write("end", step, {"exit_code": exit_code, "skipped_samples": data.skipped})
+        metrics.close()
+    acc.wait_for_everyone()
+    acc.end_training()
+    return exit_code
+
+
+def _summary(scores: dict[str, float]) -> str:
+    keys = ("patient/i2t_r1", "patient/t2i_r1", "patient/i2t_r5", "patient/chance_r5")
+    return ", ".join(f"{k} {scores[k]:.3f}" for k in keys if k in scores)
+
+
+def save_final_model(acc: Accelerator, model: torch.nn.Module, directory: Path) -> None:
+    """``save_pretrained`` from the main process, with full weights gathered first under ZeRO-3."""
+    if _zero_stage(acc) == 3:
+        state = acc.get_state_dict(model)
+        if acc.is_main_process:
+            inner = acc.unwrap_model(model)
+            inner.load_state_dict(state)
+            inner.save_pretrained(directory)
+    elif acc.is_main_process:
+        acc.unwrap_model(model).save_pretrained(directory)
+    acc.wait_for_everyone()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="retclip-train",
+        description="RET-CLIP pretraining. Any config field can be overridden: --section.key value",
+    )
+    parser.add_argument("--config", help="YAML preset, e.g. configs/retclip_vitb16.yaml")
+    parser.add_argument("--print-config", action="store_true", help="print the final config and exit")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(RunConfig, args.config, overrides)
+    except ConfigError as exc:
+        print(f"retclip-train: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
+        return 0
+    try:
+        return train(cfg)
+    except NonFiniteLoss as exc:
+        log.error("%s", exc)
+        return EXIT_NONFINITE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
