@@ -1,0 +1,70 @@
+"""``retclip-eval``: evaluate a save_pretrained model on labelled single-eye images, or convert weights.
+
+    retclip-eval linear-probe --model runs/x/model --data.table labels.csv --data.images imgs.zip \\
+        --out_dir results/probe [--config eval.yaml] [--section.key value ...]
+    retclip-eval convert-release epoch_latest.pt --vocab vocab.txt --out converted/
+
+Every evaluation subcommand takes the same options: an optional YAML preset (``--config``) and
+``--section.key value`` overrides of retclip_dist.eval.config.EvalConfig.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from retclip_dist.config import ConfigError, load_config, to_dict
+from retclip_dist.eval.commands import COMMANDS
+from retclip_dist.eval.config import EvalConfig
+from retclip_dist.eval.data import LabelError
+from retclip_dist.eval.report import markdown_table
+from retclip_dist.model.convert_retclip import convert_release
+
+
+def _convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="retclip-eval convert-release",
+        description="Convert a checkpoint of the public RET-CLIP release into a save_pretrained directory.",
+    )
+    parser.add_argument("checkpoint", help="the release's .pt file (training checkpoint or bare state dict)")
+    parser.add_argument(
+        "--vocab", required=True, help="the release's WordPiece vocab.txt (Chinese, 21,128 lines)"
+    )
+    parser.add_argument("--out", required=True, help="output directory for RetClip.from_pretrained")
+    args = parser.parse_args(argv)
+    report = convert_release(args.checkpoint, args.vocab, args.out)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = [*COMMANDS, "convert-release"]
+    if not argv or argv[0] not in commands:
+        print(__doc__, file=sys.stderr)
+        print(f"subcommands: {', '.join(commands)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv[0] == "convert-release":
+        return _convert(argv[1:])
+    parser = argparse.ArgumentParser(prog=f"retclip-eval {argv[0]}")
+    parser.add_argument("--config", help="YAML preset of EvalConfig")
+    parser.add_argument("--print-config", action="store_true", help="print the final config and exit")
+    args, overrides = parser.parse_known_args(argv[1:])
+    try:
+        cfg = load_config(EvalConfig, args.config, overrides)
+        if args.print_config:
+            print(json.dumps(to_dict(cfg), indent=2))
+            return 0
+        result = COMMANDS[argv[0]](cfg)
+    except (ConfigError, LabelError, ValueError, FileNotFoundError) as exc:
+        print(f"retclip-eval {argv[0]}: error: {exc}", file=sys.stderr)
+        return 1
+    print(markdown_table(result) if "metrics" in result else json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

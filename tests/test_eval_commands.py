@@ -1,0 +1,151 @@
+"""Every retclip-eval subcommand end to end on a tiny random model and a small synthetic labelled set."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from retclip_dist import synth
+from retclip_dist.eval import write_labelled_set
+from retclip_dist.eval.cli import main
+from retclip_dist.eval.commands import run_features, run_finetune, run_linear_probe, run_zero_shot
+from retclip_dist.eval.config import DataConfig, EvalConfig
+from retclip_dist.model.config import tiny_model_config, write_vocab
+from retclip_dist.model.retclip import RetClip
+
+PROMPTS = "configs/prompts_synth.yaml"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A random tiny model (64 px, W = 32, D = 16) and 30 synthetic patients = 60 eye photos."""
+    root = tmp_path_factory.mktemp("eval")
+    vocab = write_vocab(root / "vocab.txt", synth.vocabulary())
+    torch.manual_seed(0)
+    RetClip(tiny_model_config(vocab, image_size=64)).save_pretrained(root / "model")
+    table = write_labelled_set(root / "data", n_patients=30, seed=0, image_size=64)
+    return root, table
+
+
+def _cfg(setup, out: str, label: str = "haemorrhages", **features) -> EvalConfig:
+    root, table = setup
+    cfg = EvalConfig(
+        model=str(root / "model"),
+        out_dir=str(root / out),
+        data=DataConfig(table=str(table), images=str(root / "data" / "images"), label_column=label),
+    )
+    for key, value in features.items():
+        setattr(cfg.features, key, value)
+    return cfg
+
+
+def _read(path):
+    with safe_open(str(path), "np") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+def test_features_record_the_head_and_left_differs_from_right(setup):
+    tower = run_features(_cfg(setup, "f_tower"))
+    assert tower["features_from"] == "vision tower (60)"
+    arrays, meta = _read(tower["path"])
+    assert arrays["image_features"].shape == (60, 32)
+    assert json.loads(meta["ids"])[:2] == ["p00000-left", "p00000-right"]
+    assert arrays["labels"].shape == (60,)
+
+    runs = {}
+    for head in ("left", "right"):
+        cfg = _cfg(setup, f"f_{head}", head=head)
+        cfg.zero_shot.prompts = PROMPTS
+        cfg.data.label_column = "grade"
+        result = run_features(cfg)
+        assert result["features_from"] == f"{head} head (60)"
+        runs[head], meta = _read(result["path"])
+        assert meta["heads"].split(",") == [head] * 60
+        assert runs[head]["class_features_left"].shape == (4, 16)
+    # The same photos through the two eye heads land in different places (sStonemason/RET-CLIP issue 2).
+    cosine = (runs["left"]["image_features"] * runs["right"]["image_features"]).sum(axis=1)
+    assert runs["left"]["image_features"].shape == (60, 16)
+    assert float(np.abs(cosine).mean()) < 0.5
+
+
+def test_features_npz_by_laterality(setup):
+    result = run_features(_cfg(setup, "f_npz", head="laterality", output="feats.npz"))
+    assert result["features_from"] == "left head (30), right head (30)"
+    data = np.load(result["path"])
+    assert data["image_features"].shape == (60, 16)
+    assert data["ids"][1] == "p00000-right"
+    assert str(data["meta_heads"]).split(",")[:2] == ["left", "right"]
+
+
+def test_zero_shot_uses_the_laterality_heads(setup):
+    cfg = _cfg(setup, "zs", label="grade")
+    cfg.zero_shot.prompts = PROMPTS
+    result = run_zero_shot(cfg)
+    assert result["features_from"] == "left head (30), right head (30)"
+    metrics = json.loads((setup[0] / "zs" / "metrics.json").read_text())["metrics"]
+    assert metrics["classes"] == ["0", "1", "2", "3"]
+    assert metrics["n"] == 60
+    assert sum(m["support"] for m in metrics["per_class"].values()) == 60
+    assert (setup[0] / "zs" / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_zero_shot_refuses_tower_features(setup):
+    cfg = _cfg(setup, "zs_tower", label="grade", head="tower")
+    cfg.zero_shot.prompts = PROMPTS
+    with pytest.raises(ValueError, match=r"features\.head cannot be 'tower'"):
+        run_zero_shot(cfg)
+
+
+def test_linear_probe_picks_c_on_validation(setup):
+    result = run_linear_probe(_cfg(setup, "probe"))
+    assert result["split"] == "test"
+    assert result["features_from"] == "vision tower (60)"
+    assert [row["C"] for row in result["probe"]["validation"]] == [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+    best = max(result["probe"]["validation"], key=lambda row: row["macro_auroc"])
+    assert result["probe"]["C"] == best["C"]
+    assert result["metrics"]["n"] == 12
+    assert (setup[0] / "probe" / "metrics.md").read_text().startswith("**linear-probe** on 12 images")
+
+
+def test_finetune_early_stops_checkpoints_and_resumes(setup):
+    cfg = _cfg(setup, "ft")
+    cfg.finetune.epochs, cfg.finetune.patience, cfg.finetune.batch_size = 2, 5, 12
+    first = run_finetune(cfg)
+    assert first["finetune"]["epochs_run"] == 2
+    checkpoints = setup[0] / "ft" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_0002"]
+    cfg.finetune.epochs = 3
+    resumed = run_finetune(cfg)
+    # Epochs 1-2 were restored from the checkpoint, not re-run: their record is unchanged.
+    assert resumed["finetune"]["history"][:2] == first["finetune"]["history"]
+    assert [h["epoch"] for h in resumed["finetune"]["history"]] == [1, 2, 3]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_0003"]
+    assert resumed["features_from"] == "vision tower (60)"
+
+    cfg.finetune.epochs, cfg.finetune.patience, cfg.finetune.resume = 10, 1, False
+    cfg.out_dir = str(setup[0] / "ft_patience")
+    stopped = run_finetune(cfg)
+    history = stopped["finetune"]["history"]
+    # Patience 1: training stops at the first epoch that does not beat the best so far.
+    assert len(history) < 10
+    assert history[-1]["val_macro_auroc"] <= max(h["val_macro_auroc"] for h in history[:-1])
+    assert stopped["finetune"]["best_epoch"] == 1 + int(np.argmax([h["val_macro_auroc"] for h in history]))
+
+
+def test_cli_runs_and_reports_bad_rows(setup, capsys, tmp_path):
+    root, table = setup
+    args = ["--model", str(root / "model"), "--data.images", str(root / "data" / "images")]
+    args += ["--data.label_column", "drusen"]
+    code = main(["linear-probe", *args, "--data.table", str(table), "--out_dir", str(tmp_path / "cli")])
+    assert code == 0
+    assert "**linear-probe** on 12 images" in capsys.readouterr().out
+    broken = tmp_path / "broken.csv"
+    broken.write_text(table.read_text().replace("p00003_left.jpg", "missing.jpg"))
+    code = main(["linear-probe", *args, "--data.table", str(broken), "--out_dir", str(tmp_path / "cli2")])
+    assert code == 1
+    assert "broken.csv:8: image 'missing.jpg'" in capsys.readouterr().err
+    assert main(["nonsense"]) == 2

@@ -1,0 +1,154 @@
+"""Labelled single-eye input: table formats, image roots (dir, zip, shard set), and bad-input errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retclip_dist.eval.config import DataConfig
+from retclip_dist.eval.data import LabelError, load_images, read_labelled
+
+
+def _jpeg(colour: tuple[int, int, int], size: int = 20) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    for name, colour in (("a.jpg", (255, 0, 0)), ("b.jpg", (0, 255, 0)), ("c.jpg", (0, 0, 255))):
+        (root / name).write_bytes(_jpeg(colour))
+    return root
+
+
+def test_csv_single_label_with_laterality_spellings(tmp_path, images):
+    table = _write(
+        tmp_path / "t.csv",
+        "image,label,split,laterality\na.jpg,2,train,OD\nb.jpg,10,train,os\nc.jpg,2,val,\n",
+    )
+    lset = read_labelled(DataConfig(table=str(table), images=str(images)))
+    # Numeric labels are ordered by value, so "10" comes after "2".
+    assert lset.classes == ("2", "10")
+    assert lset.labels().tolist() == [0, 1, 0]
+    assert [r.laterality for r in lset.rows] == ["right", "left", None]
+    assert [r.id for r in lset.rows] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert lset.rows[1].source == "t.csv:3"
+    pixels = load_images(lset, 8)
+    assert pixels.shape == (3, 3, 8, 8)
+    # JPEG of a flat colour decodes back to (nearly) that colour.
+    assert pixels[0, :, 4, 4].tolist() == pytest.approx([254, 0, 0], abs=2)
+
+
+def test_jsonl_multilabel_from_zip(tmp_path):
+    archive = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("x/1.jpg", _jpeg((10, 20, 30)))
+        zf.writestr("x/2.jpg", _jpeg((200, 100, 0)))
+    rows = [
+        {"id": "p1", "image": "x/1.jpg", "dr": 1, "amd": "false"},
+        {"id": "p2", "image": "x/2.jpg", "dr": "0", "amd": True},
+    ]
+    table = _write(tmp_path / "t.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    lset = read_labelled(DataConfig(table=str(table), images=str(archive), label_columns=["dr", "amd"]))
+    assert lset.multilabel
+    assert lset.labels().tolist() == [[1, 0], [0, 1]]
+    assert load_images(lset, 4)[1, :, 0, 0].tolist() == pytest.approx([200, 100, 0], abs=3)
+
+
+def test_shard_set_members_carry_their_laterality(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "test-000000.tar", "w") as tf:
+        for name, colour in (("pat1.left.jpg", (255, 255, 0)), ("pat1.right.jpg", (0, 255, 255))):
+            data = _jpeg(colour)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    manifest = {
+        "format": "retclip-shards/1",
+        "shards": [{"name": "test-000000.tar", "split": "test", "count": 1}],
+    }
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    table = _write(tmp_path / "t.csv", "image,label\npat1.left.jpg,healthy\npat1.right.jpg,glaucoma\n")
+    lset = read_labelled(DataConfig(table=str(table), images=str(shards)))
+    assert [r.laterality for r in lset.rows] == ["left", "right"]
+    assert load_images(lset, 4)[1, :, 2, 2].tolist() == pytest.approx([0, 255, 255], abs=3)
+
+
+@pytest.mark.parametrize(
+    ("csv", "extra", "message"),
+    [
+        (
+            "image,label\na.jpg,dr\nb.jpg,cataract\n",
+            {"classes": ["dr", "amd"]},
+            r"t\.csv:3: unknown label 'cataract'",
+        ),
+        ("image,label\na.jpg,dr\n,dr\n", {}, r"t\.csv:3: column 'image' is empty"),
+        ("image,grade\na.jpg,1\n", {}, r"t\.csv: no column 'label'"),
+        ("image,label,laterality\na.jpg,x,both\n", {}, r"t\.csv:2: laterality 'both' is not left/right"),
+        (
+            "image,dr\na.jpg,maybe\n",
+            {"label_columns": ["dr"]},
+            r"t\.csv:2: column 'dr' must be 0/1, got 'maybe'",
+        ),
+        ("id,image,label\nk,a.jpg,x\nk,b.jpg,y\n", {}, r"t\.csv:3: id 'k' repeats t\.csv:2"),
+    ],
+)
+def test_bad_tables_name_the_row(tmp_path, images, csv, extra, message):
+    table = _write(tmp_path / "t.csv", csv)
+    with pytest.raises(LabelError, match=message):
+        read_labelled(DataConfig(table=str(table), images=str(images), **extra))
+
+
+def test_missing_image_names_the_row(tmp_path, images):
+    table = _write(tmp_path / "t.csv", "image,label\na.jpg,x\nnope.jpg,y\n")
+    lset = read_labelled(DataConfig(table=str(table), images=str(images)))
+    with pytest.raises(LabelError, match=r"t\.csv:3: image 'nope\.jpg': nope\.jpg not found under"):
+        load_images(lset, 4)
+
+
+def test_undecodable_image_names_the_row(tmp_path, images):
+    (images / "bad.jpg").write_bytes(b"not a jpeg")
+    table = _write(tmp_path / "t.csv", "image,label\nbad.jpg,x\n")
+    lset = read_labelled(DataConfig(table=str(table), images=str(images)))
+    with pytest.raises(LabelError, match=r"t\.csv:2: image 'bad\.jpg' cannot be decoded"):
+        load_images(lset, 4)
+
+
+def test_single_class_split_and_untrained_label_are_refused(tmp_path, images):
+    table = _write(
+        tmp_path / "t.csv",
+        "image,label,split\na.jpg,dr,train\nb.jpg,dr,val\nc.jpg,amd,val\n",
+    )
+    lset = read_labelled(DataConfig(table=str(table), images=str(images)))
+    train = lset.subset("train")
+    with pytest.raises(
+        LabelError, match=r"split 'train' \(1 rows, first t\.csv:2\): every row has class 'dr'"
+    ):
+        train.check_both_outcomes("train")
+    with pytest.raises(LabelError, match=r"t\.csv:4: label 'amd' never occurs in the training split"):
+        lset.check_trainable(train)
+    with pytest.raises(LabelError, match=r"no rows in split 'test'; splits present: \['train', 'val'\]"):
+        lset.subset("test")
+
+
+def test_multilabel_constant_column_is_refused(tmp_path, images):
+    table = _write(tmp_path / "t.csv", "image,dr,amd\na.jpg,1,0\nb.jpg,0,0\n")
+    lset = read_labelled(DataConfig(table=str(table), images=str(images), label_columns=["dr", "amd"]))
+    with pytest.raises(LabelError, match="label column 'amd' is 0 on every row"):
+        lset.check_both_outcomes("all")
+    assert np.array_equal(lset.labels(), [[1, 0], [0, 0]])
