@@ -112,18 +112,13 @@ def evaluate(
     was_training = inner.training
     inner.eval()
     rows: list[dict[str, Any]] = []
+    per_rank = None if max_samples is None else -(-max_samples // acc.num_processes)
     for batch in loader:
+        if per_rank is not None and len(rows) >= per_rank:
+            break
         batch = prepare(_to_device(batch, acc.device))
         with acc.autocast():
-            image = inner.encode_image(batch["left"], batch["right"])
-            text = inner.encode_text(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch.get("left_input_ids"),
-                batch.get("left_attention_mask"),
-                batch.get("right_input_ids"),
-                batch.get("right_attention_mask"),
-            )
+            image, text, _, _ = inner(batch)
         for i, key in enumerate(batch["keys"]):
             rows.append(
                 {
@@ -135,7 +130,8 @@ def evaluate(
             )
     inner.train(was_training)
     gathered = gather_object(rows) if acc.num_processes > 1 else rows
-    gathered = sorted({r["key"]: r for r in gathered}.values(), key=lambda r: r["key"])
+    # A fixed order (by patient key) makes the numbers independent of the world size.
+    gathered = sorted(gathered, key=lambda r: r["key"])
     if max_samples is not None:
         gathered = gathered[:max_samples]
     if not gathered:
