@@ -245,3 +245,12 @@ def test_bad_override_is_a_clear_error(tmp_path):
     )
     assert done.returncode == 2
     assert "unknown key(s) ['lrr']" in done.stderr
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_weights(shards, tmp_path):
+    train(shards, tmp_path, "--train.compile", "true", "--train.max_steps", "2", "--eval.every_epochs", "0")
+    assert losses(tmp_path) and all(torch.isfinite(torch.tensor(losses(tmp_path))))
+    # save_pretrained unwraps torch.compile: the final model has the plain parameter names.
+    assert not [k for k in weights(tmp_path) if "_orig_mod" in k]
+    RetClip.from_pretrained(tmp_path / "model")
