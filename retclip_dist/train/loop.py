@@ -30,11 +30,11 @@ from retclip_dist.model.retclip import RetClip, RetClipOutput
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.retrieval import recall_at_k
 from retclip_dist.train.checkpoint import Checkpointer
-from retclip_dist.train.config import RunConfig
+from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.metrics_log import MetricsLog
 from retclip_dist.train.optim import build_optimizer, lr_at, set_lr
 from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
-from retclip_dist.train.step import forward_backward
+from retclip_dist.train.step import LossFn, forward_backward
 
 log = logging.getLogger("retclip_dist.train")
 
@@ -93,6 +93,28 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {
         k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
     }
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, Any],
+    device_augment: Callable[[dict[str, Any]], dict[str, Any]],
+    loss_fn: LossFn,
+    acc: Accelerator,
+    cfg: TrainSection,
+    lr: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimiser step on one rank's batch: augment on the device, forward/backward, update, clamp."""
+    batch = device_augment(_to_device(batch, acc.device))
+    set_lr(optimizer, lr)
+    loss, parts = forward_backward(model, batch, loss_fn, acc, cfg.accum_steps)
+    if cfg.grad_clip and not _uses_deepspeed(acc):
+        acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _clamp_scales(acc, model)
+    return loss, parts
 
 
 @torch.no_grad()
@@ -229,15 +251,8 @@ def train(cfg: RunConfig) -> int:
 
     while step < total_steps and exit_code == EXIT_OK:
         for batch in data:
-            batch = device_augment(_to_device(batch, acc.device))
             lr = lr_at(step, total_steps, cfg.train)
-            set_lr(optimizer, lr)
-            loss, parts = forward_backward(model, batch, loss_fn, acc, cfg.train.accum_steps)
-            if cfg.train.grad_clip and not _uses_deepspeed(acc):
-                acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            _clamp_scales(acc, model)
+            loss, parts = train_step(model, optimizer, batch, device_augment, loss_fn, acc, cfg.train, lr)
             step += 1
             window_steps += 1
             bar.update(1)
