@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     run([bin_path("make-shards"), "verify", str(shards)])
 
     run_dir = out / "run"
+    # Each demo trains from scratch; an earlier demo's checkpoints would make the trainer refuse.
+    shutil.rmtree(run_dir, ignore_errors=True)
     run(
         [
             bin_path("accelerate"), "launch",

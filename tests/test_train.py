@@ -227,6 +227,13 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(shards, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(shards, reference):
+    done = train(shards, reference, "--data.batch_size", "16", expect=2)
+    assert "already holds checkpoints" in done.stderr
+    assert "--checkpoint.resume auto" in done.stderr
+
+
 def test_bad_override_is_a_clear_error(tmp_path):
     done = subprocess.run(
         [

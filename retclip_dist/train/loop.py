@@ -203,6 +203,12 @@ def train(cfg: RunConfig) -> int:
         return tripartite(*out)
 
     checkpointer = Checkpointer(acc, out_dir / "checkpoints", cfg.checkpoint.keep_last)
+    if cfg.checkpoint.resume is None and checkpointer.latest() is not None:
+        # Starting over in place would interleave two runs' checkpoints and metrics.
+        raise ConfigError(
+            f"{out_dir} already holds checkpoints (newest {checkpointer.latest().name}): pass "
+            "--checkpoint.resume auto to continue that run, or choose another --output_dir"
+        )
     restored = checkpointer.load(cfg.checkpoint.resume)
     step, epoch = (restored.step, restored.epoch) if restored else (0, 0)
     if restored and restored.data_state is not None:
@@ -356,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return train(cfg)
+    except ConfigError as exc:
+        print(f"retclip-train: {exc}", file=sys.stderr)
+        return 2
     except NonFiniteLoss as exc:
         log.error("%s", exc)
         return EXIT_NONFINITE
