@@ -149,3 +149,11 @@ def test_cli_runs_and_reports_bad_rows(setup, capsys, tmp_path):
     assert code == 1
     assert "broken.csv:8: image 'missing.jpg'" in capsys.readouterr().err
     assert main(["nonsense"]) == 2
+
+
+def test_help_exits_zero_and_unknown_subcommand_exits_two(capsys):
+    from retclip_dist.eval.cli import main
+
+    assert main(["--help"]) == 0
+    assert "linear-probe" in capsys.readouterr().out
+    assert main(["bogus"]) == 2

@@ -42,6 +42,10 @@ def _convert(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = [*COMMANDS, "convert-release"]
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        print(f"subcommands: {', '.join(commands)}")
+        return 0
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         print(f"subcommands: {', '.join(commands)}", file=sys.stderr)
