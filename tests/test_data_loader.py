@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import signal
 import tarfile
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.evaluation import build_eval_data
 from retclip_dist.data.fixtures import fake_patients, tiny_tokenizer, write_shard_set
-from retclip_dist.data.loader import build_train_data
+from retclip_dist.data.loader import build_train_data, data_loader
 from retclip_dist.data.manifest import read_manifest
 
 TOKENIZER = tiny_tokenizer()
@@ -236,3 +238,15 @@ def test_missing_val_split_disables_validation(tmp_path: Path) -> None:
     write_shard_set(tmp_path, {"train": fake_patients(4, size=32)}, per_shard=4)
     assert build_eval_data(_cfg(tmp_path), TOKENIZER, 0, 1) is None
     assert build_eval_data(_cfg(tmp_path, val_split=None), TOKENIZER, 0, 1) is None
+
+
+def test_loader_workers_ignore_stop_signals(tmp_path):
+    # Slurm signals every process of a job; workers must survive until the trainer has saved.
+    class Pids(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            yield os.getpid()
+
+    pids = list(data_loader(Pids(), DataConfig(num_workers=1, pin_memory=False)))
+    assert len(pids) == 1 and pids[0] != os.getpid()

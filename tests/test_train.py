@@ -98,7 +98,11 @@ def train(
 
 def start(shards: Path, out: Path, *extra: str) -> subprocess.Popen:
     cmd = _command(shards, out, 1, list(extra), "")
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Its own process group, so a test can signal the trainer and its loader workers together, as
+    # Slurm does on preemption.
+    return subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -191,16 +195,17 @@ def test_resume_after_sigkill_is_bit_exact(shards, reference, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_then_resume_is_bit_exact(shards, reference, tmp_path):
-    proc = start(shards, tmp_path, "--data.batch_size", "16", "--checkpoint.every_steps", "0")
+    workers = ("--data.num_workers", "1")  # the workers get the signal too and must outlive the save
+    proc = start(shards, tmp_path, "--data.batch_size", "16", "--checkpoint.every_steps", "0", *workers)
     metrics = tmp_path / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(read_metrics(metrics, "train")) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 3, output[-3000:]
     saved = [p.name for p in (tmp_path / "checkpoints").iterdir()]
     assert len(saved) == 1 and saved[0].startswith("step_")
     assert not (tmp_path / "model").exists()
-    train(shards, tmp_path, "--data.batch_size", "16", "--checkpoint.resume", "auto")
+    train(shards, tmp_path, "--data.batch_size", "16", "--checkpoint.resume", "auto", *workers)
     assert_same_weights(weights(reference), weights(tmp_path))
 
 

@@ -10,6 +10,7 @@ Data flow per logical worker w of W, for each partition p this rank serves:
 from __future__ import annotations
 
 import logging
+import signal
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +34,13 @@ def _as_is(item: Any) -> Any:
     return item
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # Slurm signals every process of a job on preemption or before a time limit. The trainer answers by
+    # saving a checkpoint, which needs its loader workers alive until then; they stop when it exits.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def data_loader(dataset: IterableDataset, cfg: DataConfig) -> DataLoader:
     """A DataLoader that passes worker-made batches through untouched."""
     return DataLoader(
@@ -45,6 +53,7 @@ def data_loader(dataset: IterableDataset, cfg: DataConfig) -> DataLoader:
         # Each new iterator draws a base seed; from its own generator it leaves the global RNG (dropout,
         # init) untouched, so a resumed run and an uninterrupted one consume the same random numbers.
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=_ignore_stop_signals if cfg.num_workers else None,
     )
 
 
