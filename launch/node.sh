@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One node's share of a Slurm job: started once per node by launch/pretrain.sh through srun.
+# Reads the layout that pretrain.sh exported and Slurm's SLURM_NODEID; arguments go to retclip-train.
+# No --cpu switch on purpose: `accelerate launch --cpu` starts a single process whatever the config says,
+# while the trainer already runs each process on the CPU when the node has no GPU (retclip_dist/launch/env.py).
+set -euo pipefail
+
+# Only the training processes act on SIGUSR1/SIGTERM (they save, then exit). The launcher ignores
+# both so it cannot kill them mid-save; an ignored signal stays ignored across exec, and Python's
+# handlers in the trainer override it.
+trap '' USR1 TERM
+exec accelerate launch --config_file "$ACCELERATE_CONFIG" \
+    --num_machines "$NNODES" --machine_rank "${SLURM_NODEID:-0}" \
+    --num_processes "$((NNODES * GPUS_PER_NODE))" \
+    --main_process_ip "$MAIN_HOST" --main_process_port "$MAIN_PORT" \
+    -m retclip_dist.train "$@"

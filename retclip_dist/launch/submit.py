@@ -1,0 +1,183 @@
+"""Submit pretraining through submitit: one task per node, each running ``accelerate launch``.
+
+    python -m retclip_dist.launch.submit --config configs/retclip_vitb16.yaml --nodes 4 \
+        --gpus-per-node 8 --partition gpu -- --data.shards /data/shards
+
+The job is a ``submitit.helpers.Checkpointable``. When Slurm warns of the time limit or preempts the job,
+it signals every process of the step: the training processes save a checkpoint and exit, submitit calls
+``checkpoint()`` in the task, which waits for that save, and the job is requeued with
+``--checkpoint.resume auto``. ``--local`` runs the same job with submitit's local executor (no Slurm).
+``--cpu`` asks Slurm for no GPUs (tests, CPU clusters); the trainer runs each process on the CPU itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import submitit
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+# Signals that mean "save and stop" to the trainer; the launcher process between them must ignore them.
+_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+
+
+def _ignore_stop_signals() -> None:
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class PretrainJob(Checkpointable):
+    """One node's share of a run; picklable (it is what submitit stores and resubmits)."""
+
+    def __init__(
+        self,
+        config: str,
+        overrides: list[str],
+        accelerate_config: str,
+        gpus_per_node: int,
+        port: int,
+    ) -> None:
+        self.config = config
+        self.overrides = overrides
+        self.accelerate_config = accelerate_config
+        self.gpus_per_node = gpus_per_node
+        self.port = port
+        self._proc: subprocess.Popen | None = None
+
+    def command(self, num_nodes: int, node_rank: int, main_host: str) -> list[str]:
+        # The interpreter that unpickled this job is the submitter's environment; PATH on the node may not be.
+        # No `--cpu`: it makes `accelerate launch` start one process whatever the config says.
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            self.accelerate_config,
+            "--num_machines",
+            str(num_nodes),
+            "--machine_rank",
+            str(node_rank),
+            "--num_processes",
+            str(num_nodes * self.gpus_per_node),
+            "--main_process_ip",
+            main_host,
+            "--main_process_port",
+            str(self.port),
+            "-m",
+            "retclip_dist.train",
+            "--config",
+            self.config,
+            *self.overrides,
+            "--checkpoint.resume",
+            "auto",
+        ]
+
+    def __call__(self) -> int:
+        env = submitit.JobEnvironment()
+        cmd = self.command(env.num_nodes, env.node, env.hostnames[0] if env.hostnames else "127.0.0.1")
+        print("retclip submit:", " ".join(cmd), flush=True)
+        self._proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals)
+        code = self._proc.wait()
+        if code != 0:
+            raise RuntimeError(
+                f"training exited with status {code} (3: it saved a checkpoint and stopped on a signal; "
+                "resubmit to resume); see the log above"
+            )
+        return code
+
+    def checkpoint(self, *args: object, **kwargs: object) -> DelayedSubmission:
+        # Slurm signalled the trainer along with us: let it finish its checkpoint before requeueing.
+        # This runs in a signal handler that interrupted Popen.wait() in __call__, which holds a
+        # non-reentrant lock, so waiting through Popen again would deadlock; waitid with WNOWAIT
+        # waits for the exit without reaping the child.
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)
+        fresh = PretrainJob(
+            self.config, self.overrides, self.accelerate_config, self.gpus_per_node, self.port
+        )
+        return DelayedSubmission(fresh)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_proc"] = None
+        return state
+
+
+def build_executor(args: argparse.Namespace) -> submitit.AutoExecutor:
+    # Named, not detected: detection would fall back to the local executor where sbatch is missing.
+    executor = submitit.AutoExecutor(folder=args.log_dir, cluster="local" if args.local else "slurm")
+    params: dict = {
+        "name": args.job_name,
+        "nodes": args.nodes,
+        "tasks_per_node": 1,
+        "timeout_min": args.time_min,
+        "cpus_per_task": args.cpus_per_task,
+    }
+    if not args.local:
+        params["slurm_signal_delay_s"] = args.signal_delay_s
+        if args.gpus_per_node and not args.cpu:
+            params["gpus_per_node"] = args.gpus_per_node
+        if args.partition:
+            params["slurm_partition"] = args.partition
+    executor.update_parameters(**params)
+    return executor
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m retclip_dist.launch.submit",
+        description="Submit RET-CLIP pretraining to Slurm with submitit (requeued on timeout/preemption).",
+    )
+    parser.add_argument("--config", required=True, help="YAML preset for retclip-train")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="training processes per node")
+    parser.add_argument("--partition", help="Slurm partition")
+    parser.add_argument("--time-min", type=int, default=24 * 60, help="time limit per job in minutes")
+    parser.add_argument("--cpus-per-task", type=int, default=16, help="CPU cores per node (data loading)")
+    parser.add_argument("--signal-delay-s", type=int, default=120, help="warning before the time limit")
+    parser.add_argument("--accelerate-config", default="configs/accelerate/multi_node.yaml")
+    parser.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
+    parser.add_argument("--log-dir", default="logs/submitit", help="submitit's job folder (logs, pickles)")
+    parser.add_argument("--job-name", default="retclip")
+    parser.add_argument("--cpu", action="store_true", help="request no GPUs from Slurm (tests, CPU clusters)")
+    parser.add_argument("--local", action="store_true", help="run with submitit's local executor, no Slurm")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script and exit")
+    parser.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then --section.key value ...")
+    args = parser.parse_args(argv)
+    if args.overrides and args.overrides[0] == "--":
+        args.overrides = args.overrides[1:]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    job = PretrainJob(args.config, args.overrides, args.accelerate_config, args.gpus_per_node, args.port)
+    executor = build_executor(args)
+    if args.dry_run:
+        if args.local:
+            print("--dry-run shows the sbatch script; it has no meaning with --local", file=sys.stderr)
+            return 2
+        # submitit has no public "render only" call; this is the text its own submit() writes.
+        print(executor._executor._make_submission_file_text("<submitit task command>", "<uid>"))
+        return 0
+    submitted = executor.submit(job)
+    print(f"job {submitted.job_id}")
+    print(f"stdout {submitted.paths.stdout}")
+    print(f"stderr {submitted.paths.stderr}")
+    sys.stdout.flush()
+    if args.wait:
+        submitted.result()
+        print(f"job {submitted.job_id} finished")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
