@@ -33,6 +33,7 @@ BASE = [
     "--train.epochs", "2",
     "--train.warmup_steps", "2",
     "--log.every_steps", "1",
+    "--eval.every_epochs", "1",
     "--log.tensorboard", "false",
     "--log.progress", "false",
     "--checkpoint.every_steps", "2",
