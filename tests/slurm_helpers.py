@@ -195,10 +195,20 @@ def wait_for_job(job_id: str, timeout_s: float, log: Path) -> dict[str, str]:
     not need that grace period, so it moves the start time to now.
     """
 
+    held_since: list[float] = []
+
     def finished() -> dict[str, str] | None:
         fields = job_fields(job_id)
         if fields["JobState"] == "PENDING" and fields["Reason"] == "BeginTime" and fields["Restarts"] != "0":
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=20, check=True)
+            # slurmd compares credential times in whole seconds: a requeued job started within the second
+            # of its requeue is killed as "Job credential revoked". Slurm's own hold avoids that; ours
+            # waits a few seconds.
+            if not held_since:
+                held_since.append(time.monotonic())
+            if time.monotonic() - held_since[0] >= 3:
+                subprocess.run(
+                    ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=20, check=True
+                )
         return fields if fields["JobState"] in FINISHED else None
 
     try:
