@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
 
     print(f"1. synthetic hospital export: {args.patients} patients -> {out / 'raw'}", flush=True)
+    # With per-eye reports (configs/tiny.yaml reads them) the left and right levels each learn their own
+    # eye's findings instead of picking them out of the patient report.
     manifest, images = synth.write_raw_archive(
-        out / "raw", args.patients, seed=0, image_size=256, layout="zip"
+        out / "raw", args.patients, seed=0, image_size=256, layout="zip", eye_reports=True
     )
 
     shards = out / "shards"

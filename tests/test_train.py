@@ -23,7 +23,7 @@ from retclip_dist.train.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-# Small and quick: 64 px eyes, 8 patients per rank, every step logged, no TensorBoard.
+# Small and quick: the tiny config's 128 px eyes from 64 px shards, 8 patients per rank, every step logged, no TensorBoard.
 BASE = [
     "--config", str(ROOT / "configs/tiny.yaml"),
     "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
