@@ -8,6 +8,7 @@ in a preset or an override is an error that names the key instead of a silently 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,13 +23,57 @@ class ConfigError(ValueError):
     """A config file or override that does not match the dataclasses."""
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans: only true/false are booleans, so ``precision: no`` stays the word "no".
+
+    PyYAML follows YAML 1.1, where yes/no/on/off are booleans too; a choice field such as
+    ``train.precision`` (``"no" | "fp16" | "bf16"``) would then receive ``False``. Boolean fields still
+    accept yes/no/on/off (see ``_BOOL_WORDS``), so nothing written for YAML 1.1 breaks.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_BOOL_WORDS = {"yes": True, "on": True, "no": False, "off": False}
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text the way every config and override in the project is parsed."""
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Word:
+    """A command-line value: the text as typed and its YAML reading.
+
+    A string or choice field takes the text as written (``--data.train_split 2024`` is the split "2024",
+    not the integer), every other field takes the YAML value.
+    """
+
+    text: str
+    value: Any
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
+    if isinstance(value, _Word):
+        if tp is str:
+            return value.text
+        if origin is Literal and value.value not in get_args(tp) and value.text in get_args(tp):
+            return value.text
+        if origin not in (Union, types.UnionType):
+            return _coerce(value.value, tp, where)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
         options = get_args(tp)
-        if value is None and type(None) in options:
+        plain = value.value if isinstance(value, _Word) else value
+        if plain is None and type(None) in options:
             return None
         for option in options:
             if option is type(None):
@@ -62,6 +107,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -103,7 +150,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """``["--train.lr", "1e-4", "--data.batch_size=8"]`` -> ``{"train": {"lr": 1e-4}, "data": {...}}``.
 
-    Values are parsed as YAML scalars/lists so ``true``, ``3``, ``1e-4``, ``null`` and ``[1, 2]`` work.
+    Values are parsed as YAML scalars/lists so ``true``, ``3``, ``1e-4``, ``null`` and ``[1, 2]`` work;
+    string and choice fields take the text as written (``--train.precision no`` is "no").
     """
     out: dict[str, Any] = {}
     i = 0
@@ -119,7 +167,12 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg} has no value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            parsed = parse_yaml(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {arg}: cannot parse {raw!r}: {exc}") from exc
+        # Mappings merge into the preset key by key, so they stay plain; a scalar keeps its text.
+        value = parsed if isinstance(parsed, (dict, list)) else _Word(raw, parsed)
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -143,7 +196,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict[str, Any] = to_dict(cls())
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = parse_yaml(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(loaded, dict):

@@ -33,11 +33,34 @@ def test_defaults_yaml_then_overrides(tmp_path):
     assert cfg.flags == [3, 4, 5]
 
 
+@dataclass
+class Words:
+    flag: bool = False  # a switch
+    count: int = 0  # a number
+    path: str | None = "x"  # optional text
+    split: str = "train"  # plain text
+    precision: Literal["no", "fp16", "bf16"] = "bf16"  # a choice that includes a YAML 1.1 boolean word
+    many: list[str] = field(default_factory=list)  # a list of words
+
+
 def test_overrides_parse_yaml_scalars():
-    assert parse_overrides(["--a.b", "true", "--a.c", "null", "--d", "7"]) == {
-        "a": {"b": True, "c": None},
-        "d": 7,
-    }
+    args = ["--flag", "true", "--path", "null", "--count", "7", "--many", "[no, 'off']"]
+    cfg = load_config(Words, None, args)
+    assert (cfg.flag, cfg.path, cfg.count, cfg.many) == (True, None, 7, ["no", "off"])
+    assert set(parse_overrides(args)) == {"flag", "path", "count", "many"}
+
+
+def test_text_fields_take_the_word_as_written(tmp_path):
+    cfg = load_config(Words, None, ["--precision", "no", "--split", "2024", "--path", "1e-4"])
+    assert (cfg.precision, cfg.split, cfg.path) == ("no", "2024", "1e-4")
+    # YAML files read only true/false as booleans; boolean fields still take yes/no/on/off.
+    preset = tmp_path / "p.yaml"
+    preset.write_text("precision: no\nflag: yes\nsplit: off\n")
+    cfg = load_config(Words, preset, ["--flag", "off"])
+    assert (cfg.precision, cfg.flag, cfg.split) == ("no", False, "off")
+    assert load_config(Words, preset).flag is True
+    with pytest.raises(ConfigError, match="count: expected an integer"):
+        load_config(Words, None, ["--count", "no"])
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,16 @@ from slurm_helpers import (
 from retclip_dist.launch.submit import PretrainJob, main
 
 
+@pytest.fixture(autouse=True)
+def _no_slurm_for_dry_runs(request, tmp_path, monkeypatch):
+    # --dry-run must work where Slurm is not installed (a laptop, a login node without srun); CI has Slurm,
+    # so the dry-run tests hide it: submitit looks for `srun` on PATH.
+    if request.node.name.startswith("test_dry_run"):
+        empty = tmp_path / "no-slurm-bin"
+        empty.mkdir()
+        monkeypatch.setenv("PATH", str(empty))
+
+
 def _script_lines(argv: list[str], capsys: pytest.CaptureFixture[str]) -> set[str]:
     assert main([*argv, "--dry-run"]) == 0
     return set(capsys.readouterr().out.splitlines())

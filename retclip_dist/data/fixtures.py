@@ -17,6 +17,8 @@ import webdataset as wds
 from PIL import Image
 from transformers import BertTokenizerFast
 
+from retclip_dist.model.tokenizer import wordpiece_tokenizer
+
 
 @dataclass
 class FakePatient:
@@ -132,4 +134,4 @@ def tiny_tokenizer() -> BertTokenizerFast:
         "right",
     ]
     words += ["eye", ":", ",", '"', *(str(d) for d in range(10)), *(f"##{d}" for d in range(10))]
-    return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+    return wordpiece_tokenizer({w: i for i, w in enumerate(words)})

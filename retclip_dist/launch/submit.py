@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+from unittest import mock
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
@@ -111,7 +112,14 @@ class PretrainJob(Checkpointable):
 
 def build_executor(args: argparse.Namespace) -> submitit.AutoExecutor:
     # Named, not detected: detection would fall back to the local executor where sbatch is missing.
-    executor = submitit.AutoExecutor(folder=args.log_dir, cluster="local" if args.local else "slurm")
+    cluster = "local" if args.local else "slurm"
+    if args.dry_run:
+        # submitit refuses to build a Slurm executor where `srun` is missing, but rendering the script
+        # needs no Slurm: a user checks it on a laptop or a login node before going to the cluster.
+        with mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1)):
+            executor = submitit.AutoExecutor(folder=args.log_dir, cluster=cluster)
+    else:
+        executor = submitit.AutoExecutor(folder=args.log_dir, cluster=cluster)
     params: dict = {
         "name": args.job_name,
         "nodes": args.nodes,

@@ -85,13 +85,24 @@ class RetClip(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute both towers' activations during backward (HF only does so in training mode)."""
         self.visual.set_grad_checkpointing(enable)
-        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*.
-        if enable:
-            self.text.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
+        # transformers 5.24 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names
+        # warn); 5.17 and 4.x have only the old ones.
+        if hasattr(self.text, "activation_checkpointing_enable"):
+            enable_fn, disable_fn, kwarg = (
+                self.text.activation_checkpointing_enable,
+                self.text.activation_checkpointing_disable,
+                "activation_checkpointing_kwargs",
             )
         else:
-            self.text.activation_checkpointing_disable()
+            enable_fn, disable_fn, kwarg = (
+                self.text.gradient_checkpointing_enable,
+                self.text.gradient_checkpointing_disable,
+                "gradient_checkpointing_kwargs",
+            )
+        if enable:
+            enable_fn(**{kwarg: {"use_reentrant": False}})
+        else:
+            disable_fn()
 
     @torch.no_grad()
     def clamp_logit_scales_(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers.implementations import BertWordPieceTokenizer
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
 
 from retclip_dist.model.config import ModelConfig
@@ -24,6 +25,22 @@ def read_vocab(path: Path) -> dict[str, int]:
     return vocab
 
 
+def wordpiece_tokenizer(vocab: dict[str, int]) -> BertTokenizerFast:
+    """Lower-casing BERT WordPiece tokenizer over an in-memory vocab ([CLS] text [SEP])."""
+    # BertTokenizerFast(vocab=dict) exists only from transformers 5; a tokenizers object works in 4.x and
+    # 5.x alike and encodes identically (tests/test_model.py checks both against fixed ids).
+    backend = BertWordPieceTokenizer(vocab, lowercase=True)._tokenizer
+    return BertTokenizerFast(
+        tokenizer_object=backend,
+        do_lower_case=True,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
+
+
 def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """Fast tokenizer from cfg.tokenizer_path (or cfg.text_path), checked against the text tower's vocab."""
     source = cfg.tokenizer_path or cfg.text_path
@@ -31,7 +48,7 @@ def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         raise ValueError("model.tokenizer_path and model.text_path are both unset; the tokenizer needs one")
     path = Path(source)
     if path.is_file():
-        tokenizer = BertTokenizerFast(vocab=read_vocab(path), do_lower_case=True)
+        tokenizer = wordpiece_tokenizer(read_vocab(path))
     elif path.is_dir():
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     else:
