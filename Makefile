@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # built for ("operator torchvision::nms does not exist" otherwise), and timm needs torchvision.
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast test-lowest lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,9 +25,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not dist"
 
+# The fast suite again on the lowest versions pyproject.toml declares, installed beside .venv in .lowest/.
+test-lowest: $(STAMP)
+	$(BIN)/python .ci/lowest.py .lowest
+	PYTHONPATH=.lowest $(BIN)/python -m pytest -m "not slow and not dist" -p no:cacheprovider
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf demo runs .pytest_cache .ruff_cache
+	rm -rf demo runs .pytest_cache .ruff_cache .lowest

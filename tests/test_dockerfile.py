@@ -23,3 +23,14 @@ def test_dockerfile_has_cpu_variant_non_root_user_and_entry_points():
     assert "ARG VARIANT=cuda" in text and "FROM ubuntu:24.04 AS base-cpu" in text
     assert "USER 10001:10001" in text
     assert 'CMD ["retclip-train", "--help"]' in text
+
+
+def test_dockerfile_torch_bounds_are_pyprojects():
+    # The image installs torch before the project (from the CUDA index); its bounds must be the declared ones.
+    lowest = subprocess.run(
+        [sys.executable, str(ROOT / ".ci/lowest.py"), "--print"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    torch_bounds = [b for b in lowest if b.startswith(("torch>=", "torchvision>="))]
+    assert len(torch_bounds) == 2
+    for bound in torch_bounds:
+        assert f'"{bound}"' in (ROOT / "Dockerfile").read_text()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+import sklearn
+import timm
 import torch
 
 from retclip_dist import synth
@@ -36,8 +38,13 @@ def test_probe_on_random_tower_features_beats_chance(model_dir, tmp_path):
     )
     result = run_linear_probe(cfg)
     assert result["metrics"]["n"] == 80
-    assert result["metrics"]["overall"]["macro_auroc"] == pytest.approx(0.8085, abs=0.01)
-    assert result["probe"]["C"] == 1.0
+    auroc = result["metrics"]["overall"]["macro_auroc"]
+    assert auroc > 0.65  # chance is 0.5; every supported timm's random tower clears this
+    if (timm.__version__, sklearn.__version__) == ("1.0.31", "1.9.1"):
+        # Recorded for the pinned set: older timm initialises a random ViT differently (1.0.3 gives 0.701)
+        # and older scikit-learn picks another C, so exact numbers are a regression check of the pins.
+        assert auroc == pytest.approx(0.8085, abs=0.01)
+        assert result["probe"]["C"] == 1.0
 
 
 def test_demo_probe_is_fast_and_returns_the_table(model_dir, tmp_path):
