@@ -11,6 +11,7 @@ optional extras (deepspeed, s3fs), whose bounds are the versions the main suite 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,20 @@ def lower_bounds(pyproject: Path) -> dict[str, str]:
     return bounds
 
 
+def _drop_stale_metadata(target: Path, bounds: dict[str, str]) -> None:
+    """Remove other versions' dist-info that the second install step left beside the lowest ones.
+
+    pip --target keeps an existing package directory but still writes the metadata of the version it
+    skipped, and importlib.metadata (which transformers uses for its version checks) could read that one.
+    """
+    wanted = {re.sub(r"[-_.]+", "_", k).lower(): v for k, v in bounds.items()}
+    for info in target.glob("*.dist-info"):
+        name, _, version = info.name[: -len(".dist-info")].rpartition("-")
+        key = re.sub(r"[-_.]+", "_", name).lower()
+        if key in wanted and version != wanted[key]:
+            shutil.rmtree(info)
+
+
 def main(target: str) -> int:
     if target == "--print":
         print(" ".join(f"{k}>={v}" for k, v in lower_bounds(ROOT / "pyproject.toml").items()))
@@ -49,6 +64,7 @@ def main(target: str) -> int:
     # Without --upgrade, pip leaves what the first step put in the target as it is.
     deps = [f"{k}=={v}" for k, v in sorted(bounds.items()) if k in WITH_DEPS]
     subprocess.run([*pip, *deps], check=True)
+    _drop_stale_metadata(Path(target), bounds)
     stamp.write_text(wanted)
     print("lowest declared versions in", target + ":", ", ".join(plain + deps))
     return 0
