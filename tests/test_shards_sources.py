@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -9,11 +10,13 @@ import zipfile
 import pytest
 
 from retclip_dist import synth
+from retclip_dist.shards import records as records_module
 from retclip_dist.shards.plan import drop_duplicates, plan
 from retclip_dist.shards.records import (
     PatientRecord,
     RejectError,
     ShardInputError,
+    assign_keys,
     normalise_relpath,
     shard_key,
 )
@@ -47,9 +50,12 @@ def test_normalise_relpath_rules():
 
 def test_shard_key_sanitises_only_when_needed():
     assert shard_key("P-001_a") == "P-001_a"
-    assert shard_key("P 001.jpg") == "sanitised-" + hashlib.sha1(b"P 001.jpg").hexdigest()[:8]
+    assert shard_key("P 001.jpg") == "sanitised-" + hashlib.sha256(b"P 001.jpg").hexdigest()[:32]
     assert shard_key("x" * 65).startswith("sanitised-")
     assert shard_key("a/b") != shard_key("a\\b")
+    # A plain id that looks like a hashed key is hashed too, so it cannot take another patient's key.
+    lookalike = shard_key("P 001.jpg")
+    assert shard_key(lookalike) != lookalike and shard_key(lookalike).startswith("sanitised-")
 
 
 def test_csv_manifest_every_row_problem_names_its_line(tmp_path):
@@ -149,13 +155,37 @@ def test_duplicates_keep_first_and_plan_is_order_independent(tmp_path):
     assert [r.patient_id for r in planned_seed4] != [p for _, p in order]
 
 
-def test_sanitised_key_collision_is_a_duplicate():
+def test_ids_whose_old_32_bit_keys_collided_are_both_kept_with_distinct_keys():
+    ids = ["HOSP.0091427", "HOSP.0115518"]
+    # The pair: the former sha1[:8] suffix gave both the same key.
+    assert len({hashlib.sha1(i.encode()).hexdigest()[:8] for i in ids}) == 1
+    records = [
+        PatientRecord(order=n, patient_id=pid, source=f"m.csv:{n + 2}", left="l", right="r", report="x")
+        for n, pid in enumerate(ids)
+    ]
+    planned, dups = plan(records, "train", 0.0, seed=0)
+    assert dups == []
+    assert {r.patient_id: r.key for r in planned} == {i: shard_key(i) for i in ids}
+    assert len({r.key for r in planned}) == 2
+
+
+def test_id_equal_to_another_ids_hashed_key_is_not_a_duplicate():
     odd = PatientRecord(order=0, patient_id="a b", source="m.csv:2", left="l", right="r", report="x")
-    twin = PatientRecord(order=1, patient_id=odd.key, source="m.csv:3", left="l", right="r", report="x")
-    kept, dups = drop_duplicates([twin, odd])
-    assert kept == [odd]
-    assert (dups[0].patient_id, dups[0].reason) == (odd.key, "duplicate_id")
-    assert "already used by id 'a b' at m.csv:2" in dups[0].detail
+    twin = dataclasses.replace(odd, order=1, patient_id=shard_key("a b"), source="m.csv:3")
+    planned, dups = plan([twin, odd], "train", 0.0, seed=0)
+    assert dups == [] and len({r.key for r in planned}) == 2
+
+
+def test_hash_collisions_move_a_key_deterministically(monkeypatch):
+    # Three hex digits (4096 keys) for 300 ids: about 11 collisions; every id must still get its own key,
+    # the same one whatever the input order.
+    monkeypatch.setattr(records_module, "_KEY_HEX", 3)
+    ids = [f"id {i}" for i in range(300)]
+    keys = assign_keys(ids)
+    assert len(set(keys.values())) == 300
+    assert assign_keys(list(reversed(ids))) == keys
+    assert sum(k != shard_key(i) for i, k in keys.items()) > 0  # some keys did move
+    assert all(k.startswith("sanitised-") for k in keys.values())
 
 
 def _archive_bytes() -> dict[str, bytes]:
