@@ -5,12 +5,16 @@ import io
 import json
 import os
 import tarfile
+import unicodedata
 import zipfile
 
+import numpy as np
 import pytest
 
 from retclip_dist import synth
 from retclip_dist.shards import records as records_module
+from retclip_dist.shards.build import BuildOptions, build_shards
+from retclip_dist.shards.images import ImageOptions
 from retclip_dist.shards.plan import drop_duplicates, plan
 from retclip_dist.shards.records import (
     PatientRecord,
@@ -305,3 +309,84 @@ def test_retclip_dir_records_and_rejects(tmp_path):
     assert store.describe(records[1].right) == "train_imgs.tsv:2:right"
     with pytest.raises(ShardInputError, match=r"valid_imgs\.tsv not found"):
         read_retclip(str(tmp_path), "valid")
+
+
+NFC_NAME = unicodedata.normalize("NFC", "Zoë/Müller_é.jpg")
+NFD_NAME = unicodedata.normalize("NFD", NFC_NAME)
+
+
+def _roots_with(tmp_path, members: dict[str, bytes]) -> list[str]:
+    """The same members as a directory, zip, tar and tar.gz root."""
+    directory = tmp_path / "dir"
+    for name, data in members.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+    with zipfile.ZipFile(tmp_path / "i.zip", "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "i.tar").write_bytes(buf.getvalue())
+    (tmp_path / "i.tar.gz").write_bytes(gzip.compress(buf.getvalue()))
+    return [str(directory), *(str(tmp_path / n) for n in ("i.zip", "i.tar", "i.tar.gz"))]
+
+
+@pytest.mark.parametrize(("stored", "asked"), [(NFD_NAME, NFC_NAME), (NFC_NAME, NFD_NAME)])
+def test_names_match_across_unicode_forms_in_every_root(tmp_path, stored, asked):
+    assert stored != asked
+    for url in _roots_with(tmp_path, {stored: b"eye", "plain.jpg": b"p"}):
+        store = open_image_root(url)
+        try:
+            assert store.read(normalise_relpath(asked)) == b"eye", url
+            assert store.read("plain.jpg") == b"p"
+        finally:
+            store.cleanup()
+
+
+def test_two_entries_with_one_unicode_form_are_ambiguous_naming_both(tmp_path):
+    composed = unicodedata.normalize("NFC", "scans/Müller_é.jpg")
+    decomposed = unicode_nfd(composed)
+    for url in _roots_with(tmp_path, {composed: b"composed", decomposed: b"decomposed"}):
+        store = open_image_root(url)
+        try:
+            for asked in (composed, decomposed):
+                with pytest.raises(RejectError) as info:
+                    store.read(asked)
+                assert info.value.reason == "ambiguous_name", url
+                # Both spellings, escaped so that they do not look the same (dirs name the component).
+                for name in (decomposed, composed):
+                    assert ascii(name.split("/")[-1])[1:-1] + "'" in info.value.detail, url
+        finally:
+            store.cleanup()
+
+
+def test_build_keeps_patients_whose_paths_differ_in_unicode_form(tmp_path):
+    left, right = (synth._jpeg(synth.make_patient(np.random.default_rng(i), 64).left) for i in (1, 2))
+    with zipfile.ZipFile(tmp_path / "mac.zip", "w") as zf:
+        zf.writestr(unicode_nfd("Zoë/links.jpg"), left)
+        zf.writestr(unicode_nfd("Zoë/rechts.jpg"), right)
+        zf.writestr("Chloé/l.jpg", left)  # written in NFC, asked for in NFD below
+        zf.writestr("Chloé/r.jpg", right)
+    rows = [
+        HEADER,
+        f"p1,{unicodedata.normalize('NFC', 'Zoë/links.jpg')},{unicodedata.normalize('NFC', 'Zoë/rechts.jpg')},r",
+        f"p2,{unicode_nfd('Chloé/l.jpg')},{unicode_nfd('Chloé/r.jpg')},r",
+    ]
+    manifest = write(tmp_path / "m.csv", "\n".join(rows) + "\n")
+    opts = BuildOptions(
+        out=str(tmp_path / "s"),
+        manifest=manifest,
+        images=str(tmp_path / "mac.zip"),
+        image=ImageOptions(size=32, min_side=32),
+        progress=False,
+    )
+    result = build_shards(opts)
+    assert result.kept == 2 and sum(result.rejected.values()) == 0
+
+
+def unicode_nfd(text: str) -> str:
+    return unicodedata.normalize("NFD", text)

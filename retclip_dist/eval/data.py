@@ -120,7 +120,7 @@ class ShardSetStore(ImageStore):
         self.members: dict[str, TarStore] = {}
         for shard in read_manifest(location).shards:
             store = TarStore(shard.url)
-            for name in store.index:
+            for name in store.index.names():
                 if name.endswith((".left.jpg", ".right.jpg")):
                     self.members[name] = store
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -132,6 +133,12 @@ def assign_keys(ids: Iterable[str]) -> dict[str, str]:
 def valid_split(name: str) -> bool:
     """Split names become part of shard file names, so only plain words are allowed."""
     return bool(_SPLIT_OK.fullmatch(name))
+
+
+def unicode_form(name: str) -> str:
+    """The form names are compared in: NFC, so a manifest in NFC finds a member macOS wrote in NFD (and the
+    reverse). Compatibility forms (NFKC) are not folded: they would merge genuinely different characters."""
+    return unicodedata.normalize("NFC", name)
 
 
 def normalise_relpath(path: str) -> str:
