@@ -44,9 +44,12 @@ REJECTED = [
 ]
 
 
-def _jpeg(size: int, seed: int) -> bytes:
+def _jpeg(size: int, seed: int, description: str = "") -> bytes:
+    """A noisy JPEG whose EXIF ImageDescription holds ``description`` (cameras write names there)."""
+    exif = Image.Exif()
+    exif[0x010E] = description
     buf = io.BytesIO()
-    Image.effect_noise((size, size), 40 + seed).convert("RGB").save(buf, "JPEG")
+    Image.effect_noise((size, size), 40 + seed).convert("RGB").save(buf, "JPEG", exif=exif.tobytes())
     return buf.getvalue()
 
 
@@ -56,9 +59,9 @@ def cohort(tmp_path):
     raw = tmp_path / "Klinikum_Nord_export"
     raw.mkdir()
     members = {}
-    for i, (_, right, left) in enumerate(PATIENTS + REJECTED):
-        members[right] = _jpeg(80, i)
-        members[left] = _jpeg(80, i + 50)
+    for i, (pid, right, left) in enumerate(PATIENTS + REJECTED):
+        members[right] = _jpeg(80, i, pid)
+        members[left] = _jpeg(80, i + 50, pid)
     del members["Nowak^Jan/missing_right.jpg"]
     members["Kim^Min/tiny_right.jpg"] = _jpeg(20, 1)
     images = raw / "fundus_Klinikum_Nord.zip"
