@@ -15,6 +15,7 @@ from PIL import Image
 from retclip_dist.shards import cli
 from retclip_dist.shards.journal import Journal
 from retclip_dist.shards.pseudonym import Pseudonymiser
+from retclip_dist.shards.verify import _check_sample
 
 SMALL = ["--image-size", "64", "--min-side", "48", "--no-progress"]
 KEY = b"0123456789abcdef0123456789abcdef"
@@ -223,3 +224,19 @@ def test_bad_key_file_is_one_line_exit_2(cohort, tmp_path, capsys, content, mess
     err = capsys.readouterr().err
     assert message in err and str(keyfile) in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_flags_pseudonymised_samples_with_ids_or_paths():
+    alias = Pseudonymiser(KEY).pseudonym("HOSP.0091427")
+    jpeg = _jpeg(8, 0)
+
+    def sample(meta):
+        members = {"json": json.dumps(meta).encode(), "left.jpg": jpeg, "right.jpg": jpeg, "report.txt": b"r"}
+        return _check_sample(alias, members, pseudonymised=True)
+
+    assert sample({"patient_id": alias, "split": "train", "orig_size": {}}) == []
+    leaky = sample({"patient_id": "HOSP.0091427", "split": "train", "source": {"left": "a.jpg"}})
+    assert [p.split(": ", 1)[1] for p in leaky] == [
+        "set is pseudonymised but patient_id is not this key's pseudonym",
+        "set is pseudonymised but json carries source paths",
+    ]
