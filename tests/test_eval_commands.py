@@ -146,9 +146,38 @@ def test_cli_runs_and_reports_bad_rows(setup, capsys, tmp_path):
     broken = tmp_path / "broken.csv"
     broken.write_text(table.read_text().replace("p00003_left.jpg", "missing.jpg"))
     code = main(["linear-probe", *args, "--data.table", str(broken), "--out_dir", str(tmp_path / "cli2")])
-    assert code == 1
+    assert code == 2
     assert "broken.csv:8: image 'missing.jpg'" in capsys.readouterr().err
     assert main(["nonsense"]) == 2
+
+
+def test_cli_drops_and_reports_missing_labels_or_refuses_them(setup, capsys, tmp_path):
+    root, table = setup
+    lines = table.read_text().splitlines()
+    column = lines[0].split(",").index("drusen")
+    for n, marker in ((5, "NaN"), (9, "nan"), (14, "")):  # table lines 6, 10, 15
+        cells = lines[n].split(",")
+        cells[column] = marker
+        lines[n] = ",".join(cells)
+    gappy = tmp_path / "gappy.csv"
+    gappy.write_text("\n".join(lines) + "\n")
+    args = ["--model", str(root / "model"), "--data.images", str(root / "data" / "images")]
+    args += ["--data.label_column", "drusen", "--data.table", str(gappy)]
+    assert main(["linear-probe", *args, "--out_dir", str(tmp_path / "gappy")]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "3 rows of " in printed
+        and "have no label and were left out (first: gappy.csv:6, gappy.csv:10" in printed
+    )
+    result = json.loads((tmp_path / "gappy" / "metrics.json").read_text())
+    assert result["missing_labels"] == {"dropped": 3, "rows": ["gappy.csv:6", "gappy.csv:10", "gappy.csv:15"]}
+    assert result["metrics"]["classes"] == ["0", "1"]
+    assert main(["linear-probe", *args, "--out_dir", str(tmp_path / "strict"), "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "retclip-eval linear-probe: error: gappy.csv:6: no label in column 'drusen' ('NaN'); "
+        "data.strict refuses rows without a label"
+    )
 
 
 def test_help_exits_zero_and_unknown_subcommand_exits_two(capsys):

@@ -152,3 +152,73 @@ def test_multilabel_constant_column_is_refused(tmp_path, images):
     with pytest.raises(LabelError, match="label column 'amd' is 0 on every row"):
         lset.check_both_outcomes("all")
     assert np.array_equal(lset.labels(), [[1, 0], [0, 0]])
+
+
+# One image per row; the label cells hold every spelling of "no label" next to a binary 0/1 label.
+_MISSING_CELLS = ["NaN", "nan", "", "   ", "NA", "null", "N/A", "None"]
+
+
+def _binary_rows() -> list[tuple[str, str]]:
+    labelled = [(f"img{i}.jpg", str(i % 2)) for i in range(6)]
+    return labelled + [(f"gap{i}.jpg", cell) for i, cell in enumerate(_MISSING_CELLS)]
+
+
+def _csv_table(path, rows):
+    lines = ["image,label"] + [f"{image},{cell}" for image, cell in rows]
+    return _write(path, "\n".join(lines) + "\n")
+
+
+def test_missing_labels_are_dropped_and_counted_never_classes(tmp_path, images):
+    table = _csv_table(tmp_path / "t.csv", _binary_rows())
+    lset = read_labelled(DataConfig(table=str(table), images=str(images)))
+    assert lset.classes == ("0", "1")
+    assert lset.labels().tolist() == [0, 1, 0, 1, 0, 1]
+    assert [r.image for r in lset.rows] == [f"img{i}.jpg" for i in range(6)]
+    assert lset.missing_labels() == {"dropped": 8, "rows": [f"t.csv:{n}" for n in range(8, 16)]}
+
+
+def test_strict_refuses_a_missing_label_naming_file_and_row(tmp_path, images):
+    table = _csv_table(tmp_path / "t.csv", _binary_rows())
+    with pytest.raises(LabelError, match=r"^t\.csv:8: no label in column 'label' \('NaN'\); data\.strict"):
+        read_labelled(DataConfig(table=str(table), images=str(images), strict=True))
+
+
+def test_a_missing_marker_named_in_classes_is_a_class(tmp_path, images):
+    table = _write(tmp_path / "t.csv", "image,label\na.jpg,NA\nb.jpg,dr\nc.jpg,\n")
+    lset = read_labelled(DataConfig(table=str(table), images=str(images), classes=["dr", "NA"]))
+    assert lset.labels().tolist() == [1, 0] and lset.missing_labels()["dropped"] == 1
+
+
+def test_class_order_is_sorted_and_identical_for_shuffled_rows(tmp_path, images):
+    labels = ["10", "2", "mild", "1.5", "NaN", "inf", "2", "", "mild", "nan"]
+    rows = [(f"x{i}.jpg", cell) for i, cell in enumerate(labels)]
+    orders = []
+    for seed in range(4):
+        shuffled = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+        table = _csv_table(tmp_path / f"t{seed}.csv", shuffled)
+        lset = read_labelled(DataConfig(table=str(table), images=str(images)))
+        orders.append(lset.classes)
+        assert lset.missing_labels()["dropped"] == 3
+    assert orders == [("1.5", "2", "10", "inf", "mild")] * 4
+    # Before, "nan" counted as a number and made the sort key partial, so the order followed set
+    # iteration (string-hash seed); the key is total now, and the order is fixed above.
+    assert sorted(orders[0], key=str) == sorted(set(labels) - {"NaN", "nan", ""})
+
+
+def test_multilabel_missing_values_are_dropped_or_refused(tmp_path, images):
+    rows = [
+        {"image": "a.jpg", "dr": 1, "amd": 0},
+        {"image": "b.jpg", "dr": None, "amd": 1},
+        {"image": "c.jpg", "dr": 0, "amd": float("nan")},
+        {"image": "d.jpg", "dr": 0, "amd": 1},
+        {"image": "e.jpg", "dr": "", "amd": 0},
+    ]
+    table = _write(tmp_path / "t.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = DataConfig(table=str(table), images=str(images), label_columns=["dr", "amd"])
+    lset = read_labelled(cfg)
+    assert lset.labels().tolist() == [[1, 0], [0, 1]]
+    assert lset.missing_labels() == {"dropped": 3, "rows": ["t.jsonl:2", "t.jsonl:3", "t.jsonl:5"]}
+    with pytest.raises(LabelError, match=r"^t\.jsonl:2: no label in column 'dr' \(''\)"):
+        read_labelled(
+            DataConfig(table=str(table), images=str(images), label_columns=["dr", "amd"], strict=True)
+        )

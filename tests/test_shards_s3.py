@@ -6,11 +6,15 @@ import os
 import socket
 import subprocess
 import sys
+import unicodedata
 
+import fsspec
 import pytest
 
 from retclip_dist import synth
 from retclip_dist.shards import cli
+from retclip_dist.shards.records import RejectError
+from retclip_dist.shards.roots import DirStore
 
 pytestmark = pytest.mark.slow
 
@@ -97,3 +101,27 @@ def test_build_and_verify_from_and_to_s3(s3, tmp_path):
     s3.delete_object(Bucket="shard-sets", Key="v1/train-000001.tar")
     broken = run_cli("verify", "s3://shard-sets/v1")
     assert broken.returncode == 1 and "PROBLEM train-000001.tar: missing" in broken.stdout
+
+
+def test_s3_image_root_matches_unicode_forms(s3, monkeypatch):
+    # In-process: hand fsspec the endpoint the way FSSPEC_S3_* would have at import.
+    monkeypatch.setitem(
+        fsspec.config.conf,
+        "s3",
+        {"endpoint_url": os.environ["FSSPEC_S3_ENDPOINT_URL"], "key": "testing", "secret": "testing"},
+    )
+    nfc = unicodedata.normalize("NFC", "Zoë_links.jpg")
+    nfd = unicodedata.normalize("NFD", nfc)
+    s3.put_object(Bucket="raw-data", Key=f"mac/eyes/{nfd}", Body=b"left eye")
+    # Two stored spellings of one name (decomposed, and half composed), asked for in a third (NFC): S3
+    # takes an exact name first, so only a name matching none of them exactly can be ambiguous there.
+    s3.put_object(Bucket="raw-data", Key="mac/twice/e\u0323\u0302.jpg", Body=b"one")
+    s3.put_object(Bucket="raw-data", Key="mac/twice/\u00ea\u0323.jpg", Body=b"two")
+    store = DirStore("s3://raw-data/mac")
+    assert store.read(f"eyes/{nfc}") == b"left eye"
+    with pytest.raises(RejectError) as info:
+        store.read("twice/\u1ec7.jpg")
+    assert info.value.reason == "ambiguous_name"
+    with pytest.raises(RejectError) as info:
+        store.read("eyes/none.jpg")
+    assert info.value.reason == "missing_file"

@@ -1,19 +1,26 @@
+import dataclasses
 import gzip
 import hashlib
 import io
 import json
 import os
 import tarfile
+import unicodedata
 import zipfile
 
+import numpy as np
 import pytest
 
 from retclip_dist import synth
+from retclip_dist.shards import records as records_module
+from retclip_dist.shards.build import BuildOptions, build_shards
+from retclip_dist.shards.images import ImageOptions
 from retclip_dist.shards.plan import drop_duplicates, plan
 from retclip_dist.shards.records import (
     PatientRecord,
     RejectError,
     ShardInputError,
+    assign_keys,
     normalise_relpath,
     shard_key,
 )
@@ -47,9 +54,12 @@ def test_normalise_relpath_rules():
 
 def test_shard_key_sanitises_only_when_needed():
     assert shard_key("P-001_a") == "P-001_a"
-    assert shard_key("P 001.jpg") == "sanitised-" + hashlib.sha1(b"P 001.jpg").hexdigest()[:8]
+    assert shard_key("P 001.jpg") == "sanitised-" + hashlib.sha256(b"P 001.jpg").hexdigest()[:32]
     assert shard_key("x" * 65).startswith("sanitised-")
     assert shard_key("a/b") != shard_key("a\\b")
+    # A plain id that looks like a hashed key is hashed too, so it cannot take another patient's key.
+    lookalike = shard_key("P 001.jpg")
+    assert shard_key(lookalike) != lookalike and shard_key(lookalike).startswith("sanitised-")
 
 
 def test_csv_manifest_every_row_problem_names_its_line(tmp_path):
@@ -149,13 +159,37 @@ def test_duplicates_keep_first_and_plan_is_order_independent(tmp_path):
     assert [r.patient_id for r in planned_seed4] != [p for _, p in order]
 
 
-def test_sanitised_key_collision_is_a_duplicate():
+def test_ids_whose_old_32_bit_keys_collided_are_both_kept_with_distinct_keys():
+    ids = ["HOSP.0091427", "HOSP.0115518"]
+    # The issue's pair: the former sha1[:8] suffix gave both the same key.
+    assert len({hashlib.sha1(i.encode()).hexdigest()[:8] for i in ids}) == 1
+    records = [
+        PatientRecord(order=n, patient_id=pid, source=f"m.csv:{n + 2}", left="l", right="r", report="x")
+        for n, pid in enumerate(ids)
+    ]
+    planned, dups = plan(records, "train", 0.0, seed=0)
+    assert dups == []
+    assert {r.patient_id: r.key for r in planned} == {i: shard_key(i) for i in ids}
+    assert len({r.key for r in planned}) == 2
+
+
+def test_id_equal_to_another_ids_hashed_key_is_not_a_duplicate():
     odd = PatientRecord(order=0, patient_id="a b", source="m.csv:2", left="l", right="r", report="x")
-    twin = PatientRecord(order=1, patient_id=odd.key, source="m.csv:3", left="l", right="r", report="x")
-    kept, dups = drop_duplicates([twin, odd])
-    assert kept == [odd]
-    assert (dups[0].patient_id, dups[0].reason) == (odd.key, "duplicate_id")
-    assert "already used by id 'a b' at m.csv:2" in dups[0].detail
+    twin = dataclasses.replace(odd, order=1, patient_id=shard_key("a b"), source="m.csv:3")
+    planned, dups = plan([twin, odd], "train", 0.0, seed=0)
+    assert dups == [] and len({r.key for r in planned}) == 2
+
+
+def test_hash_collisions_move_a_key_deterministically(monkeypatch):
+    # Three hex digits (4096 keys) for 300 ids: about 11 collisions; every id must still get its own key,
+    # the same one whatever the input order.
+    monkeypatch.setattr(records_module, "_KEY_HEX", 3)
+    ids = [f"id {i}" for i in range(300)]
+    keys = assign_keys(ids)
+    assert len(set(keys.values())) == 300
+    assert assign_keys(list(reversed(ids))) == keys
+    assert sum(k != shard_key(i) for i, k in keys.items()) > 0  # some keys did move
+    assert all(k.startswith("sanitised-") for k in keys.values())
 
 
 def _archive_bytes() -> dict[str, bytes]:
@@ -275,3 +309,84 @@ def test_retclip_dir_records_and_rejects(tmp_path):
     assert store.describe(records[1].right) == "train_imgs.tsv:2:right"
     with pytest.raises(ShardInputError, match=r"valid_imgs\.tsv not found"):
         read_retclip(str(tmp_path), "valid")
+
+
+NFC_NAME = unicodedata.normalize("NFC", "Zoë/Müller_é.jpg")
+NFD_NAME = unicodedata.normalize("NFD", NFC_NAME)
+
+
+def _roots_with(tmp_path, members: dict[str, bytes]) -> list[str]:
+    """The same members as a directory, zip, tar and tar.gz root."""
+    directory = tmp_path / "dir"
+    for name, data in members.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+    with zipfile.ZipFile(tmp_path / "i.zip", "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "i.tar").write_bytes(buf.getvalue())
+    (tmp_path / "i.tar.gz").write_bytes(gzip.compress(buf.getvalue()))
+    return [str(directory), *(str(tmp_path / n) for n in ("i.zip", "i.tar", "i.tar.gz"))]
+
+
+@pytest.mark.parametrize(("stored", "asked"), [(NFD_NAME, NFC_NAME), (NFC_NAME, NFD_NAME)])
+def test_names_match_across_unicode_forms_in_every_root(tmp_path, stored, asked):
+    assert stored != asked
+    for url in _roots_with(tmp_path, {stored: b"eye", "plain.jpg": b"p"}):
+        store = open_image_root(url)
+        try:
+            assert store.read(normalise_relpath(asked)) == b"eye", url
+            assert store.read("plain.jpg") == b"p"
+        finally:
+            store.cleanup()
+
+
+def test_two_entries_with_one_unicode_form_are_ambiguous_naming_both(tmp_path):
+    composed = unicodedata.normalize("NFC", "scans/Müller_é.jpg")
+    decomposed = unicode_nfd(composed)
+    for url in _roots_with(tmp_path, {composed: b"composed", decomposed: b"decomposed"}):
+        store = open_image_root(url)
+        try:
+            for asked in (composed, decomposed):
+                with pytest.raises(RejectError) as info:
+                    store.read(asked)
+                assert info.value.reason == "ambiguous_name", url
+                # Both spellings, escaped so that they do not look the same (dirs name the component).
+                for name in (decomposed, composed):
+                    assert ascii(name.split("/")[-1])[1:-1] + "'" in info.value.detail, url
+        finally:
+            store.cleanup()
+
+
+def test_build_keeps_patients_whose_paths_differ_in_unicode_form(tmp_path):
+    left, right = (synth._jpeg(synth.make_patient(np.random.default_rng(i), 64).left) for i in (1, 2))
+    with zipfile.ZipFile(tmp_path / "mac.zip", "w") as zf:
+        zf.writestr(unicode_nfd("Zoë/links.jpg"), left)
+        zf.writestr(unicode_nfd("Zoë/rechts.jpg"), right)
+        zf.writestr("Chloé/l.jpg", left)  # written in NFC, asked for in NFD below
+        zf.writestr("Chloé/r.jpg", right)
+    rows = [
+        HEADER,
+        f"p1,{unicodedata.normalize('NFC', 'Zoë/links.jpg')},{unicodedata.normalize('NFC', 'Zoë/rechts.jpg')},r",
+        f"p2,{unicode_nfd('Chloé/l.jpg')},{unicode_nfd('Chloé/r.jpg')},r",
+    ]
+    manifest = write(tmp_path / "m.csv", "\n".join(rows) + "\n")
+    opts = BuildOptions(
+        out=str(tmp_path / "s"),
+        manifest=manifest,
+        images=str(tmp_path / "mac.zip"),
+        image=ImageOptions(size=32, min_side=32),
+        progress=False,
+    )
+    result = build_shards(opts)
+    assert result.kept == 2 and sum(result.rejected.values()) == 0
+
+
+def unicode_nfd(text: str) -> str:
+    return unicodedata.normalize("NFD", text)

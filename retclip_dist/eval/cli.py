@@ -5,7 +5,8 @@
     retclip-eval convert-release epoch_latest.pt --vocab vocab.txt --out converted/
 
 Every evaluation subcommand takes the same options: an optional YAML preset (``--config``) and
-``--section.key value`` overrides of retclip_dist.eval.config.EvalConfig.
+``--section.key value`` overrides of retclip_dist.eval.config.EvalConfig. Exit codes: 0 success; 2 bad
+input, config or labels (one line on stderr naming the file and row).
 """
 
 from __future__ import annotations
@@ -56,16 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"retclip-eval {argv[0]}")
     parser.add_argument("--config", help="YAML preset of EvalConfig")
     parser.add_argument("--print-config", action="store_true", help="print the final config and exit")
+    parser.add_argument(
+        "--strict", action="store_true", help="refuse rows without a label (same as --data.strict true)"
+    )
     args, overrides = parser.parse_known_args(argv[1:])
     try:
         cfg = load_config(EvalConfig, args.config, overrides)
+        cfg.data.strict = cfg.data.strict or args.strict
         if args.print_config:
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
         result = COMMANDS[argv[0]](cfg)
     except (ConfigError, LabelError, ValueError, FileNotFoundError) as exc:
         print(f"retclip-eval {argv[0]}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     print(markdown_table(result) if "metrics" in result else json.dumps(result, indent=2))
     return 0
 

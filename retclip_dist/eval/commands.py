@@ -45,7 +45,7 @@ def _splits(lset: LabelledSet, cfg: EvalConfig) -> tuple[LabelledSet, LabelledSe
 
 
 def _result(
-    method: str, cfg: EvalConfig, split: str | None, heads: list[str], metrics: dict
+    method: str, cfg: EvalConfig, lset: LabelledSet, split: str | None, heads: list[str], metrics: dict
 ) -> dict[str, Any]:
     return {
         "method": method,
@@ -53,6 +53,7 @@ def _result(
         "table": cfg.data.table,
         "split": split or "all",
         "features_from": describe(heads),
+        "missing_labels": lset.missing_labels(),
         "metrics": metrics,
     }
 
@@ -80,7 +81,13 @@ def run_features(cfg: EvalConfig) -> dict[str, Any]:
     }
     path = save_features(f"{cfg.out_dir}/{cfg.features.output}", arrays, [r.id for r in lset.rows], metadata)
     log.info("wrote %s (%d rows, features from %s)", path, len(lset), describe(heads))
-    return {"method": "features", "path": str(path), "rows": len(lset), "features_from": describe(heads)}
+    return {
+        "method": "features",
+        "path": str(path),
+        "rows": len(lset),
+        "features_from": describe(heads),
+        "missing_labels": lset.missing_labels(),
+    }
 
 
 def run_zero_shot(cfg: EvalConfig) -> dict[str, Any]:
@@ -103,6 +110,7 @@ def run_zero_shot(cfg: EvalConfig) -> dict[str, Any]:
     result = _result(
         "zero-shot",
         cfg,
+        lset,
         cfg.data.eval_split,
         heads,
         compute_metrics(labels, probs, list(lset.classes), False),
@@ -130,6 +138,7 @@ def run_linear_probe(cfg: EvalConfig) -> dict[str, Any]:
     result = _result(
         "linear-probe",
         cfg,
+        lset,
         cfg.data.test_split,
         heads,
         compute_metrics(labels, probs, classes, lset.multilabel),
@@ -163,7 +172,12 @@ def run_finetune(cfg: EvalConfig) -> dict[str, Any]:
     labels = test.labels()
     heads = ["tower"] * len(lset)
     result = _result(
-        "finetune", cfg, cfg.data.test_split, heads, compute_metrics(labels, probs, classes, lset.multilabel)
+        "finetune",
+        cfg,
+        lset,
+        cfg.data.test_split,
+        heads,
+        compute_metrics(labels, probs, classes, lset.multilabel),
     )
     result["finetune"] = {
         "epochs_run": progress.epoch,

@@ -31,6 +31,9 @@ class DataConfig:
     val_split: str = "val"  # split hyper-parameters and early stopping are chosen on
     test_split: str = "test"  # split the reported metrics come from
     eval_split: str | None = None  # features/zero-shot: only this split; None = every row
+    strict: bool = (
+        False  # refuse a row without a label (NaN, NA, empty...) instead of dropping and counting it
+    )
 
 
 @dataclass

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,14 @@ from retclip_dist.shards.roots import ImageStore, TarStore, open_image_root
 _LATERALITY = {"left": "left", "l": "left", "os": "left", "right": "right", "r": "right", "od": "right"}
 _TRUE = {"1", "1.0", "true", "yes"}
 _FALSE = {"0", "0.0", "false", "no"}
+# Cells meaning "no label" (compared lower-cased after stripping): what spreadsheets, pandas (its default
+# NA strings) and JSON (null, NaN) write. Such a row is dropped and counted, or refused with data.strict;
+# it never becomes a class. A marker listed in data.classes is taken as a real class name instead.
+MISSING_LABELS = frozenset({"", "nan", "-nan", "na", "n/a", "#n/a", "<na>", "null", "none"})
+# How many dropped rows a result names (the count is always complete).
+_DROPPED_SHOWN = 20
+
+log = logging.getLogger(__name__)
 
 
 class LabelError(ValueError):
@@ -54,6 +64,11 @@ class LabelledSet:
     multilabel: bool  # one 0/1 column per class instead of one label per row
     table: str  # where the rows were read from
     store: ImageStore  # where the images are read from
+    dropped: tuple[str, ...] = ()  # sources ("labels.csv:12") of rows dropped for a missing label
+
+    def missing_labels(self) -> dict[str, Any]:
+        """What results report about dropped rows: the count (whole table) and the first rows."""
+        return {"dropped": len(self.dropped), "rows": list(self.dropped[:_DROPPED_SHOWN])}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -105,7 +120,7 @@ class ShardSetStore(ImageStore):
         self.members: dict[str, TarStore] = {}
         for shard in read_manifest(location).shards:
             store = TarStore(shard.url)
-            for name in store.index:
+            for name in store.index.names():
                 if name.endswith((".left.jpg", ".right.jpg")):
                     self.members[name] = store
 
@@ -164,15 +179,19 @@ def _binary(source: str, column: str, value: str) -> int:
 
 def _class_order(labels: set[str]) -> list[str]:
     # Numeric labels (DR grades) sort by value so that "10" follows "9" and kappa sees the right order.
+    # The key is a total order (NaN and inf are text here), so the order never depends on set iteration.
     return sorted(labels, key=lambda s: (0, float(s), s) if _is_number(s) else (1, 0.0, s))
 
 
 def _is_number(value: str) -> bool:
     try:
-        float(value)
+        return math.isfinite(float(value))
     except ValueError:
         return False
-    return True
+
+
+def _missing(value: str, classes: list[str]) -> bool:
+    return value.lower() in MISSING_LABELS and value not in classes
 
 
 def _laterality(source: str, value: str, image: str) -> str | None:
@@ -200,13 +219,36 @@ def read_labelled(cfg: DataConfig) -> LabelledSet:
     for column in required:
         if column not in raw[0][1]:
             raise LabelError(f"{cfg.table}: no column {column!r}; columns are {sorted(raw[0][1])}")
+    label_columns = list(cfg.label_columns) if multilabel else [cfg.label_column]
+    kept, dropped = [], []
+    for source, row in raw:
+        gaps = [c for c in label_columns if _missing(_cell(row, c), list(cfg.classes))]
+        if not gaps:
+            kept.append((source, row))
+        elif cfg.strict:
+            raise LabelError(
+                f"{source}: no label in column {gaps[0]!r} ({_cell(row, gaps[0])!r}); "
+                "data.strict refuses rows without a label"
+            )
+        else:
+            dropped.append(source)
+    if dropped:
+        log.warning(
+            "%s: dropped %d of %d rows with a missing label (first %s); data.strict refuses them instead",
+            cfg.table,
+            len(dropped),
+            len(raw),
+            dropped[0],
+        )
+    if not kept:
+        raise LabelError(f"{cfg.table}: every row lacks a label in {label_columns}")
     if multilabel:
         classes = list(cfg.label_columns)
     else:
-        classes = list(cfg.classes) or _class_order({_cell(r, cfg.label_column) for _, r in raw} - {""})
+        classes = list(cfg.classes) or _class_order({_cell(r, cfg.label_column) for _, r in kept})
     index = {name: i for i, name in enumerate(classes)}
     rows, seen_ids = [], {}
-    for source, row in raw:
+    for source, row in kept:
         image = _cell(row, cfg.image_column)
         if not image:
             raise LabelError(f"{source}: column {cfg.image_column!r} is empty")
@@ -231,7 +273,9 @@ def read_labelled(cfg: DataConfig) -> LabelledSet:
                 source=source,
             )
         )
-    return LabelledSet(tuple(rows), tuple(classes), multilabel, cfg.table, open_images(cfg.images))
+    return LabelledSet(
+        tuple(rows), tuple(classes), multilabel, cfg.table, open_images(cfg.images), tuple(dropped)
+    )
 
 
 def load_images(lset: LabelledSet, size: int) -> torch.Tensor:

@@ -37,6 +37,13 @@ def markdown_table(result: dict[str, Any]) -> str:
     )
     lines.append("")
     lines.append(", ".join(f"{k} {_cell(v)}" for k, v in overall.items()))
+    missing = result.get("missing_labels", {})
+    if missing.get("dropped"):
+        lines.append("")
+        lines.append(
+            f"{missing['dropped']} rows of {result['table']} have no label and were left out "
+            f"(first: {', '.join(missing['rows'][:3])}); --strict refuses such rows instead"
+        )
     return "\n".join(lines) + "\n"
 
 

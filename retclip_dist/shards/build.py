@@ -14,7 +14,7 @@ import logging
 import multiprocessing
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from retclip_dist.shards.images import ImageOptions, process_image
 from retclip_dist.shards.journal import JOURNAL_NAME, Journal, Progress
 from retclip_dist.shards.plan import plan
+from retclip_dist.shards.pseudonym import Pseudonymiser
 from retclip_dist.shards.records import (
     PatientRecord,
     Reject,
@@ -42,6 +43,8 @@ MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 # Options that cannot change the output bytes; kept out of manifest.json and the resume fingerprint.
 _RUNTIME_ONLY = ("out", "workers", "progress")
+# Input locations; under --pseudonymise manifest.json holds only keyed digests of them.
+_INPUT_PATHS = ("manifest", "images", "retclip_dir")
 
 
 @dataclass
@@ -61,6 +64,7 @@ class BuildOptions:
     workers: int = 1  # image-processing processes
     strict: bool = False  # any reject is an error: stop, write no manifest
     progress: bool = True  # show a tqdm progress bar on stderr
+    pseudonymise: str | None = None  # key file of the data owner: ids become keyed hashes, paths left out
 
     def validate(self) -> None:
         if (self.retclip_dir is None) == (self.manifest is None):
@@ -81,9 +85,19 @@ class BuildOptions:
             if not ok:
                 raise ShardInputError(message)
 
-    def recorded(self) -> dict[str, Any]:
-        """The options as written into manifest.json (those that shape the output)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_ONLY}
+    def recorded(self, pseudonymiser: Pseudonymiser | None = None) -> dict[str, Any]:
+        """The options as written into manifest.json (those that shape the output).
+
+        Pseudonymised, input paths become keyed digests (a rerun with other inputs or another key is
+        still told apart) and the key file's location is only ``true``.
+        """
+        recorded = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_ONLY}
+        if pseudonymiser is not None:
+            for name in _INPUT_PATHS:
+                if recorded[name] is not None:
+                    recorded[name] = pseudonymiser.option_digest(recorded[name])
+            recorded["pseudonymise"] = True
+        return recorded
 
 
 @dataclass
@@ -130,12 +144,10 @@ def process_record(store: ImageStore, opts: ImageOptions, rec: PatientRecord) ->
     for eye, text in (("left", rec.left_report), ("right", rec.right_report)):
         if text is not None:
             members[f"{eye}.txt"] = text.encode("utf-8")
-    meta = {
-        "patient_id": rec.patient_id,
-        "split": rec.split,
-        "source": {"left": store.describe(rec.left), "right": store.describe(rec.right)},
-        "orig_size": sizes,
-    }
+    meta: dict[str, Any] = {"patient_id": rec.published_id, "split": rec.split, "orig_size": sizes}
+    if rec.pseudonym is None:
+        # Image paths often hold names, dates or record numbers, so a pseudonymised sample has none.
+        meta["source"] = {"left": store.describe(rec.left), "right": store.describe(rec.right)}
     members["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return Sample(str(rec.split), rec.key, members)
 
@@ -188,8 +200,16 @@ class _Packer:
     """Feeds processed patients to the ShardWriter and journals every published shard together with
     the planned position and the rejects it covers, so a resumed run skips exactly that much."""
 
-    def __init__(self, out: OutputDir, opts: BuildOptions, journal: Journal, done: Progress) -> None:
+    def __init__(
+        self,
+        out: OutputDir,
+        opts: BuildOptions,
+        journal: Journal,
+        done: Progress,
+        scrub: Callable[[Reject], Reject],
+    ) -> None:
         self.journal = journal
+        self.scrub = scrub  # what a reject looks like once written under --out
         self.shards = list(done.shards)
         self.rejects = list(done.rejects)
         self.pending: list[Reject] = []
@@ -206,7 +226,7 @@ class _Packer:
 
     def consume(self, result: Sample | Reject) -> None:
         if isinstance(result, Reject):
-            self.pending.append(result)
+            self.pending.append(self.scrub(result))
         else:
             self.writer.add(result.split, result.key, result.members)
         self.position += 1
@@ -235,10 +255,10 @@ def _process_all(
     packer.finish()
 
 
-def _already_built(out: OutputDir, opts: BuildOptions, start: float) -> BuildResult:
+def _already_built(out: OutputDir, opts: BuildOptions, recorded: dict[str, Any], start: float) -> BuildResult:
     """A finished set built with the same options is left alone, so rerunning a command is harmless."""
     manifest = json.loads(out.read_text(MANIFEST_NAME))
-    if manifest.get("options") != opts.recorded():
+    if manifest.get("options") != recorded:
         raise ShardInputError(
             f"{opts.out} already holds a shard set built with other options; delete it or choose another --out"
         )
@@ -260,28 +280,36 @@ def build_shards(opts: BuildOptions) -> BuildResult:
     """
     opts.validate()
     start = time.perf_counter()
+    pseudonymiser = Pseudonymiser.from_keyfile(opts.pseudonymise) if opts.pseudonymise else None
+    recorded = opts.recorded(pseudonymiser)
     out = OutputDir(opts.out)
     if out.exists(MANIFEST_NAME) and not out.exists(JOURNAL_NAME):
-        return _already_built(out, opts, start)
+        return _already_built(out, opts, recorded, start)
     records, rejects, store = _read_inputs(opts)
+    scrub: Callable[[Reject], Reject] = pseudonymiser.reject if pseudonymiser else (lambda r: r)
     try:
+        if pseudonymiser is not None:
+            records = pseudonymiser.records(records)
         planned, duplicates = plan(records, opts.split, opts.val_fraction, opts.seed)
         early = sorted(rejects + duplicates, key=lambda r: r.order)
         if opts.strict and early:
-            raise _strict_error(early[0])
-        journal = Journal(out, _fingerprint(opts.recorded(), planned))
+            raise _strict_error(early[0])  # stderr stays with the data owner, so it names the row fully
+        early = [scrub(r) for r in early]
+        journal = Journal(out, _fingerprint(recorded, planned))
         done = journal.load()
         if done.consumed:
             log.info("resuming: %d shards and %d patients already done", len(done.shards), done.consumed)
         for name in out.names():
             if name.endswith(".tmp"):
                 out.remove(name)
-        packer = _Packer(out, opts, journal, done)
+        packer = _Packer(out, opts, journal, done, scrub)
         todo = planned[done.consumed :]
         _process_all(packer, store, opts, todo, len(planned))
         all_rejects = early + packer.rejects
         out.write_text(REJECTS_NAME, rejects_jsonl(all_rejects))
-        out.write_text(MANIFEST_NAME, manifest_json(opts.recorded(), packer.shards, all_rejects))
+        out.write_text(
+            MANIFEST_NAME, manifest_json(recorded, packer.shards, all_rejects, pseudonymiser is not None)
+        )
         journal.remove()
     finally:
         store.cleanup()

@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=d.workers, help="image-processing processes")
     b.add_argument("--strict", action="store_true", help="any reject is an error (exit 1, no manifest)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument(
+        "--pseudonymise",
+        metavar="KEYFILE",
+        help="replace patient ids by HMAC-SHA256 pseudonyms keyed by this secret file (keep it in the "
+        "hospital) and leave image paths out, so the output directory may leave the hospital",
+    )
     v = sub.add_parser("verify", help="check a shard set against its manifest.json")
     v.add_argument("directory", help="shard-set directory (local or s3://)")
     return parser
@@ -80,6 +86,7 @@ def _options(args: argparse.Namespace) -> BuildOptions:
         workers=args.workers,
         strict=args.strict,
         progress=not args.no_progress,
+        pseudonymise=args.pseudonymise,
     )
 
 
@@ -103,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             result = verify_shards(args.directory)
             for problem in result.problems:
                 print(f"PROBLEM {problem}")
+            print(
+                "pseudonymised: yes (patient ids are keyed hashes, no source paths)"
+                if result.pseudonymised
+                else "pseudonymised: no (samples carry patient ids and source paths)"
+            )
             print(
                 f"{result.shards} shards, {result.samples} samples checked: {'OK' if result.ok else 'FAILED'}"
             )

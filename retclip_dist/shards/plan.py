@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
-from retclip_dist.shards.records import PatientRecord, Reject
+from retclip_dist.shards.records import PatientRecord, Reject, assign_keys
 
 
 def hash_unit(*parts: object) -> float:
@@ -19,22 +19,16 @@ def hash_unit(*parts: object) -> float:
 
 
 def drop_duplicates(records: list[PatientRecord]) -> tuple[list[PatientRecord], list[Reject]]:
-    """Keep the first row of each patient id (and of each shard key, which sanitising could make collide)."""
-    by_id: dict[str, str] = {}
-    by_key: dict[str, PatientRecord] = {}
+    """Keep the first row of each patient id; distinct ids are never merged (assign_keys keeps keys apart)."""
+    first_at: dict[str, str] = {}
     kept, rejects = [], []
     for rec in sorted(records, key=lambda r: r.order):
-        if rec.patient_id in by_id:
-            detail = f"patient id already used at {by_id[rec.patient_id]}"
-        elif rec.key in by_key:
-            first = by_key[rec.key]
-            detail = f"shard key {rec.key} already used by id {first.patient_id!r} at {first.source}"
-        else:
-            by_id[rec.patient_id] = rec.source
-            by_key[rec.key] = rec
-            kept.append(rec)
+        if rec.patient_id in first_at:
+            detail = f"patient id already used at {first_at[rec.patient_id]}"
+            rejects.append(Reject(rec.order, rec.patient_id, rec.source, "duplicate_id", detail))
             continue
-        rejects.append(Reject(rec.order, rec.patient_id, rec.source, "duplicate_id", detail))
+        first_at[rec.patient_id] = rec.source
+        kept.append(rec)
     return kept, rejects
 
 
@@ -44,14 +38,17 @@ def plan(
     """Deduplicated records with a split each, grouped by split (sorted) and shuffled within it.
 
     Training reads shards in order, so the seeded shuffle keeps one day's or one camera's patients from
-    filling one shard. Patients without an explicit split go to ``val`` with probability ``val_fraction``.
+    filling one shard. Patients without an explicit split go to ``val`` with probability ``val_fraction``,
+    decided on the original id even when pseudonymised: a patient stays in the same split with or without
+    --pseudonymise and under any key, so a pseudonymised rebuild cannot move validation patients into train.
     """
     kept, rejects = drop_duplicates(records)
+    keys = assign_keys(rec.published_id for rec in kept)
     assigned = []
     for rec in kept:
         split = rec.split
         if split is None:
             split = "val" if hash_unit("val", seed, rec.patient_id) < val_fraction else default_split
-        assigned.append(dataclasses.replace(rec, split=split))
+        assigned.append(dataclasses.replace(rec, split=split, key=keys[rec.published_id]))
     assigned.sort(key=lambda r: (r.split, hash_unit("order", seed, r.key), r.key))
     return assigned, rejects

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # The only reasons a patient can be rejected for; rejects.jsonl and the summary table use these names.
@@ -13,6 +15,7 @@ REJECT_REASONS: dict[str, str] = {
     "missing_eye": "left or right image is not given",
     "empty_path": "image path is blank or normalises to nothing",
     "missing_file": "image path is not in the image root",
+    "ambiguous_name": "more than one file in the image root has this name after Unicode (NFC) normalisation",
     "unsafe_path": "absolute path, '..', or a symlink leaving the image root",
     "undecodable": "bytes are not an image that can be read",
     "truncated": "image data ends early",
@@ -20,10 +23,15 @@ REJECT_REASONS: dict[str, str] = {
     "too_many_pixels": "width x height is above --max-pixels (read from the header)",
     "blank_report": "report is empty or whitespace",
     "missing_report": "no report exists for the patient",
-    "duplicate_id": "patient id or its shard key was already taken by an earlier row",
+    "duplicate_id": "patient id was already used by an earlier row",
 }
 
 _KEY_OK = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Keys made by hashing start with this; plain ids starting with it are hashed too, so a plain id can never
+# equal another patient's hashed key.
+HASHED_KEY_PREFIX = "sanitised-"
+# 128 bits: a chance collision among a billion ids is about 1e-21, and assign_keys() resolves even that.
+_KEY_HEX = 32
 _SPLIT_OK = re.compile(r"[A-Za-z0-9_]{1,32}")
 
 
@@ -81,25 +89,56 @@ class PatientRecord:
     left_report: str | None = None  # per-eye report where the source has one
     right_report: str | None = None  # per-eye report where the source has one
     split: str | None = None  # explicit split from the input; None lets the planner choose
+    pseudonym: str | None = None  # keyed hash written instead of the id (--pseudonymise), else None
+    key: str = ""  # WebDataset key of the sample, assigned by plan() from published_id
 
     @property
-    def key(self) -> str:
-        return shard_key(self.patient_id)
+    def published_id(self) -> str:
+        """The id that goes into the shards: the pseudonym when there is one."""
+        return self.pseudonym if self.pseudonym is not None else self.patient_id
 
 
-def shard_key(patient_id: str) -> str:
-    """WebDataset key: the id itself when it is short and plain, else ``sanitised-<8 hex of sha1>``.
+def shard_key(patient_id: str, attempt: int = 0) -> str:
+    """WebDataset key: the id itself when it is short and plain, else ``sanitised-<32 hex of sha256>``.
 
     WebDataset splits member names at the first dot and tar headers cap names, so anything else is hashed.
+    ``attempt`` > 0 gives the alternative keys assign_keys() moves to after a hash collision.
     """
-    if _KEY_OK.fullmatch(patient_id):
+    if _KEY_OK.fullmatch(patient_id) and not patient_id.startswith(HASHED_KEY_PREFIX):
         return patient_id
-    return "sanitised-" + hashlib.sha1(patient_id.encode("utf-8")).hexdigest()[:8]
+    material = patient_id if attempt == 0 else f"{attempt}\x00{patient_id}"
+    return HASHED_KEY_PREFIX + hashlib.sha256(material.encode("utf-8")).hexdigest()[:_KEY_HEX]
+
+
+def assign_keys(ids: Iterable[str]) -> dict[str, str]:
+    """A distinct key for every distinct id, never a rejection.
+
+    Ids are taken in sorted order and an id whose key is taken moves to its next ``attempt``, so the result
+    depends only on the set of ids (not on input order, workers or resumes). Plain keys and hashed keys
+    cannot meet (HASHED_KEY_PREFIX), so only a 128-bit hash collision ever moves a key.
+    """
+    owner: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    for pid in sorted(set(ids)):
+        attempt = 0
+        key = shard_key(pid)
+        while key in owner:
+            attempt += 1
+            key = shard_key(pid, attempt)
+        owner[key] = pid
+        keys[pid] = key
+    return keys
 
 
 def valid_split(name: str) -> bool:
     """Split names become part of shard file names, so only plain words are allowed."""
     return bool(_SPLIT_OK.fullmatch(name))
+
+
+def unicode_form(name: str) -> str:
+    """The form names are compared in: NFC, so a manifest in NFC finds a member macOS wrote in NFD (and the
+    reverse). Compatibility forms (NFKC) are not folded: they would merge genuinely different characters."""
+    return unicodedata.normalize("NFC", name)
 
 
 def normalise_relpath(path: str) -> str:

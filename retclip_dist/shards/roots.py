@@ -4,6 +4,11 @@ Stores are built (and indexed) once in the parent process, then pickled to worke
 its own file handles lazily, because zip/tar/S3 handles cannot be shared across processes. Archive
 members are looked up by normalised name in an index and read from memory: nothing is ever extracted
 to disk under a name taken from the archive.
+
+Names are matched in Unicode NFC form (records.unicode_form): macOS writes NFD names into zips and onto
+disk while manifests are usually NFC. When two entries of one directory or archive share a form, a
+reference to that name is rejected as ``ambiguous_name`` naming both, since which one was meant cannot
+be known.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import IO, Any
 import fsspec
 
 from retclip_dist.shards import storage
-from retclip_dist.shards.records import RejectError, ShardInputError, normalise_relpath
+from retclip_dist.shards.records import RejectError, ShardInputError, normalise_relpath, unicode_form
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +52,34 @@ class ImageStore(ABC):
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __getstate__(self) -> dict[str, Any]:
-        # Open handles stay in the process that opened them.
+        # Open handles (and per-process caches, also named _fh*) stay in the process that made them.
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_fh")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+
+def _one_of(candidates: list[str], ref: str, where: str) -> str:
+    """The single entry whose NFC form matches ``ref``, or missing_file / ambiguous_name.
+
+    ``where`` completes "not found ..." (``under DIR`` or ``in ARCHIVE``); names are shown with ascii() so
+    two spellings that look the same read differently in the message.
+    """
+    if not candidates:
+        raise RejectError("missing_file", f"{ref} not found {where}")
+    if len(candidates) > 1:
+        shown = ", ".join(ascii(c) for c in candidates)
+        raise RejectError(
+            "ambiguous_name", f"{ref!a} {where} is any of {shown} (they differ only in Unicode form)"
+        )
+    return candidates[0]
+
+
+def _by_form(names: list[str]) -> dict[str, list[str]]:
+    forms: dict[str, list[str]] = {}
+    for name in sorted(names):
+        forms.setdefault(unicode_form(name), []).append(name)
+    return forms
 
 
 class DirStore(ImageStore):
@@ -65,13 +93,50 @@ class DirStore(ImageStore):
                 raise ShardInputError(f"image root {url}: not a directory, .zip, .tar or .tar.gz")
             self.real_root = os.path.realpath(url)
 
+    def _listing(self, directory: str) -> dict[str, list[str]]:
+        """Entries of a local directory by NFC form, listed once per process."""
+        cache: dict[str, dict[str, list[str]]] = self.__dict__.setdefault("_fh_listings", {})
+        if directory not in cache:
+            try:
+                cache[directory] = _by_form(os.listdir(directory))
+            except OSError:
+                cache[directory] = {}
+        return cache[directory]
+
+    def _local_name(self, ref: str) -> str:
+        """``ref`` as named on disk, each path component matched by its NFC form."""
+        parts: list[str] = []
+        for part in ref.split("/"):
+            entries = self._listing(os.path.join(self.real_root, *parts))
+            parts.append(_one_of(entries.get(unicode_form(part), []), ref, f"under {self.url}"))
+        return "/".join(parts)
+
+    def _read_remote(self, ref: str) -> bytes:
+        # Object stores have no directories to list cheaply level by level: try the name as written,
+        # then the file names under its prefix by NFC form.
+        try:
+            return storage.read_bytes(storage.join(self.url, ref))
+        except FileNotFoundError:
+            pass
+        parent, _, name = ref.rpartition("/")
+        prefix = storage.join(self.url, parent) if parent else self.url
+        cache: dict[str, dict[str, list[str]]] = self.__dict__.setdefault("_fh_listings", {})
+        if prefix not in cache:
+            fs, path = fsspec.core.url_to_fs(prefix)
+            try:
+                cache[prefix] = _by_form([storage.basename(p) for p in fs.ls(path, detail=False)])
+            except FileNotFoundError:
+                cache[prefix] = {}
+        found = _one_of(cache[prefix].get(unicode_form(name), []), ref, f"under {self.url}")
+        try:
+            return storage.read_bytes(storage.join(prefix, found))
+        except FileNotFoundError:
+            raise RejectError("missing_file", f"{ref} not found under {self.url}") from None
+
     def read(self, ref: str) -> bytes:
         if not self.local:
-            try:
-                return storage.read_bytes(storage.join(self.url, ref))
-            except FileNotFoundError:
-                raise RejectError("missing_file", f"{ref} not found under {self.url}") from None
-        real = os.path.realpath(os.path.join(self.real_root, ref))
+            return self._read_remote(ref)
+        real = os.path.realpath(os.path.join(self.real_root, self._local_name(ref)))
         if os.path.commonpath([real, self.real_root]) != self.real_root:
             raise RejectError("unsafe_path", f"{ref} resolves outside {self.url}")
         if not os.path.isfile(real):
@@ -80,17 +145,27 @@ class DirStore(ImageStore):
             return fh.read()
 
 
-def _member_index(names: list[tuple[str, Any]], archive: str) -> dict[str, Any]:
-    """Normalised member name -> locator; unsafe names are dropped so no manifest path can reach them."""
-    index: dict[str, Any] = {}
-    for name, locator in names:
-        try:
-            norm = normalise_relpath(name)
-        except RejectError as exc:
-            log.warning("%s: ignoring member %r (%s)", archive, name, exc.reason)
-            continue
-        index.setdefault(norm, locator)
-    return index
+class MemberIndex:
+    """Archive members by normalised path; unsafe names are dropped so no manifest path can reach them."""
+
+    def __init__(self, names: list[tuple[str, Any]], archive: str) -> None:
+        self.archive = archive
+        self.locators: dict[str, Any] = {}  # normalised path -> where the member's data is
+        for name, locator in names:
+            try:
+                norm = normalise_relpath(name)
+            except RejectError as exc:
+                log.warning("%s: ignoring member %r (%s)", archive, name, exc.reason)
+                continue
+            self.locators.setdefault(norm, locator)
+        self.forms = _by_form(list(self.locators))  # NFC form -> member paths with that form
+
+    def names(self) -> list[str]:
+        return list(self.locators)
+
+    def find(self, ref: str) -> Any:
+        """Locator of ``ref`` (matched by NFC form), or RejectError missing_file / ambiguous_name."""
+        return self.locators[_one_of(self.forms.get(unicode_form(ref), []), ref, f"in {self.archive}")]
 
 
 class ZipStore(ImageStore):
@@ -101,12 +176,10 @@ class ZipStore(ImageStore):
                 members = [(i.filename, i.filename) for i in zf.infolist() if not i.is_dir()]
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise ShardInputError(f"image root {url}: not a readable zip archive ({exc})") from exc
-        self.index = _member_index(members, url)
+        self.index = MemberIndex(members, url)
 
     def read(self, ref: str) -> bytes:
-        name = self.index.get(ref)
-        if name is None:
-            raise RejectError("missing_file", f"{ref} not in {self.url}")
+        name = self.index.find(ref)
         if getattr(self, "_fh_zip", None) is None:
             self._fh_raw = fsspec.open(self.url, "rb").open()
             self._fh_zip = zipfile.ZipFile(self._fh_raw)
@@ -128,12 +201,10 @@ class TarStore(ImageStore):
                 members = [(m.name, (m.offset_data, m.size)) for m in tf if m.isreg()]
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ShardInputError(f"image root {self.shown_as}: not a readable tar archive ({exc})") from exc
-        self.index = _member_index(members, self.shown_as)
+        self.index = MemberIndex(members, self.shown_as)
 
     def read(self, ref: str) -> bytes:
-        loc = self.index.get(ref)
-        if loc is None:
-            raise RejectError("missing_file", f"{ref} not in {self.shown_as}")
+        loc = self.index.find(ref)
         if getattr(self, "_fh", None) is None:
             self._fh: IO[bytes] = fsspec.open(self.url, "rb").open()
         self._fh.seek(loc[0])

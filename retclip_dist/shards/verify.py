@@ -14,7 +14,8 @@ import fsspec
 from PIL import Image
 
 from retclip_dist.shards import storage
-from retclip_dist.shards.writer import FORMAT
+from retclip_dist.shards.pseudonym import PSEUDONYM_PREFIX
+from retclip_dist.shards.writer import FORMAT, PSEUDONYMISED_FIELD
 
 REQUIRED_MEMBERS = frozenset({"json", "left.jpg", "right.jpg", "report.txt"})
 OPTIONAL_MEMBERS = frozenset({"left.txt", "right.txt"})
@@ -27,6 +28,7 @@ class VerifyResult:
     shards: int = 0  # shards listed in the manifest
     samples: int = 0  # samples decoded
     problems: list[str] = field(default_factory=list)  # one line per problem, naming the shard
+    pseudonymised: bool = False  # manifest.json says ids are keyed hashes and paths are left out
 
     @property
     def ok(self) -> bool:
@@ -52,7 +54,19 @@ class _HashingReader:
             pass
 
 
-def _check_sample(key: str, members: dict[str, bytes]) -> list[str]:
+def _check_pseudonymised(key: str, data: bytes) -> list[str]:
+    """A sample of a pseudonymised set: a pseudonym as id and key, and no source paths."""
+    meta = json.loads(data)
+    problems = []
+    pid = meta.get("patient_id")
+    if not isinstance(pid, str) or not pid.startswith(PSEUDONYM_PREFIX) or pid != key:
+        problems.append(f"sample {key}: set is pseudonymised but patient_id is not this key's pseudonym")
+    if "source" in meta:
+        problems.append(f"sample {key}: set is pseudonymised but json carries source paths")
+    return problems
+
+
+def _check_sample(key: str, members: dict[str, bytes], pseudonymised: bool) -> list[str]:
     problems = []
     names = set(members)
     if REQUIRED_MEMBERS - names:
@@ -68,6 +82,8 @@ def _check_sample(key: str, members: dict[str, bytes]) -> list[str]:
                         problems.append(f"sample {key}: {name} is {img.mode}, not RGB")
             elif name == "json":
                 json.loads(data)
+                if pseudonymised:
+                    problems += _check_pseudonymised(key, data)
             else:
                 data.decode("utf-8")
         except Exception as exc:
@@ -76,7 +92,7 @@ def _check_sample(key: str, members: dict[str, bytes]) -> list[str]:
     return problems
 
 
-def _check_shard(url: str, entry: dict[str, Any]) -> tuple[int, list[str]]:
+def _check_shard(url: str, entry: dict[str, Any], pseudonymised: bool) -> tuple[int, list[str]]:
     name = entry["name"]
     if not storage.exists(url):
         return 0, [f"{name}: missing"]
@@ -103,7 +119,7 @@ def _check_shard(url: str, entry: dict[str, Any]) -> tuple[int, list[str]]:
     if len(samples) != entry["count"]:
         problems.append(f"{name}: {len(samples)} samples, manifest says {entry['count']}")
     for key, members in samples.items():
-        problems += [f"{name}: {p}" for p in _check_sample(key, members)]
+        problems += [f"{name}: {p}" for p in _check_sample(key, members, pseudonymised)]
     return len(samples), problems
 
 
@@ -123,8 +139,9 @@ def verify_shards(directory: str) -> VerifyResult:
     if manifest.get("format") != FORMAT:
         result.problems.append(f"{manifest_url}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     result.shards = len(shards)
+    result.pseudonymised = manifest.get(PSEUDONYMISED_FIELD) is True
     for entry in shards:
-        count, problems = _check_shard(storage.join(directory, entry["name"]), entry)
+        count, problems = _check_shard(storage.join(directory, entry["name"]), entry, result.pseudonymised)
         result.samples += count
         result.problems += problems
     fs, path = fsspec.core.url_to_fs(directory)

@@ -21,6 +21,7 @@ from retclip_dist.shards.records import Reject, count_rejects
 from retclip_dist.shards.storage import OutputDir
 
 FORMAT = "retclip-shards/1"
+PSEUDONYMISED_FIELD = "pseudonymised"  # manifest.json: true when ids are keyed hashes and paths left out
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tarfile pads every archive to a multiple of this
 
@@ -140,8 +141,14 @@ def rejects_jsonl(rejects: list[Reject]) -> str:
     )
 
 
-def manifest_json(options: dict[str, Any], shards: list[dict[str, Any]], rejects: list[Reject]) -> str:
-    """The manifest.json text; no timestamps or paths of the output, so equal inputs give equal bytes."""
+def manifest_json(
+    options: dict[str, Any], shards: list[dict[str, Any]], rejects: list[Reject], pseudonymised: bool
+) -> str:
+    """The manifest.json text; no timestamps or paths of the output, so equal inputs give equal bytes.
+
+    ``pseudonymised`` (never the key) tells readers and ``make-shards verify`` that ids are keyed hashes
+    and samples carry no source paths.
+    """
     splits: dict[str, dict[str, int]] = {}
     for shard in shards:
         totals = splits.setdefault(shard["split"], {"shards": 0, "samples": 0, "bytes": 0})
@@ -151,6 +158,7 @@ def manifest_json(options: dict[str, Any], shards: list[dict[str, Any]], rejects
     manifest = {
         "format": FORMAT,
         "tool_version": retclip_dist.__version__,
+        PSEUDONYMISED_FIELD: pseudonymised,
         "options": options,
         "splits": dict(sorted(splits.items())),
         "shards": shards,
