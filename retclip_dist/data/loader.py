@@ -39,11 +39,15 @@ class LoaderError(RuntimeError):
     """A loader worker (or the in-process reader) failed with an error that is not a counted skip."""
 
 
+# Slurm signals every process of a job on preemption or before a time limit. The trainer answers by
+# saving a checkpoint, which needs its loader workers alive until then; they stop when it exits.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
 def _worker_init(worker_id: int) -> None:
-    # Slurm signals every process of a job on preemption or before a time limit. The trainer answers by
-    # saving a checkpoint, which needs its loader workers alive until then; they stop when it exits.
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked since the fork: see _start
     # Ignoring SIGTERM also means multiprocessing cannot terminate them: they must go with the trainer.
     exit_with_parent()
 
@@ -73,6 +77,20 @@ def _last_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
+def _start(loader: Iterable[Any]) -> Iterator[Any]:
+    """``iter(loader)``, which forks the workers, with the stop signals held back meanwhile.
+
+    A worker runs torch's own SIGTERM handler (exit) until ``_worker_init`` ignores the signal; a stop
+    signal in that window killed it and failed the run instead of saving. Blocked across the fork, the
+    signals reach the trainer when the call returns, and the workers never see them.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _kill_workers(it: Iterator[Any]) -> None:
     # Private to torch's multiprocessing DataLoader iterator (torch 2.x): its workers, and the registry
     # of worker pids whose SIGCHLD handler would raise "worker killed" in the middle of our exit.
@@ -95,7 +113,7 @@ def guarded(loader: Iterable[Any], what: str) -> Iterator[Any]:
     multiprocessing's exit handler could stop them: the rank would hang after the error. They are
     killed here, at once.
     """
-    it = iter(loader)
+    it = _start(loader)
     try:
         yield from it
     except Exception as exc:
