@@ -7,6 +7,8 @@ error, or a stop signal. A lock is stale, and is taken over with a warning, when
 - on the same host, when the pid no longer runs (or now belongs to another process: the start times
   differ). An ``flock`` on the file is taken as well, where the filesystem supports it; the kernel drops
   it when the holder dies, whatever the signal.
+- when it was taken by an earlier run of the same Slurm job (the job was requeued): Slurm starts a
+  requeued job only after every process of the previous one has ended.
 - from another host, pids cannot be checked, so the holder refreshes the file's mtime every
   ``HEARTBEAT_S`` seconds and the lock is stale when the mtime is older than ``STALE_AFTER_S``. Clocks of
   the nodes must agree to well within that (NTP does).
@@ -27,6 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from retclip_dist.launch.env import slurm_job
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
@@ -44,18 +48,23 @@ class Holder:
     pid: int  # process id on that host
     started: str  # ISO time the holder took the lock
     proc_start: str | None = None  # kernel start time of the pid (Linux), to tell a reused pid apart
+    slurm_job: str | None = None  # JOBID.RESTARTS under Slurm
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.host}, started {self.started}"
 
 
-def _proc_start(pid: int) -> str | None:
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (which may contain spaces), or None."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
-    # Field 22 (starttime), counted after the parenthesised command name, which may contain spaces.
-    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _proc_start(pid: int) -> str | None:
+    stat = _stat(pid)
+    return stat[19] if stat else None  # field 22, starttime
 
 
 def _alive(pid: int) -> bool:
@@ -64,8 +73,10 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    stat = _stat(pid)
+    # A killed process whose parent died too stays a zombie until something reaps it: it runs no more.
+    return stat is None or stat[0] not in ("Z", "X")
 
 
 def me() -> Holder:
@@ -74,6 +85,7 @@ def me() -> Holder:
         pid=os.getpid(),
         started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         proc_start=_proc_start(os.getpid()),
+        slurm_job=slurm_job(),
     )
 
 
@@ -87,6 +99,10 @@ def read_holder(path: Path) -> Holder | None:
 
 def stale_reason(holder: Holder, mtime: float, now: float | None = None) -> str | None:
     """Why ``holder``'s lock is stale, or None when its run may still be going."""
+    mine = slurm_job()
+    earlier = holder.slurm_job is not None and mine is not None and holder.slurm_job != mine
+    if earlier and holder.slurm_job.split(".")[0] == mine.split(".")[0]:
+        return f"it was taken by run {holder.slurm_job} of this requeued Slurm job"
     if holder.host == socket.gethostname():
         if not _alive(holder.pid):
             return f"pid {holder.pid} is not running"

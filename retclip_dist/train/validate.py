@@ -165,19 +165,36 @@ def _resume(cfg: RunConfig, world_size: int) -> None:
     state = read_train_state(path)
     saved = state.get("config", {}).get("data", {})
     saved_world = state.get("world_size")
-    now: dict[str, Any] = {
-        "processes": world_size,
-        "data.batch_size": cfg.data.batch_size,
-        "data.partitions": cfg.data.partitions or world_size,
-        "data.num_workers": max(cfg.data.num_workers, 1),
-    }
-    then: dict[str, Any] = {
-        "processes": saved_world,
-        "data.batch_size": saved.get("batch_size"),
-        "data.partitions": saved.get("partitions") or saved_world,
-        "data.num_workers": max(saved.get("num_workers") or 0, 1),
-    }
-    changed = [f"{k} saved {then[k]}, now {now[k]}" for k in now if then[k] is not None and then[k] != now[k]]
+    # (name, saved, now, saved as the loader sees it, now as the loader sees it): 0 workers is 1 stream.
+    layout = [
+        ("processes", saved_world, world_size, saved_world, world_size),
+        (
+            "data.batch_size",
+            saved.get("batch_size"),
+            cfg.data.batch_size,
+            saved.get("batch_size"),
+            cfg.data.batch_size,
+        ),
+        (
+            "data.partitions",
+            saved.get("partitions"),
+            cfg.data.partitions,
+            saved.get("partitions") or saved_world,
+            cfg.data.partitions or world_size,
+        ),
+        (
+            "data.num_workers",
+            saved.get("num_workers"),
+            cfg.data.num_workers,
+            max(saved.get("num_workers") or 0, 1),
+            max(cfg.data.num_workers, 1),
+        ),
+    ]
+    changed = [
+        f"{name} saved {then_eff if then is None else then}, now {now_eff if now is None else now}"
+        for name, then, now, then_eff, now_eff in layout
+        if then_eff is not None and then_eff != now_eff
+    ]
     if changed:
         raise ConfigError(
             f"checkpoint.resume: {path} was saved with another data layout ({'; '.join(changed)}); resume with "
