@@ -413,6 +413,27 @@ def test_killing_the_launchers_process_group_ends_the_ranks_and_their_workers(sh
 
 @pytest.mark.slow
 @pytest.mark.dist
+def test_when_one_rank_dies_the_other_leaves_its_collective_within_seconds(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = _accelerate(*_args(shards, out, "--train.epochs", "50"))
+    launcher = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and read_metrics(metrics, "train")):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start training"
+        time.sleep(0.2)
+    rank0 = json.loads((out / runlock.LOCK_NAME).read_text())["pid"]  # the main process holds the lock
+    killed = time.monotonic()
+    os.kill(rank0, signal.SIGKILL)
+    output, _ = launcher.communicate(timeout=60)
+    assert time.monotonic() - killed < 20  # torchrun's own teardown would take 30 s (SIGTERM, then SIGKILL)
+    assert launcher.returncode != 0
+    assert output.count("retclip-train: rank 1: lost contact with another rank") == 1, output[-3000:]
+    assert "[rank1]: Traceback" not in output
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_every_shard_empty_ends_both_ranks_with_one_line_each(shards, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

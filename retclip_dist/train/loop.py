@@ -364,6 +364,15 @@ def _say(rank: int, message: str) -> None:
         print(f"retclip-train: {message}", file=sys.stderr, flush=True)
 
 
+def _lost_peer(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank went away."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    # gloo reports a dead peer as a plain RuntimeError naming its transport.
+    text = str(exc)
+    return "gloo" in text and ("Connection reset by peer" in text or "Connection closed by peer" in text)
+
+
 def _end_children() -> None:
     # Loader workers ignore SIGTERM (they must outlive a stop signal until the save); on an error they
     # would keep multiprocessing's exit handler waiting forever.
@@ -462,9 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     except LoaderError as exc:
         print(f"retclip-train: rank {world.rank}: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    except torch.distributed.DistError as exc:
+    except RuntimeError as exc:
+        if not _lost_peer(exc):
+            raise
         # Another rank died (its own line says why); this one was waiting for it in a collective.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0]
         print(f"retclip-train: rank {world.rank}: lost contact with another rank ({first})", file=sys.stderr)
         return EXIT_FAILED
     finally:
