@@ -492,6 +492,16 @@ def test_sbatch_script_checks_the_config_once_before_srun(shards, tmp_path):
     assert "retclip: job" not in done.stdout  # srun never ran
 
 
+@pytest.mark.slow
+def test_submitit_launcher_checks_the_config_before_submitting(shards, tmp_path):
+    cmd = [sys.executable, "-m", "retclip_dist.launch.submit", "--local", "--config", TINY[1]]
+    cmd += ["--cpu", "--gpus-per-node", "2", "--log-dir", str(tmp_path / "logs"), "--"]
+    done = _run([*cmd, *_args(shards, tmp_path / "run", "--data.num_workers=-1")[2:]], timeout=120)
+    assert done.returncode == EXIT_CONFIG
+    assert done.stderr.strip() == "retclip-train: data.num_workers=-1: must be 0 or more"
+    assert not (tmp_path / "logs").exists()  # nothing was submitted
+
+
 def _damage_first_sample(tar: Path) -> str:
     """Replace the first left-eye JPEG of a shard with bytes that are no image; returns its key."""
     with tarfile.open(tar) as src:

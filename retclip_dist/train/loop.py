@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
@@ -40,7 +41,7 @@ from retclip_dist.train.optim import build_optimizer, lr_at, set_lr
 from retclip_dist.train.runlock import RunLock, RunLocked
 from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
 from retclip_dist.train.step import LossFn, forward_backward
-from retclip_dist.train.validate import validate
+from retclip_dist.train.validate import validate as validate_config
 
 log = logging.getLogger("retclip_dist.train")
 
@@ -384,8 +385,6 @@ def _accelerate_world_size(path: str, num_processes: int | None) -> int:
     if num_processes is not None:
         return num_processes
     try:
-        import yaml
-
         return int(yaml.safe_load(Path(path).read_text())["num_processes"])
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"--launch {path}: cannot read num_processes from it ({exc})") from exc
@@ -447,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             world_size = _accelerate_world_size(args.launch, args.num_processes)
         else:
             world_size = args.world_size or world.world_size
-        validate(cfg, world_size, check_lock=preflight)
+        validate_config(cfg, world_size, check_lock=preflight)
     except ConfigError as exc:
         _say(0 if preflight else world.rank, str(exc))
         return EXIT_CONFIG
