@@ -27,6 +27,12 @@ _AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
 _AT_LEAST_0 = (lambda v: v >= 0, "must be 0 or more")
 _POSITIVE = (lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0")
 _NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "must be a finite number, 0 or more")
+_EPOCHS = (lambda v: v >= 1, "must be at least 1 (0 would save an untrained model)")
+_TOKENS = (lambda v: v >= 2, "must be at least 2 ([CLS] and [SEP])")
+_UNIT_OPEN = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+_PROBABILITY = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_SCALE_RANGE = (lambda v: 0 < v[0] <= v[1] <= 1, "must be (low, high) with 0 < low <= high <= 1")
+_RATIO_RANGE = (lambda v: 0 < v[0] <= v[1], "must be (low, high) with 0 < low <= high")
 
 
 def _fail(field: str, value: Any, reason: str) -> ConfigError:
@@ -35,7 +41,7 @@ def _fail(field: str, value: Any, reason: str) -> ConfigError:
 
 def _ranges(cfg: RunConfig) -> None:
     rules: list[tuple[str, Any, tuple[Callable[[Any], bool], str]]] = [
-        ("train.epochs", cfg.train.epochs, (lambda v: v >= 1, "must be at least 1 (0 would save an untrained model)")),
+        ("train.epochs", cfg.train.epochs, _EPOCHS),
         ("train.lr", cfg.train.lr, _POSITIVE),
         ("train.weight_decay", cfg.train.weight_decay, _NON_NEGATIVE),
         ("train.eps", cfg.train.eps, _POSITIVE),
@@ -45,20 +51,20 @@ def _ranges(cfg: RunConfig) -> None:
         ("data.num_workers", cfg.data.num_workers, _AT_LEAST_0),
         ("data.prefetch_factor", cfg.data.prefetch_factor, _AT_LEAST_1),
         ("data.shuffle_buffer", cfg.data.shuffle_buffer, _AT_LEAST_1),
-        ("data.context_length", cfg.data.context_length, (lambda v: v >= 2, "must be at least 2 ([CLS] and [SEP])")),
+        ("data.context_length", cfg.data.context_length, _TOKENS),
         ("data.image_size", cfg.data.image_size, _AT_LEAST_1),
         ("data.decode_size", cfg.data.decode_size, _AT_LEAST_1),
-        ("data.jitter", cfg.data.jitter, (lambda v: 0 <= v < 1, "must be in [0, 1)")),
-        ("data.erase_prob", cfg.data.erase_prob, (lambda v: 0 <= v <= 1, "must be in [0, 1]")),
-        ("data.crop_scale", cfg.data.crop_scale, (lambda v: 0 < v[0] <= v[1] <= 1, "must be (low, high) with 0 < low <= high <= 1")),
-        ("data.crop_ratio", cfg.data.crop_ratio, (lambda v: 0 < v[0] <= v[1], "must be (low, high) with 0 < low <= high")),
+        ("data.jitter", cfg.data.jitter, _UNIT_OPEN),
+        ("data.erase_prob", cfg.data.erase_prob, _PROBABILITY),
+        ("data.crop_scale", cfg.data.crop_scale, _SCALE_RANGE),
+        ("data.crop_ratio", cfg.data.crop_ratio, _RATIO_RANGE),
         ("model.embed_dim", cfg.model.embed_dim, _AT_LEAST_1),
         ("model.max_logit_scale", cfg.model.max_logit_scale, _POSITIVE),
         ("checkpoint.every_steps", cfg.checkpoint.every_steps, _AT_LEAST_0),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last, _AT_LEAST_1),
         ("log.every_steps", cfg.log.every_steps, _AT_LEAST_1),
         ("eval.every_epochs", cfg.eval.every_epochs, _AT_LEAST_0),
-    ]  # fmt: skip
+    ]
     optional = [
         ("train.max_steps", cfg.train.max_steps, _AT_LEAST_1),
         ("train.grad_clip", cfg.train.grad_clip, _POSITIVE),
@@ -90,7 +96,8 @@ def _layout(cfg: RunConfig, world_size: int) -> None:
         raise _fail(
             "train.accum_steps",
             cfg.train.accum_steps,
-            f"must divide data.batch_size={cfg.data.batch_size} (each rank's batch is split into equal chunks)",
+            f"must divide data.batch_size={cfg.data.batch_size} "
+            "(each rank's batch is split into equal chunks)",
         )
 
 
@@ -125,8 +132,8 @@ def _model_fit(cfg: RunConfig) -> None:
         raise _fail(
             "data.image_size",
             cfg.data.image_size,
-            f"the vision tower {cfg.model.vision_name!r} takes {side} px images (set model.vision_kwargs.img_size "
-            "or data.image_size to match)",
+            f"the vision tower {cfg.model.vision_name!r} takes {side} px images "
+            "(set model.vision_kwargs.img_size or data.image_size to match)",
         )
 
 
@@ -197,8 +204,8 @@ def _resume(cfg: RunConfig, world_size: int) -> None:
     ]
     if changed:
         raise ConfigError(
-            f"checkpoint.resume: {path} was saved with another data layout ({'; '.join(changed)}); resume with "
-            "the layout it was saved with, or start a new --output_dir"
+            f"checkpoint.resume: {path} was saved with another data layout ({'; '.join(changed)}); "
+            "resume with the layout it was saved with, or start a new --output_dir"
         )
 
 
