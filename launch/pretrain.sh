@@ -15,7 +15,9 @@
 # ACCELERATE_CONFIG=configs/accelerate/cpu_2proc.yaml; the trainer puts each process on the CPU itself.
 #
 # Time limit: Slurm signals this script (B:USR1) 120 s ahead; it forwards the signal to the training
-# processes, which save and exit, and the job requeues itself. Preemption: Slurm sends SIGTERM to
+# processes, which save and exit, and the job requeues itself. The config is checked once before srun
+# (retclip-train --check): a bad one ends the job with one line and status 2. PYTHON names the
+# interpreter of the environment (default: python on PATH). Preemption: Slurm sends SIGTERM to
 # every process, the trainer saves, and Slurm requeues the job (PreemptMode=REQUEUE).
 #SBATCH --job-name=retclip
 #SBATCH --nodes=1
@@ -55,6 +57,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # NCCL defaults that suit most InfiniBand clusters; anything already set in the environment wins.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+
+# Check the config, paths and output_dir once, here, before any node starts: a bad field is one line in
+# the log and exit 2, not a traceback from every process on every node.
+${PYTHON:-python} -m retclip_dist.train --check --world-size "$((NNODES * GPUS_PER_NODE))" \
+    --config "$@" --checkpoint.resume auto || exit $?
 
 echo "retclip: job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}:" \
     "${NNODES} node(s) x ${GPUS_PER_NODE} process(es), main ${MAIN_HOST}:${MAIN_PORT}"

@@ -11,7 +11,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.loader import data_loader
+from retclip_dist.data.loader import data_loader, guarded
 from retclip_dist.data.manifest import ShardInfo, read_manifest
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
@@ -76,7 +76,9 @@ class EvalLoader:
         return skipped_total(self.skip_counts)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch, skips in data_loader(self.dataset, self.cfg):
+        for batch, skips in guarded(
+            data_loader(self.dataset, self.cfg), f"validation data ({self.cfg.val_split})"
+        ):
             self.skip_counts.update(skips)
             if batch is not None:
                 yield batch

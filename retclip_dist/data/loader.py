@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from retclip_dist.data.plan import EpochPlan, Layout, derive_seed, plan_epoch
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import stream_samples
+from retclip_dist.launch.lifetime import exit_with_parent
 
 log = logging.getLogger("retclip_dist.data")
 
@@ -34,11 +35,21 @@ def _as_is(item: Any) -> Any:
     return item
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    # Slurm signals every process of a job on preemption or before a time limit. The trainer answers by
-    # saving a checkpoint, which needs its loader workers alive until then; they stop when it exits.
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+class LoaderError(RuntimeError):
+    """A loader worker (or the in-process reader) failed with an error that is not a counted skip."""
+
+
+# Slurm signals every process of a job on preemption or before a time limit. The trainer answers by
+# saving a checkpoint, which needs its loader workers alive until then; they stop when it exits.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _worker_init(worker_id: int) -> None:
+    for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked since the fork: see _start
+    # Ignoring SIGTERM also means multiprocessing cannot terminate them: they must go with the trainer.
+    exit_with_parent()
 
 
 def data_loader(dataset: IterableDataset, cfg: DataConfig) -> DataLoader:
@@ -53,8 +64,61 @@ def data_loader(dataset: IterableDataset, cfg: DataConfig) -> DataLoader:
         # Each new iterator draws a base seed; from its own generator it leaves the global RNG (dropout,
         # init) untouched, so a resumed run and an uninterrupted one consume the same random numbers.
         generator=torch.Generator().manual_seed(0),
-        worker_init_fn=_ignore_stop_signals if cfg.num_workers else None,
+        worker_init_fn=_worker_init if cfg.num_workers else None,
     )
+
+
+def _last_line(exc: BaseException) -> str:
+    # The DataLoader re-raises a worker's error with the worker's traceback in the message; its last
+    # line is the original "Type: message".
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines[-1]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _start(loader: Iterable[Any]) -> Iterator[Any]:
+    """``iter(loader)``, which forks the workers, with the stop signals held back meanwhile.
+
+    A worker runs torch's own SIGTERM handler (exit) until ``_worker_init`` ignores the signal; a stop
+    signal in that window killed it and failed the run instead of saving. Blocked across the fork, the
+    signals reach the trainer when the call returns, and the workers never see them.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _kill_workers(it: Iterator[Any]) -> None:
+    # Private to torch's multiprocessing DataLoader iterator (torch 2.x): its workers, and the registry
+    # of worker pids whose SIGCHLD handler would raise "worker killed" in the middle of our exit.
+    workers = getattr(it, "_workers", [])
+    if getattr(it, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    if hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+
+
+def guarded(loader: Iterable[Any], what: str) -> Iterator[Any]:
+    """Iterate a DataLoader; an error that is not a counted skip ends its workers and becomes one line.
+
+    The workers ignore SIGTERM (see ``_worker_init``), so neither the DataLoader's own shutdown nor
+    multiprocessing's exit handler could stop them: the rank would hang after the error. They are
+    killed here, at once.
+    """
+    it = _start(loader)
+    try:
+        yield from it
+    except Exception as exc:
+        _kill_workers(it)
+        raise LoaderError(f"{what}: {_last_line(exc)}") from exc
 
 
 class TrainStream(IterableDataset):
@@ -220,7 +284,8 @@ class TrainLoader:
             served,
             [list(p) for p in self.positions],
         )
-        for batch, meta in data_loader(dataset, self.cfg):
+        where = f"training data (epoch {self.epoch})"
+        for batch, meta in guarded(data_loader(dataset, self.cfg), where):
             expected = self.plan.order[self.step]
             if meta["worker"] != expected:
                 raise RuntimeError(

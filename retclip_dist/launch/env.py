@@ -33,6 +33,12 @@ def world_info_from_env() -> WorldInfo:
     return WorldInfo(rank=0, local_rank=0, world_size=1, launched=False)
 
 
+def slurm_job() -> str | None:
+    """``JOBID.RESTARTS`` of the Slurm job this process belongs to, or None outside Slurm."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
+
+
 def accelerator_placement(cuda_available: bool) -> dict[str, Any]:
     """Keyword arguments for ``Accelerator`` that place a run launched on machines without GPUs.
 

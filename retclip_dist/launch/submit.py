@@ -166,6 +166,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.dry_run:
+        # Check the config once before submitting: a bad field is one line here and exit code 2, not a
+        # traceback per rank in the job's logs after it waited in the queue.
+        from retclip_dist.train.loop import main as train_main
+
+        world_size = str(args.nodes * args.gpus_per_node)
+        resume = ["--checkpoint.resume", "auto"]  # what the job adds
+        checked = train_main(
+            ["--check", "--world-size", world_size, "--config", args.config, *args.overrides, *resume]
+        )
+        if checked != 0:
+            return checked
     job = PretrainJob(args.config, args.overrides, args.accelerate_config, args.gpus_per_node, args.port)
     executor = build_executor(args)
     if args.dry_run:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import timm
+import torch
 from torch import nn
 from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 
@@ -38,6 +39,21 @@ def build_vision_tower(cfg: ModelConfig) -> tuple[nn.Module, LoadReport | None]:
     if convert is not None:
         state_dict = convert(state_dict, tower)
     return tower, load_into(tower, state_dict, "vision", cfg.vision_weights)
+
+
+def vision_input_size(cfg: ModelConfig) -> int | None:
+    """Side of the square image the vision tower takes, or None when it takes any size.
+
+    Built on the meta device (no memory, no weights): the tower itself knows its input, whatever mix of
+    architecture name and ``vision_kwargs`` set it.
+    """
+    with torch.device("meta"):
+        tower = timm.create_model(cfg.vision_name, pretrained=False, num_classes=0, **cfg.vision_kwargs)
+    patch_embed = getattr(tower, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is None or getattr(tower, "dynamic_img_size", False) or size[0] != size[1]:
+        return None
+    return int(size[0])
 
 
 def text_model_config(cfg: ModelConfig) -> PretrainedConfig:

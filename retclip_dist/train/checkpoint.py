@@ -19,9 +19,42 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from retclip_dist.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{8})$")
+STATE_NAME = "train_state.json"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (none when it does not exist)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / STATE_NAME).exists()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def resume_path(root: Path, resume: str | None) -> Path | None:
+    """The checkpoint ``resume`` ("auto" or a path) names, checked to be complete; None: start fresh."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(root)
+        return done[-1] if done else None
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        what = "does not exist" if not path.exists() else f"is not a complete checkpoint (no {STATE_NAME})"
+        raise ConfigError(f"checkpoint.resume={resume!r}: {path} {what}")
+    return path
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's step, epoch, world size and run config."""
+    try:
+        return json.loads((path / STATE_NAME).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"checkpoint.resume: cannot read {path / STATE_NAME}: {exc}") from exc
 
 
 @dataclass
@@ -46,11 +79,10 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        found = [p for p in self.root.iterdir() if _NAME.match(p.name) and (p / "train_state.json").exists()]
-        return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+        return complete_checkpoints(self.root)
 
     def latest(self) -> Path | None:
-        done = self.complete() if self.root.exists() else []
+        done = self.complete()
         return done[-1] if done else None
 
     def save(self, step: int, epoch: int, config: dict[str, Any], data_state: dict[str, Any]) -> Path:
@@ -66,7 +98,7 @@ class Checkpointer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": step, "epoch": epoch, "world_size": acc.num_processes, "config": config}
-            (tmp / "train_state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+            (tmp / STATE_NAME).write_text(json.dumps(state, indent=1, sort_keys=True))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -77,18 +109,15 @@ class Checkpointer:
 
     def load(self, resume: str | None) -> Restored | None:
         """Restore from ``resume`` ("auto" or a path); None when there is nothing to resume from."""
-        if resume is None:
-            return None
-        path = self.latest() if resume == "auto" else Path(resume)
+        path = resume_path(self.root, resume)
         if path is None:
-            log.info("resume=auto: no complete checkpoint under %s, starting fresh", self.root)
+            if resume is not None:
+                log.info("resume=auto: no complete checkpoint under %s, starting fresh", self.root)
             return None
-        if not (path / "train_state.json").exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no train_state.json)")
-        state = json.loads((path / "train_state.json").read_text())
+        state = read_train_state(path)
         if state["world_size"] != self.accelerator.num_processes:
-            raise ValueError(
-                f"{path} was saved by {state['world_size']} processes, this run has "
+            raise ConfigError(
+                f"checkpoint.resume: {path} was saved by {state['world_size']} processes, this run has "
                 f"{self.accelerator.num_processes}: optimiser and loader state are per rank"
             )
         self.accelerator.load_state(str(path))

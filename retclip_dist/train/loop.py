@@ -10,6 +10,8 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -17,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
 from retclip_dist.config import ConfigError, load_config, to_dict
 from retclip_dist.data.evaluation import build_eval_data
-from retclip_dist.data.loader import build_train_data
-from retclip_dist.launch.env import accelerator_placement
+from retclip_dist.data.loader import LoaderError, build_train_data
+from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
+from retclip_dist.launch.env import accelerator_placement, world_info_from_env
+from retclip_dist.launch.lifetime import exit_with_parent
 from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.retclip import RetClip, RetClipOutput
 from retclip_dist.model.tokenizer import build_tokenizer
@@ -33,14 +38,12 @@ from retclip_dist.train.checkpoint import Checkpointer
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.metrics_log import MetricsLog
 from retclip_dist.train.optim import build_optimizer, lr_at, set_lr
+from retclip_dist.train.runlock import RunLock, RunLocked
 from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
 from retclip_dist.train.step import LossFn, forward_backward
+from retclip_dist.train.validate import validate as validate_config
 
 log = logging.getLogger("retclip_dist.train")
-
-EXIT_OK = 0
-EXIT_STOPPED = 3  # saved and left on a signal; the job should be requeued with resume=auto
-EXIT_NONFINITE = 4  # a NaN/inf loss; the last complete checkpoint is the last good state
 
 
 class NonFiniteLoss(RuntimeError):
@@ -48,6 +51,10 @@ class NonFiniteLoss(RuntimeError):
 
 
 def build_accelerator(cfg: RunConfig) -> Accelerator:
+    if world_info_from_env().launched:
+        # torchrun starts ranks in their own sessions: killing the launcher's process group would leave
+        # them training beside the next run in the same output_dir.
+        exit_with_parent()
     cuda = torch.cuda.is_available()
     # fp16 autocast needs a GPU; bf16 runs (slowly) on CPU too, so only fp16 falls back to float32.
     precision = cfg.train.precision if cuda or cfg.train.precision != "fp16" else "no"
@@ -186,7 +193,10 @@ def train(cfg: RunConfig) -> int:
 
     model = RetClip(cfg.model)
     tokenizer = build_tokenizer(cfg.model)
-    data = build_train_data(cfg.data, tokenizer, acc.process_index, acc.num_processes, cfg.train.seed)
+    try:
+        data = build_train_data(cfg.data, tokenizer, acc.process_index, acc.num_processes, cfg.train.seed)
+    except ValueError as exc:  # a split too small for one step, a layout the plan refuses
+        raise ConfigError(f"data: {exc}") from exc
     eval_data = build_eval_data(cfg.data, tokenizer, acc.process_index, acc.num_processes)
     device_augment = data.device_augment(acc.device)
     total_steps = sum(data.steps_in_epoch(e) for e in range(cfg.train.epochs))
@@ -202,17 +212,15 @@ def train(cfg: RunConfig) -> int:
     def loss_fn(out: RetClipOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return tripartite(*out)
 
+    # validate() refused a fresh run over existing checkpoints, before any rank started.
     checkpointer = Checkpointer(acc, out_dir / "checkpoints", cfg.checkpoint.keep_last)
-    if cfg.checkpoint.resume is None and checkpointer.latest() is not None:
-        # Starting over in place would interleave two runs' checkpoints and metrics.
-        raise ConfigError(
-            f"{out_dir} already holds checkpoints (newest {checkpointer.latest().name}): pass "
-            "--checkpoint.resume auto to continue that run, or choose another --output_dir"
-        )
     restored = checkpointer.load(cfg.checkpoint.resume)
     step, epoch = (restored.step, restored.epoch) if restored else (0, 0)
     if restored and restored.data_state is not None:
-        data.load_state_dict(restored.data_state)
+        try:
+            data.load_state_dict(restored.data_state)
+        except ValueError as exc:
+            raise ConfigError(f"checkpoint.resume: {restored.path}: {exc}") from exc
 
     metrics = MetricsLog(out_dir, cfg.log.tensorboard) if acc.is_main_process else None
     config_dict = to_dict(cfg)
@@ -234,8 +242,9 @@ def train(cfg: RunConfig) -> int:
         if eval_data is None:
             return
         scores = evaluate(model, eval_data, acc, device_augment, cfg.eval.max_samples)
+        skipped = _total_skipped(acc, eval_data.skipped)  # every rank joins; each read its own shards
         if metrics is not None and scores:
-            metrics.write("val", step, {"epoch": epoch, "skipped_samples": eval_data.skipped, **scores})
+            metrics.write("val", step, {"epoch": epoch, "skipped_samples": skipped, **scores})
             log.info("validation at step %d (epoch %d): %s", step, epoch, _summary(scores))
 
     def save() -> None:
@@ -318,12 +327,18 @@ def train(cfg: RunConfig) -> int:
         if cfg.eval.every_epochs and last_validated != step:
             validate()
         save_final_model(acc, model, out_dir / "model")
+    skipped = _total_skipped(acc, data.skipped)
     if metrics is not None:
-        metrics.write("end", step, {"exit_code": exit_code, "skipped_samples": data.skipped})
+        metrics.write("end", step, {"exit_code": exit_code, "skipped_samples": skipped})
         metrics.close()
     acc.wait_for_everyone()
     acc.end_training()
     return exit_code
+
+
+def _total_skipped(acc: Accelerator, mine: int) -> int:
+    """Skipped samples of all ranks together (a collective: every rank must call it)."""
+    return int(sum_over_ranks(acc, torch.tensor([float(mine)], device=acc.device)).item())
 
 
 def _summary(scores: dict[str, float]) -> str:
@@ -344,6 +359,56 @@ def save_final_model(acc: Accelerator, model: torch.nn.Module, directory: Path) 
     acc.wait_for_everyone()
 
 
+def _say(rank: int, message: str) -> None:
+    """One line on stderr; config errors come from rank 0 only, since every rank finds the same one."""
+    if rank == 0:
+        print(f"retclip-train: {message}", file=sys.stderr, flush=True)
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank went away."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    # gloo reports a dead peer as a plain RuntimeError naming its transport.
+    text = str(exc)
+    return "gloo" in text and ("Connection reset by peer" in text or "Connection closed by peer" in text)
+
+
+def _end_children() -> None:
+    # Loader workers ignore SIGTERM (they must outlive a stop signal until the save); on an error they
+    # would keep multiprocessing's exit handler waiting forever.
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
+def _accelerate_world_size(path: str, num_processes: int | None) -> int:
+    if num_processes is not None:
+        return num_processes
+    try:
+        return int(yaml.safe_load(Path(path).read_text())["num_processes"])
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--launch {path}: cannot read num_processes from it ({exc})") from exc
+
+
+def _launch_command(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """``accelerate launch`` of this trainer with the same config and overrides, once they are checked."""
+    own = {"--launch", "--num_processes", "--main_process_port"}
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in own:
+            skip = True
+        elif arg.split("=", 1)[0] not in own:
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.launch]
+    if args.num_processes is not None:
+        cmd += ["--num_processes", str(args.num_processes)]
+    if args.main_process_port is not None:
+        cmd += ["--main_process_port", str(args.main_process_port)]
+    return [*cmd, "-m", "retclip_dist.train", *rest]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="retclip-train",
@@ -351,23 +416,71 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", help="YAML preset, e.g. configs/retclip_vitb16.yaml")
     parser.add_argument("--print-config", action="store_true", help="print the final config and exit")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, paths and output_dir, then exit (0: fine, 2: not)",
+    )
+    parser.add_argument(
+        "--world-size", type=int, help="with --check: processes the run will have (default 1)"
+    )
+    parser.add_argument(
+        "--launch",
+        metavar="ACCELERATE_CONFIG",
+        help="check once, then start `accelerate launch` with this config file on the same arguments",
+    )
+    parser.add_argument(
+        "--num_processes", type=int, help="with --launch: override the config's process count"
+    )
+    parser.add_argument("--main_process_port", type=int, help="with --launch: rendezvous port")
+    argv = sys.argv[1:] if argv is None else argv
     args, overrides = parser.parse_known_args(argv)
+    world = world_info_from_env()
+    preflight = args.check or args.launch is not None
     try:
         cfg = load_config(RunConfig, args.config, overrides)
+        if args.print_config:
+            print(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
+            return EXIT_OK
+        if args.launch is not None:
+            world_size = _accelerate_world_size(args.launch, args.num_processes)
+        else:
+            world_size = args.world_size or world.world_size
+        validate_config(cfg, world_size, check_lock=preflight)
     except ConfigError as exc:
-        print(f"retclip-train: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
-        return 0
+        _say(0 if preflight else world.rank, str(exc))
+        return EXIT_CONFIG
+    if args.check:
+        print(f"retclip-train: config fine for {world_size} process(es)", flush=True)
+        return EXIT_OK
+    if args.launch is not None:
+        cmd = _launch_command(args, argv)
+        os.execv(cmd[0], cmd)  # the launcher takes this process's place: signals and exit code are its
+    lock = RunLock(cfg.output_dir) if world.rank == 0 else None
     try:
+        if lock is not None:
+            lock.acquire()
         return train(cfg)
-    except ConfigError as exc:
-        print(f"retclip-train: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, RunLocked) as exc:
+        _say(world.rank, str(exc))
+        return EXIT_CONFIG
     except NonFiniteLoss as exc:
         log.error("%s", exc)
         return EXIT_NONFINITE
+    except LoaderError as exc:
+        print(f"retclip-train: rank {world.rank}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except RuntimeError as exc:
+        if not _lost_peer(exc):
+            raise
+        # Another rank died (its own line says why); this one was waiting for it in a collective.
+        first = str(exc).strip().splitlines()[0]
+        print(f"retclip-train: rank {world.rank}: lost contact with another rank ({first})", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        _end_children()
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,576 @@
+"""Training faults: bad configs are one line and exit 2, worker errors end the run, one run per output_dir.
+
+Unit tests call ``validate`` and the run lock directly; the end-to-end ones start real processes
+(``accelerate launch`` on 2 CPU processes, the sbatch script without Slurm) with timeouts, so a hang
+fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from retclip_dist import synth
+from retclip_dist.config import ConfigError, load_config
+from retclip_dist.data.config import DataConfig
+from retclip_dist.data.loader import LoaderError, data_loader, guarded
+from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_STOPPED
+from retclip_dist.shards.build import BuildOptions, build_shards
+from retclip_dist.shards.images import ImageOptions
+from retclip_dist.train import runlock
+from retclip_dist.train.config import RunConfig
+from retclip_dist.train.metrics_log import read_metrics
+from retclip_dist.train.runlock import RunLock, RunLocked
+from retclip_dist.train.validate import validate
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "--config", str(ROOT / "configs/tiny.yaml"),
+    "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
+    "--data.batch_size", "8",
+    "--data.num_workers", "0",
+    "--data.partitions", "2",
+    "--train.epochs", "1",
+    "--train.warmup_steps", "1",
+    "--log.every_steps", "1",
+    "--log.tensorboard", "false",
+    "--log.progress", "false",
+    "--checkpoint.every_steps", "0",
+]  # fmt: skip
+CPU_2PROC = str(ROOT / "configs/accelerate/cpu_2proc.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fault-data")
+    manifest, images = synth.write_raw_archive(root / "raw", 100, seed=3, image_size=96, layout="dir")
+    out = root / "shards"
+    build_shards(
+        BuildOptions(
+            out=str(out),
+            manifest=str(manifest),
+            images=str(images),
+            val_fraction=0.2,
+            max_count=12,
+            image=ImageOptions(size=64, min_side=64),
+            progress=False,
+        )
+    )
+    return out
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY, "--data.shards", str(shards), "--output_dir", str(out), *extra]
+
+
+def _trainer(*args: str) -> list[str]:
+    return [sys.executable, "-m", "retclip_dist.train", *args]
+
+
+def _accelerate(*args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", CPU_2PROC, "--main_process_port", str(_free_port()),
+        "-m", "retclip_dist.train", *args,
+    ]  # fmt: skip
+
+
+def _run(cmd: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _cfg(shards: Path, out: Path, *extra: str) -> RunConfig:
+    args = _args(shards, out, *extra)
+    return load_config(RunConfig, args[1], args[2:])
+
+
+# --- validate(): every bad field is one line naming it -------------------------------------------------
+
+
+def _bad_manifest(d: Path, text: str) -> Path:
+    d.mkdir()
+    (d / "manifest.json").write_text(text)
+    return d
+
+
+BAD = [
+    (["--data.batch_size=-4"], 1, "data.batch_size=-4: must be at least 1"),
+    (["--data.batch_size", "0"], 1, "data.batch_size=0: must be at least 1"),
+    (["--train.epochs=-1"], 1, "train.epochs=-1: must be at least 1"),
+    (["--train.epochs", "0"], 1, "train.epochs=0: must be at least 1 (0 would save an untrained model)"),
+    (["--train.lr=-1e-4"], 1, "train.lr=-0.0001: must be a finite number above 0"),
+    (["--data.num_workers=-1"], 1, "data.num_workers=-1: must be 0 or more"),
+    (["--train.max_steps", "0"], 1, "train.max_steps=0: must be at least 1"),
+    (["--data.partitions", "3"], 2, "data.partitions=3: must be a multiple of the world size 2"),
+    (
+        ["--data.partitions", "4", "--data.batch_size", "3"],
+        2,
+        "data.batch_size=3: must split evenly over the 2 partitions of each rank",
+    ),
+    (["--train.accum_steps", "3"], 1, "train.accum_steps=3: must divide data.batch_size=8"),
+    (["--data.shards", "{tmp}/nowhere"], 1, "data.shards: cannot read shard manifest {tmp}/nowhere/manifest.json"),
+    (["--data.shards", "{tmp}"], 1, "data.shards: cannot read shard manifest {tmp}/manifest.json"),
+    (["--data.shards", "{notjson}"], 1, "data.shards: cannot read shard manifest {notjson}/manifest.json"),
+    (["--data.shards", "{notours}"], 1, "not a retclip-shards/1 manifest"),
+    (["--data.train_split", "training"], 1, "data.train_split='training': "),
+    (["--output_dir", "{file}/run"], 1, "output_dir='{file}/run': not writable (Not a directory)"),
+    (["--checkpoint.resume", "{tmp}/step_00000009"], 1, "checkpoint.resume='{tmp}/step_00000009': "),
+    (["--model.tokenizer_path", "{tmp}/vocab.txt"], 1, "model.tokenizer_path: tokenizer source {tmp}/vocab.txt"),
+    (["--model.vision_weights", "{tmp}/vit.safetensors"], 1, "model.vision_weights='{tmp}/vit.safetensors': no such file"),
+    (["--model.text_path", "{tmp}"], 1, "model.text_path='{tmp}': not a Hugging Face model directory"),
+    (["--data.image_size", "224"], 1, "data.image_size=224: the vision tower 'vit_base_patch16_224' takes 128 px"),
+    (["--data.context_length", "100"], 1, "data.context_length=100: is above the text tower's 64 positions"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "world_size", "message"), BAD, ids=[" ".join(c[0]) for c in BAD])
+def test_validate_names_the_field_and_the_reason(shards, tmp_path, overrides, world_size, message):
+    places = {
+        "tmp": str(tmp_path),
+        "notjson": str(_bad_manifest(tmp_path / "notjson", "{not json")),
+        "notours": str(_bad_manifest(tmp_path / "notours", '{"format": "other"}')),
+        "file": str(tmp_path / "a-file"),
+    }
+    (tmp_path / "a-file").write_text("")
+    overrides = [o.format(**places) for o in overrides]
+    with pytest.raises(ConfigError) as info:
+        validate(_cfg(shards, tmp_path / "run", *overrides), world_size)
+    text = str(info.value)
+    assert message.format(**places) in text
+    assert "\n" not in text
+
+
+def test_validate_accepts_the_tiny_config(shards, tmp_path):
+    validate(_cfg(shards, tmp_path / "run"), 2, check_lock=True)
+    assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").iterdir())
+
+
+def _fake_checkpoint(out: Path, world_size: int, **data: object) -> Path:
+    path = out / "checkpoints" / "step_00000004"
+    path.mkdir(parents=True)
+    state = {"step": 4, "epoch": 0, "world_size": world_size, "config": {"data": data}}
+    (path / "train_state.json").write_text(json.dumps(state))
+    return path
+
+
+def test_validate_refuses_a_resume_with_another_data_layout(shards, tmp_path):
+    out = tmp_path / "run"
+    path = _fake_checkpoint(out, 2, batch_size=8, partitions=2, num_workers=0)
+    validate(_cfg(shards, out, "--checkpoint.resume", "auto"), 2)  # the same layout resumes
+    validate(
+        _cfg(shards, out, "--checkpoint.resume", "auto", "--data.num_workers", "1"), 2
+    )  # 0 and 1: one stream
+    with pytest.raises(ConfigError) as info:
+        cfg = _cfg(
+            shards,
+            out,
+            "--checkpoint.resume",
+            str(path),
+            "--data.batch_size",
+            "16",
+            "--data.num_workers",
+            "2",
+        )
+        validate(cfg, 1)
+    assert str(info.value) == (
+        f"checkpoint.resume: {path} was saved with another data layout (processes saved 2, now 1; "
+        "data.batch_size saved 8, now 16; data.num_workers saved 0, now 2); resume with the layout it was "
+        "saved with, or start a new --output_dir"
+    )
+
+
+def test_validate_refuses_a_fresh_run_over_checkpoints(shards, tmp_path):
+    out = tmp_path / "run"
+    _fake_checkpoint(out, 1, batch_size=8, partitions=2, num_workers=0)
+    with pytest.raises(
+        ConfigError, match=r"already holds checkpoints .newest step_00000004.: pass --checkpoint"
+    ):
+        validate(_cfg(shards, out), 1)
+
+
+# --- loader workers: an error ends them, at once --------------------------------------------------------
+
+_WORKER_ERROR = textwrap.dedent(
+    """
+    import multiprocessing, sys, torch
+    from retclip_dist.data.config import DataConfig
+    from retclip_dist.data.loader import LoaderError, data_loader, guarded
+
+    class Broken(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield 1
+            raise ValueError("every shard is empty")
+
+    try:
+        list(guarded(data_loader(Broken(), DataConfig(num_workers=2, pin_memory=False)), "training data"))
+    except LoaderError as exc:
+        print(exc, len(multiprocessing.active_children()))
+        sys.exit(1)
+    """
+)
+
+
+def test_a_worker_error_is_one_line_and_the_process_exits():
+    # Before: the workers ignore SIGTERM, so multiprocessing's exit handler waited for them forever.
+    done = _run([sys.executable, "-c", _WORKER_ERROR], timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == "training data: ValueError: every shard is empty 0\n"
+    assert "Traceback" not in done.stderr
+
+
+def test_an_error_in_process_is_one_line_too():
+    class Broken(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            raise ValueError("no usable sample")
+            yield
+
+    with pytest.raises(LoaderError, match=r"^validation data: ValueError: no usable sample$"):
+        list(guarded(data_loader(Broken(), DataConfig(num_workers=0)), "validation data"))
+
+
+# --- run lock ---------------------------------------------------------------------------------------------
+
+_HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from retclip_dist.train.runlock import RunLock
+    RunLock(sys.argv[1]).acquire()
+    print("held", flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _holder(directory: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(directory)], env=_env(), stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+@pytest.mark.slow
+def test_second_run_is_refused_and_a_dead_holders_lock_is_taken_over(shards, tmp_path):
+    out = tmp_path / "run"
+    holder = _holder(out)
+    try:
+        with pytest.raises(
+            RunLocked, match=f"is in use by another run .pid {holder.pid} on {socket.gethostname()}"
+        ):
+            RunLock(out).acquire()
+        done = _run(_trainer("--check", *_args(shards, out)), timeout=120)
+        assert done.returncode == EXIT_CONFIG
+        assert done.stderr.count(f"is in use by another run (pid {holder.pid} on") == 1
+        assert len(done.stderr.strip().splitlines()) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    # Its pid is gone (SIGKILL: no chance to remove the file); the lock is stale and taken over.
+    assert json.loads((out / runlock.LOCK_NAME).read_text())["pid"] == holder.pid
+    lock = RunLock(out).acquire()
+    assert json.loads((out / runlock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (out / runlock.LOCK_NAME).exists()
+
+
+def _write_lock(out: Path, **fields: object) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": "then", **fields}
+    path = out / runlock.LOCK_NAME
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_lock_from_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path):
+    path = _write_lock(tmp_path, host="node-17", pid=4242)
+    with pytest.raises(RunLocked, match="pid 4242 on node-17"):
+        RunLock(tmp_path).acquire()
+    old = time.time() - runlock.STALE_AFTER_S - 5
+    os.utime(path, (old, old))
+    RunLock(tmp_path).acquire().release()
+
+
+def test_lock_holder_pid_reused_by_another_process_is_stale(tmp_path):
+    # pid 1 is alive, but it is not the process that took the lock.
+    _write_lock(tmp_path, pid=1, proc_start="0")
+    RunLock(tmp_path).acquire().release()
+
+
+def test_lock_from_an_earlier_run_of_the_same_slurm_job_is_stale(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    _write_lock(tmp_path, host="node-17", pid=4242, slurm_job="77.0")
+    RunLock(tmp_path).acquire().release()
+    _write_lock(tmp_path, host="node-17", pid=4242, slurm_job="78.0")
+    with pytest.raises(RunLocked):
+        RunLock(tmp_path).acquire()
+
+
+# --- processes outlive nothing: ranks go with their launcher -------------------------------------------
+
+_LAUNCHER = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    child = "from retclip_dist.launch.lifetime import exit_with_parent; import time; exit_with_parent(); print('ready', flush=True); time.sleep(120)"
+    # Its own session, as torchrun starts ranks: killing our process group does not reach it.
+    proc = subprocess.Popen([sys.executable, "-c", child], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\\n"
+    print(proc.pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")  # a zombie waits for a reaper, but runs no more
+
+
+def _wait_gone(pids: list[int], timeout: float) -> float:
+    start = time.monotonic()
+    while not all(_gone(p) for p in pids):
+        assert time.monotonic() - start < timeout, f"still running: {[p for p in pids if not _gone(p)]}"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_a_process_in_its_own_session_dies_with_its_parent():
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    child = int(launcher.stdout.readline())
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    _wait_gone([child], timeout=5)
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_killing_the_launchers_process_group_ends_the_ranks_and_their_workers(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = _accelerate(*_args(shards, out, "--train.epochs", "50", "--data.num_workers", "1"))
+    launcher = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and read_metrics(metrics, "train")):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start training"
+        time.sleep(0.2)
+    ranks = _children(launcher.pid)
+    workers = [w for r in ranks for w in _children(r)]
+    assert len(ranks) == 2 and len(workers) >= 2
+    os.killpg(launcher.pid, signal.SIGKILL)  # what a scheduler or a closed terminal does
+    launcher.wait()
+    _wait_gone(ranks + workers, timeout=10)
+    # The next run finds the lock stale (its holder is dead) and resumes.
+    runlock.check(out)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_when_one_rank_dies_the_other_leaves_its_collective_within_seconds(shards, tmp_path):
+    out = tmp_path / "run"
+    cmd = _accelerate(*_args(shards, out, "--train.epochs", "50"))
+    launcher = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and read_metrics(metrics, "train")):
+        assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start training"
+        time.sleep(0.2)
+    rank0 = json.loads((out / runlock.LOCK_NAME).read_text())["pid"]  # the main process holds the lock
+    killed = time.monotonic()
+    os.kill(rank0, signal.SIGKILL)
+    output, _ = launcher.communicate(timeout=60)
+    assert time.monotonic() - killed < 20  # torchrun's own teardown would take 30 s (SIGTERM, then SIGKILL)
+    assert launcher.returncode != 0
+    assert output.count("retclip-train: rank 1: lost contact with another rank") == 1, output[-3000:]
+    assert "[rank1]: Traceback" not in output
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_every_shard_empty_ends_both_ranks_with_one_line_each(shards, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.json").write_text((shards / "manifest.json").read_text())
+    for tar in shards.glob("*.tar"):
+        (empty / tar.name).write_bytes(b"")
+    out = tmp_path / "run"
+    started = time.monotonic()
+    done = _run(_accelerate(*_args(empty, out, "--data.num_workers", "1")), timeout=240)
+    assert done.returncode != 0
+    assert time.monotonic() - started < 240
+    for rank in (0, 1):
+        lines = [
+            line for line in done.stderr.splitlines() if line.startswith(f"retclip-train: rank {rank}: ")
+        ]
+        assert len(lines) == 1, done.stderr[-3000:]
+        assert "training data (epoch 0): ValueError: no usable sample in shards" in lines[0]
+    assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr
+    assert not (out / runlock.LOCK_NAME).exists()  # released on the error path
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_bad_config_is_one_line_and_exit_2_under_launch(shards, tmp_path):
+    cmd = _trainer("--launch", CPU_2PROC, "--main_process_port", str(_free_port()))
+    done = _run([*cmd, *_args(shards, tmp_path / "run", "--data.batch_size=-4")], timeout=120)
+    assert done.returncode == EXIT_CONFIG
+    output = done.stdout + done.stderr
+    assert output.count("data.batch_size=-4: must be at least 1") == 1
+    assert output.strip() == "retclip-train: data.batch_size=-4: must be at least 1"
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_bad_config_under_bare_accelerate_launch_is_printed_by_rank_0_only(shards, tmp_path):
+    done = _run(_accelerate(*_args(shards, tmp_path / "run", "--train.epochs", "0")), timeout=180)
+    assert done.returncode != 0
+    assert done.stderr.count("retclip-train: train.epochs=0: must be at least 1") == 1
+    assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_sbatch_script_checks_the_config_once_before_srun(shards, tmp_path):
+    env = {**_env(), "GPUS_PER_NODE": "2", "PYTHON": sys.executable}
+    args = _args(shards, tmp_path / "run", "--train.lr=-1")[1:]  # pretrain.sh takes the config path first
+    done = subprocess.run(
+        ["bash", str(ROOT / "launch/pretrain.sh"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == EXIT_CONFIG
+    assert done.stderr.strip() == "retclip-train: train.lr=-1.0: must be a finite number above 0"
+    assert "retclip: job" not in done.stdout  # srun never ran
+
+
+@pytest.mark.slow
+def test_submitit_launcher_checks_the_config_before_submitting(shards, tmp_path):
+    cmd = [sys.executable, "-m", "retclip_dist.launch.submit", "--local", "--config", TINY[1]]
+    cmd += ["--cpu", "--gpus-per-node", "2", "--log-dir", str(tmp_path / "logs"), "--"]
+    done = _run([*cmd, *_args(shards, tmp_path / "run", "--data.num_workers=-1")[2:]], timeout=120)
+    assert done.returncode == EXIT_CONFIG
+    assert done.stderr.strip() == "retclip-train: data.num_workers=-1: must be 0 or more"
+    assert not (tmp_path / "logs").exists()  # nothing was submitted
+
+
+def _damage_first_sample(tar: Path) -> str:
+    """Replace the first left-eye JPEG of a shard with bytes that are no image; returns its key."""
+    with tarfile.open(tar) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    key = next(m.name for m, _ in members if m.name.endswith(".left.jpg"))
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as dst:
+        for member, data in members:
+            if member.name == key:
+                data = b"not a jpeg" * 10
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    return key
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_end_and_val_records_sum_skipped_samples_over_ranks(shards, tmp_path):
+    damaged = tmp_path / "shards"
+    damaged.mkdir()
+    for f in shards.iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    # Validation: rank r reads val shards [r::2] in name order, so only rank 1 meets this damage.
+    _damage_first_sample(damaged / "val-000001.tar")
+    for tar in damaged.glob("train-*.tar"):
+        _damage_first_sample(tar)
+    out = tmp_path / "run"
+    cmd = _trainer("--launch", CPU_2PROC, "--main_process_port", str(_free_port()))
+    done = _run(
+        [*cmd, *_args(damaged, out, "--train.max_steps", "3", "--eval.every_epochs", "1")], timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    warnings = [line for line in done.stderr.splitlines() if "skipped 1 sample(s), corrupt_image" in line]
+    val = read_metrics(out / "metrics.jsonl", "val")
+    assert [r["skipped_samples"] for r in val] == [1]
+    assert all("[rank 1]" in line for line in warnings if "val-000001" in line)
+    train_skips = {r: sum(f"[rank {r}]" in w and "/train-" in w for w in warnings) for r in (0, 1)}
+    assert train_skips[0] > 0 and train_skips[1] > 0, done.stderr[-3000:]
+    end = read_metrics(out / "metrics.jsonl", "end")[-1]
+    assert end["skipped_samples"] == train_skips[0] + train_skips[1]
+    assert not (out / runlock.LOCK_NAME).exists()  # released on a normal exit
+
+    # The checkpoint was saved by 2 processes with batch 8: one process at batch 16 cannot resume it.
+    again = _run(_trainer(*_args(damaged, out, "--checkpoint.resume", "auto", "--data.batch_size", "16")))
+    assert again.returncode == EXIT_CONFIG
+    assert again.stderr.count("was saved with another data layout (processes saved 2, now 1;") == 1
+    assert "Traceback" not in again.stderr
+
+
+@pytest.mark.slow
+def test_a_live_run_holds_its_output_dir_until_it_stops(shards, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        _trainer(*_args(shards, out, "--train.epochs", "50", "--data.num_workers", "1")),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and read_metrics(metrics, "train")):
+        assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
+        time.sleep(0.2)
+    second = _run(_trainer(*_args(shards, out, "--checkpoint.resume", "auto")), timeout=120)
+    assert second.returncode == EXIT_CONFIG
+    assert second.stderr.count(f"is in use by another run (pid {first.pid} on {socket.gethostname()}") == 1
+    assert len(second.stderr.strip().splitlines()) == 1
+    os.killpg(first.pid, signal.SIGTERM)  # a stop signal: it saves, exits 3 and gives the lock back
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode == EXIT_STOPPED, output[-3000:]
+    assert not (out / runlock.LOCK_NAME).exists()
