@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from retclip_dist.config import ConfigError, load_config, to_dict
 from retclip_dist.data.evaluation import build_eval_data
-from retclip_dist.data.loader import build_train_data
+from retclip_dist.data.loader import TrainLoader, build_train_data
 from retclip_dist.launch.env import accelerator_placement
 from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.retclip import RetClip, RetClipOutput
@@ -307,6 +307,7 @@ def train(cfg: RunConfig) -> int:
             if step >= total_steps:
                 break
         if data.epoch_done():
+            log_epoch(acc, metrics, data, epoch, step)
             epoch += 1
             data.set_epoch(epoch)
             if cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0:
@@ -324,6 +325,29 @@ def train(cfg: RunConfig) -> int:
     acc.wait_for_everyone()
     acc.end_training()
     return exit_code
+
+
+def log_epoch(acc: Accelerator, metrics: MetricsLog | None, data: TrainLoader, epoch: int, step: int) -> None:
+    """Account for every patient of the split in the finished epoch: used once, or unused and why."""
+    # Each rank counts the damaged samples of its own streams; every rank joins the sum.
+    local = torch.tensor([data.epoch_skipped], dtype=torch.int64, device=acc.device)
+    skipped = int(sum_over_ranks(acc, local).item())
+    used = data.samples_per_epoch - data.unused_per_epoch - skipped
+    unused = data.samples_per_epoch - used
+    if metrics is None:
+        return
+    record = {"epoch": epoch, "patients_used": used, "patients_unused": unused, "skipped_samples": skipped}
+    metrics.write("epoch", step, record)
+    log.info(
+        "epoch %d done: %d of %d patients used, %d unused (%d past the last whole global batch, %d skipped "
+        "as damaged)",
+        epoch,
+        used,
+        data.samples_per_epoch,
+        unused,
+        data.unused_per_epoch,
+        skipped,
+    )
 
 
 def _summary(scores: dict[str, float]) -> str:
