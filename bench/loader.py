@@ -118,7 +118,7 @@ def _loader_rate(root: Path, batch: int, partitions: int | None = None) -> tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 # The comparison layout: 4 partitions of 16 patients per batch of 64, shards of 48, so stream boundaries
-# fall inside shards (the range plan reads partial shards; the shard plan leaves patients unused).
+# mostly fall inside shards (the range plan reads partial shards; the shard plan leaves patients unused).
 COMPARE_PARTITIONS = 4
 COMPARE_SHARD = 48
 
