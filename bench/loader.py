@@ -11,7 +11,7 @@ with W workers scales about linearly until the storage or the GPU is the limit).
   loader, device path  TrainLoader end to end in the main process: tar reading, shuffle, decode, tokens
 
 With ``--baseline DIR`` (a source tree of another version, e.g. ``git archive main``), the loader row is
-also measured on an awkward layout (4 partitions, shards of 48 that no stream boundary respects) for this
+also measured on an awkward layout (4 partitions, shards of 48 that stream boundaries cut) for this
 tree and DIR, each in its own subprocess, in alternating rounds, with the patients each epoch uses:
 
     git archive main | (mkdir -p /tmp/base && tar -x -C /tmp/base)
@@ -124,7 +124,7 @@ COMPARE_SHARD = 48
 
 
 def _tree_rate(tree: Path, root: Path, batch: int) -> dict:
-    """Best of 3 ``_loader_rate`` epochs run by the code under ``tree`` in a fresh process (one torch thread)."""
+    """Best of 3 ``_loader_rate`` epochs by the code under ``tree``, in a fresh process (one torch thread)."""
     cmd = [sys.executable, __file__, "--loader-rate", str(root), "--batch", str(batch)]
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
@@ -152,10 +152,9 @@ def _compare(baseline: Path, patients: list, batch: int, rounds: int) -> None:
         print(f"{name:<10} {got['rate']:>16.1f} {got['used']:>11}  {got['module']}")
     ratio = best["this tree"]["rate"] / best["baseline"]["rate"]
     # Back-to-back runs share the machine's load, so the median of the per-round ratios is the steadier one.
+    median = statistics.median(ratios)
     rounds_text = " ".join(f"{r:.2f}" for r in ratios)
-    print(
-        f"this tree / baseline: best {ratio:.3f}x, median of rounds {statistics.median(ratios):.3f}x ({rounds_text})"
-    )
+    print(f"this tree / baseline: best {ratio:.3f}x, median of rounds {median:.3f}x ({rounds_text})")
 
 
 def main() -> None:

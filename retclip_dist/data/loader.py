@@ -1,10 +1,10 @@
 """The training loader: partitioned WebDataset streams, per-worker batches and an exact resume position.
 
 Data flow per logical worker w of W, for each partition p this rank serves:
-  sample ranges of stream (p, w) (plan) -> raw samples -> seeded shuffle buffer -> skip resumed positions -> decode and
-  augment -> micro-batch; the worker concatenates one micro-batch per partition into the rank's batch and
-  tags it with w and its stream positions. ``TrainLoader`` hands the batches out in the planned order,
-  remembers the positions behind the last batch of every worker, and resumes from them.
+  sample ranges of stream (p, w) (plan) -> raw samples -> seeded shuffle buffer -> skip resumed positions
+  -> decode and augment -> micro-batch; the worker concatenates one micro-batch per partition into the
+  rank's batch and tags it with w and its stream positions. ``TrainLoader`` hands the batches out in the
+  planned order, remembers the positions behind the last batch of every worker, and resumes from them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from retclip_dist.data.augment import DeviceAugment
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.manifest import Manifest, read_manifest
-from retclip_dist.data.plan import PLAN_FORMAT, EpochPlan, Layout, derive_seed, plan_epoch
+from retclip_dist.data.plan import LEGACY_PLAN_FORMAT, PLAN_FORMAT, EpochPlan, Layout, derive_seed, plan_epoch
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import stream_samples
@@ -166,8 +166,8 @@ class TrainLoader:
                 f"partition over {self.layout.partitions} partitions and {self.workers} workers"
             )
         log.info(
-            "epoch %d: %d steps; %d of the %d samples of split %r unused this epoch (the remainder of "
-            "the global batch of %d)",
+            "epoch %d: %d steps; %d of the %d samples of split %r unused this epoch (past the last "
+            "whole global batch of %d)",
             epoch,
             self.plan.steps,
             self.plan.unused,
@@ -281,7 +281,7 @@ class TrainLoader:
         mine = self._layout_record()
         # States without a plan record come from the shard-per-stream plan; at an epoch's first step
         # every position is zero under any plan, so only a mid-epoch position needs the same plan.
-        saved = {"plan": "shards/1", **state["layout"]} if state["step"] else state["layout"]
+        saved = {"plan": LEGACY_PLAN_FORMAT, **state["layout"]} if state["step"] else state["layout"]
         changed = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())

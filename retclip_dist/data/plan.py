@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from retclip_dist.data.manifest import ShardInfo
 
 # Recorded with a loader's position: a checkpoint's stream positions only mean something under the plan
-# that wrote them ("shards/1", the shard-per-stream plan before it, has no record).
+# that wrote them. The shard-per-stream plan before this one wrote no record.
 PLAN_FORMAT = "ranges/1"
+LEGACY_PLAN_FORMAT = "shards/1"
 
 
 def derive_seed(*parts: int) -> int:

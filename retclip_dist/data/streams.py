@@ -98,9 +98,9 @@ def stream_samples(
     """Decoded samples of one stream after its first ``start`` raw samples, each with its raw position.
 
     The raw samples are the stream's shard ranges read in order. The raw order is a pure function of
-    (ranges, seed, buffer), so skipping ``start`` raw samples
-    (without decoding them) lands exactly where a checkpointed run stopped. Counts are muted while
-    replaying those positions: the checkpoint already holds them. A stream asked for more than it holds
+    (ranges, seed, buffer), so skipping ``start`` raw samples (without decoding them) lands exactly where
+    a checkpointed run stopped. Counts are muted while replaying those positions: the checkpoint already
+    holds them. A stream asked for more than it holds
     (its shards lost samples to corruption) starts over in the same order, counting each reused sample,
     so that every rank still runs the planned number of steps.
     """
