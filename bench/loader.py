@@ -9,12 +9,24 @@ with W workers scales about linearly until the storage or the GPU is the limit).
   device path, worker  DCT draft decode to 256 px uint8 + parameter sampling (what loader workers do)
   device path, augment the batched augmentation of both eyes, timed per batch on the CPU (and GPU if any)
   loader, device path  TrainLoader end to end in the main process: tar reading, shuffle, decode, tokens
+
+With ``--baseline DIR`` (a source tree of another version, e.g. ``git archive main``), the loader row is
+also measured on an awkward layout (4 partitions, shards of 48 that stream boundaries cut) for this
+tree and DIR, each in its own subprocess, in alternating rounds, with the patients each epoch uses:
+
+    git archive main | (mkdir -p /tmp/base && tar -x -C /tmp/base)
+    .venv/bin/python bench/loader.py --baseline /tmp/base
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -88,12 +100,61 @@ def _augment_ms(cfg: DataConfig, batch: int, device: str, repeats: int) -> float
     return best * 1000
 
 
-def _loader_rate(root: Path, batch: int) -> float:
-    cfg = DataConfig(shards=str(root), batch_size=batch, num_workers=0, shuffle_buffer=64, val_split=None)
+def _loader_rate(root: Path, batch: int, partitions: int | None = None) -> tuple[float, int]:
+    """Patients per second of one epoch of the training loader, and the patients that epoch uses."""
+    cfg = DataConfig(
+        shards=str(root),
+        batch_size=batch,
+        num_workers=0,
+        shuffle_buffer=64,
+        val_split=None,
+        partitions=partitions,
+    )
     loader = build_train_data(cfg, tiny_tokenizer(), 0, 1, 0)
     start = time.perf_counter()
     steps = sum(1 for _ in loader)
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batch / (time.perf_counter() - start), steps * batch
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# The comparison layout: 4 partitions of 16 patients per batch of 64, shards of 48, so stream boundaries
+# mostly fall inside shards (the range plan reads partial shards; the shard plan leaves patients unused).
+COMPARE_PARTITIONS = 4
+COMPARE_SHARD = 48
+
+
+def _tree_rate(tree: Path, root: Path, batch: int) -> dict:
+    """Best of 3 ``_loader_rate`` epochs by the code under ``tree``, in a fresh process (one torch thread)."""
+    cmd = [sys.executable, __file__, "--loader-rate", str(root), "--batch", str(batch)]
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _compare(baseline: Path, patients: list, batch: int, rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shard_set(Path(tmp), {"train": patients}, per_shard=COMPARE_SHARD)
+        best: dict[str, dict] = {}
+        ratios = []
+        for _ in range(rounds):
+            pair = {}
+            for name, tree in (("this tree", ROOT), ("baseline", baseline)):
+                pair[name] = got = _tree_rate(tree, Path(tmp), batch)
+                if name not in best or got["rate"] > best[name]["rate"]:
+                    best[name] = got
+            ratios.append(pair["this tree"]["rate"] / pair["baseline"]["rate"])
+    print(
+        f"\nloader, {len(patients)} patients in shards of {COMPARE_SHARD}, {COMPARE_PARTITIONS} partitions, "
+        f"batch {batch}, best of {rounds} alternating rounds"
+    )
+    print(f"{'code':<10} {'patients/s/core':>16} {'used/epoch':>11}  imported from")
+    for name, got in best.items():
+        print(f"{name:<10} {got['rate']:>16.1f} {got['used']:>11}  {got['module']}")
+    ratio = best["this tree"]["rate"] / best["baseline"]["rate"]
+    # Back-to-back runs share the machine's load, so the median of the per-round ratios is the steadier one.
+    median = statistics.median(ratios)
+    rounds_text = " ".join(f"{r:.2f}" for r in ratios)
+    print(f"this tree / baseline: best {ratio:.3f}x, median of rounds {median:.3f}x ({rounds_text})")
 
 
 def main() -> None:
@@ -105,8 +166,17 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=64, help="batch size for the batched augmentation")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the best is reported")
+    parser.add_argument("--baseline", type=Path, help="source tree to compare the loader against")
+    parser.add_argument("--loader-rate", type=Path, help=argparse.SUPPRESS)  # the subprocess of --baseline
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.loader_rate is not None:
+        import retclip_dist
+
+        # Best of a few epochs: the first one in a fresh process also pays for lazy imports and caches.
+        rate, used = max(_loader_rate(args.loader_rate, args.batch, COMPARE_PARTITIONS) for _ in range(3))
+        print(json.dumps({"rate": rate, "used": used, "module": str(Path(retclip_dist.__file__).parent)}))
+        return
 
     patients = fake_patients(args.patients, size=512, seed=0)
     raws = _raw_samples(patients)
@@ -136,13 +206,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_shard_set(Path(tmp), {"train": patients}, per_shard=64)
         rows.append(
-            ("loader, device path, 1 process", _loader_rate(Path(tmp), args.batch), "tar+shuffle+tokens")
+            ("loader, device path, 1 process", _loader_rate(Path(tmp), args.batch)[0], "tar+shuffle+tokens")
         )
 
     print(f"{args.patients} patients, 512 px JPEG, 1 torch thread, best of {args.repeats}")
     print(f"{'path':<36} {'patients/s/core':>16} {'vs bare decode':>15}  note")
     for name, rate, note in rows:
         print(f"{name:<36} {rate:>16.1f} {rate / bare:>15.2f}  {note}")
+    if args.baseline is not None:
+        _compare(args.baseline, patients, args.batch, args.repeats)
 
 
 if __name__ == "__main__":

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import os
 import signal
+import socket
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.evaluation import build_eval_data
 from retclip_dist.data.fixtures import fake_patients, tiny_tokenizer, write_shard_set
 from retclip_dist.data.loader import build_train_data, data_loader
 from retclip_dist.data.manifest import read_manifest
+from retclip_dist.data.skips import SkipCounter
+from retclip_dist.data.streams import read_shard
 
 TOKENIZER = tiny_tokenizer()
 # Small images keep the tests fast: 96 px sources, drafts of 48 px, 40 px model inputs.
@@ -78,12 +84,13 @@ def test_per_eye_reports_fall_back_to_the_patient_report(shard_set: Path) -> Non
             assert same != own, key
 
 
-def test_ranks_run_equal_steps_and_the_drop_is_reported(shard_set: Path) -> None:
-    # 10 shards of 4, P=2, W=2, micro 3: caps (4, 2) -> 6 steps, 36 of 40 samples used.
+def test_ranks_run_equal_steps_and_the_unused_remainder_is_reported(shard_set: Path) -> None:
+    # 40 samples, P=2, W=2, micro 3: global batch 6, 6 steps (3 per worker), 36 of 40 samples used.
     cfg = _cfg(shard_set, batch_size=3, num_workers=2)
     loaders = [build_train_data(cfg, TOKENIZER, r, 2, 0) for r in (0, 1)]
     assert [d.steps_per_epoch for d in loaders] == [6, 6]
-    assert [d.dropped_per_epoch for d in loaders] == [4, 4]
+    assert [d.unused_per_epoch for d in loaders] == [4, 4]
+    assert [d.samples_per_epoch for d in loaders] == [40, 40]
     keys = []
     for d in loaders:
         batches = list(d)
@@ -123,10 +130,13 @@ def _resumed_epoch(cfg: DataConfig, seed: int, stop: int) -> tuple[list[dict], d
     ("workers", "partitions", "batch_size", "stop", "steps"),
     [
         (0, 1, 3, 5, 13),
-        (2, 1, 3, 5, 12),
-        # Unequal workers: caps (4, 2), order 0 1 0 1 0 0; resume before and after worker 1 runs dry.
+        (2, 1, 3, 5, 13),
+        # Streams of 9 samples over shards of 4: each starts or ends inside a shard.
         (2, 2, 6, 3, 6),
-        (2, 2, 6, 5, 6),
+        # Unequal workers: caps (4, 3, 3), order 0 1 2 0 1 2 0 1 2 0; resume before and after the last
+        # round, in which only worker 0 is left.
+        (3, 2, 4, 8, 10),
+        (3, 2, 4, 9, 10),
     ],
 )
 def test_resume_continues_with_the_uninterrupted_batches(
@@ -191,8 +201,33 @@ def test_damaged_samples_and_shards_are_skipped_and_counted(tmp_path: Path) -> N
     keys = [k for b in batches for k in b["keys"]]
     assert {"p00001", "p00005", "p00009", "p00010", "p00011"}.isdisjoint(keys)
     assert data.skip_counts == {"corrupt_image": 1, "missing_member": 1, "shard_error": 3, "reused": 5}
-    assert data.skipped == 5
-    assert len(set(keys)) == 7
+    assert data.skipped == data.epoch_skipped == 5
+    assert len(set(keys)) == 7 == data.samples_per_epoch - data.unused_per_epoch - data.epoch_skipped
+    data.set_epoch(1)
+    assert data.epoch_skipped == 0 and data.skipped == 5
+
+
+def _read(shard, start: int, stop: int | None) -> tuple[list[str], int]:
+    counter = SkipCounter()
+    keys = [raw["__key__"] for raw in read_shard(shard, {}, counter, start, stop)]
+    return keys, counter.counts["shard_error"]
+
+
+def test_shard_ranges_read_exactly_the_samples_of_a_full_read(shard_set: Path, tmp_path: Path) -> None:
+    shard = read_manifest(str(shard_set)).split("train")[3]
+    full, _ = _read(shard, 0, None)
+    assert full == ["p00012", "p00013", "p00014", "p00015"]
+    for start in range(4):
+        for stop in range(start + 1, 5):
+            assert _read(shard, start, stop) == (full[start:stop], 0)
+    # The cut shard: p00008 survives a full read, the 3 after it are lost. Cut into ranges, the same
+    # samples survive and each loss is counted by exactly one range.
+    cut = read_manifest(str(_damaged_set(tmp_path))).split("train")[2]
+    assert _read(cut, 0, None) == (["p00008"], 3)
+    for bounds in ([0, 1, 4], [0, 2, 4], [0, 3, 4], [0, 1, 2, 3, 4]):
+        parts = [_read(cut, a, b) for a, b in itertools.pairwise(bounds)]
+        assert [k for keys, _ in parts for k in keys] == ["p00008"]
+        assert sum(lost for _, lost in parts) == 3
 
 
 def test_resume_over_damaged_data_counts_each_loss_once(tmp_path: Path) -> None:
@@ -201,7 +236,64 @@ def test_resume_over_damaged_data_counts_each_loss_once(tmp_path: Path) -> None:
     full_batches = list(full)
     batches, state = _resumed_epoch(cfg, 0, 2)
     _assert_same(batches, full_batches)
-    assert state["skips"] == dict(full.skip_counts)
+    assert state["skips"] == state["epoch_skips"] == dict(full.skip_counts)
+
+
+def test_resume_refuses_a_mid_epoch_position_of_the_old_plan(shard_set: Path) -> None:
+    cfg = _cfg(shard_set, batch_size=4)
+    old = build_train_data(cfg, TOKENIZER, 0, 1, 0)
+    for _ in zip(range(2), old, strict=False):
+        pass
+    state = old.state_dict()
+    del state["layout"]["plan"], state["layout"]["samples"], state["epoch_skips"]
+    with pytest.raises(ValueError, match="plan: saved shards/1, now ranges/1"):
+        build_train_data(cfg, TOKENIZER, 0, 1, 0).load_state_dict(state)
+    # At an epoch's first step a position means the same under either plan.
+    state.update(step=0, positions=[[0]])
+    fresh = build_train_data(cfg, TOKENIZER, 0, 1, 0)
+    fresh.load_state_dict(state)
+    _assert_same(list(fresh), list(build_train_data(cfg, TOKENIZER, 0, 1, 0)))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_epoch(rank: int, world: int, port: int, root: str, out: str) -> None:
+    """One rank of a gloo job: read an epoch with 2 loader workers; rank 0 writes every rank's keys."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg = _cfg(Path(root), batch_size=3, num_workers=2)
+        data = build_train_data(cfg, TOKENIZER, rank, world, 11)
+        steps = [batch["keys"] for batch in data]
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, {"steps": steps, "planned": data.steps_per_epoch})
+        if rank == 0:
+            Path(out).write_text(json.dumps({"ranks": gathered, "unused": data.unused_per_epoch}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_gloo_ranks_with_two_workers_use_every_patient_once(tmp_path: Path, monkeypatch) -> None:
+    # 47 patients in shards of 9, 1, 5, 2, ... ; 2 ranks x 3 patients: 7 steps of 6 (worker 0 serves 4,
+    # worker 1 serves 3), streams of 12 and 9 samples that start and end inside shards, 5 left over.
+    patients = fake_patients(47, size=64, seed=5)
+    write_shard_set(tmp_path / "shards", {"train": patients}, per_shard=[9, 1, 5, 2])
+    out = tmp_path / "keys.json"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.spawn(_rank_epoch, args=(2, _free_port(), str(tmp_path / "shards"), str(out)), nprocs=2, join=True)
+    result = json.loads(out.read_text())
+    ranks = result["ranks"]
+    assert [len(r["steps"]) for r in ranks] == [r["planned"] for r in ranks] == [7, 7]
+    assert all(len(keys) == 3 for r in ranks for keys in r["steps"])
+    seen = [k for r in ranks for keys in r["steps"] for k in keys]
+    assert len(seen) == len(set(seen)) == 42 == 47 - result["unused"]
+    assert set(seen) <= {p.key for p in patients}
 
 
 def test_eval_loader_reads_every_patient_once_across_ranks(shard_set: Path) -> None:

@@ -1,11 +1,14 @@
-"""Epoch plans: shard assignment, step counts, dropped samples and the worker order."""
+"""Epoch plans: sample ranges per stream, step counts, unused samples and the worker order."""
 
 from __future__ import annotations
+
+import itertools
+import random
 
 import pytest
 
 from retclip_dist.data.manifest import ShardInfo
-from retclip_dist.data.plan import Layout, plan_epoch, round_robin
+from retclip_dist.data.plan import EpochPlan, Layout, ShardRange, cut_ranges, plan_epoch, round_robin
 
 
 def _shards(counts: list[int]) -> list[ShardInfo]:
@@ -15,38 +18,123 @@ def _shards(counts: list[int]) -> list[ShardInfo]:
     ]
 
 
+def _check(plan: EpochPlan, shards: list[ShardInfo], partitions: int, workers: int, micro: int) -> None:
+    """Every stream holds its worker's batches; no sample is read twice; under one global batch unused."""
+    total = sum(s.count for s in shards)
+    global_batch = partitions * micro
+    assert plan.samples == total
+    assert plan.steps == total // global_batch == sum(plan.caps) == len(plan.order)
+    assert plan.unused == total - plan.steps * global_batch
+    assert 0 <= plan.unused < global_batch
+    assert max(plan.caps) - min(plan.caps) <= 1
+    assert list(plan.order) == round_robin(plan.caps)
+    counts = {s.name: s.count for s in shards}
+    read: dict[str, list[tuple[int, int]]] = {}
+    for p in range(partitions):
+        for w in range(workers):
+            stream = plan.streams[p][w]
+            assert sum(r.count for r in stream) == plan.caps[w] * micro
+            for r in stream:
+                assert 0 <= r.start < r.stop <= counts[r.shard.name]
+                read.setdefault(r.shard.name, []).append((r.start, r.stop))
+    for name, spans in read.items():
+        spans.sort()
+        for (_, stop), (start, _) in itertools.pairwise(spans):
+            assert stop <= start, f"{name}: ranges overlap"
+    assert sum(stop - start for spans in read.values() for start, stop in spans) == total - plan.unused
+
+
+# (shard counts, ranks, workers, patients per rank): the cohorts of issue 9 in shards of 1,000 (the
+# make-shards default), where the shard-per-stream plan left 10-26% unused, and awkward layouts.
+LAYOUTS = {
+    "193k on 8x12": ([1000] * 193, 8, 12, 256),
+    "193k on 32x12": ([1000] * 193, 32, 12, 256),
+    "50k on 8x8": ([1000] * 50, 8, 8, 256),
+    "7,680 on 1x12": ([1000] * 7 + [680], 1, 12, 256),
+    "7,373 train of 7,680 on 1x12": ([1000] * 7 + [373], 1, 12, 256),
+    "very uneven shards": ([1, 5000, 3, 0, 777, 12, 2048, 1, 250, 9999, 2], 4, 3, 64),
+    "one shard per rank": ([1000] * 8, 8, 12, 256),
+    "one shard for many ranks": ([5000], 4, 2, 32),
+    "more workers than shards": ([40, 7, 100], 2, 16, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layouts_use_all_but_less_than_one_global_batch(name: str) -> None:
+    counts, ranks, workers, batch = LAYOUTS[name]
+    shards = _shards(counts)
+    for epoch in (0, 1):
+        plan = plan_epoch(shards, partitions=ranks, workers=workers, micro_batch=batch, seed=3, epoch=epoch)
+        _check(plan, shards, ranks, workers, batch)
+
+
+def test_known_layout_cases() -> None:
+    plan = plan_epoch(_shards([1000] * 193), partitions=8, workers=12, micro_batch=256, seed=0, epoch=0)
+    assert (plan.steps, plan.unused) == (94, 488)  # 193,000 - 94 x 2,048; the old plan: 20,968
+    assert plan.caps == (8,) * 10 + (7,) * 2
+    plan = plan_epoch(_shards([1000] * 193), partitions=32, workers=12, micro_batch=256, seed=0, epoch=0)
+    assert (plan.steps, plan.unused) == (23, 4584)  # the old plan: 45,544
+    plan = plan_epoch(_shards([1000] * 8), partitions=8, workers=12, micro_batch=256, seed=0, epoch=0)
+    assert plan.caps == (1, 1, 1) + (0,) * 9 and plan.unused == 8000 - 3 * 2048
+
+
+def test_random_layouts() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        shards = _shards(
+            [
+                rng.choice([0, 1, 2, rng.randrange(1, 50), rng.randrange(1, 2000)])
+                for _ in range(rng.randrange(1, 12))
+            ]
+        )
+        partitions, workers, micro = rng.randrange(1, 9), rng.randrange(1, 13), rng.randrange(1, 40)
+        plan = plan_epoch(shards, partitions, workers, micro, seed=rng.randrange(100), epoch=rng.randrange(3))
+        _check(plan, shards, partitions, workers, micro)
+
+
 def test_round_robin_passes_over_exhausted_workers() -> None:
     assert round_robin([3, 1, 0, 2]) == [0, 1, 3, 0, 3, 0]
     assert round_robin([0, 0]) == []
 
 
-def test_equal_shards_give_known_steps_and_drop() -> None:
-    # 10 shards of 4, P=2: each partition holds 5 shards; worker 0 reads 3 (12 samples), worker 1 reads 2 (8).
+def test_cut_ranges_starts_and_ends_streams_inside_shards() -> None:
+    a, empty, c = _shards([4, 0, 5])
+    assert cut_ranges([a, empty, c], [3, 3, 2]) == [
+        (ShardRange(a, 0, 3),),
+        (ShardRange(a, 3, 4), ShardRange(c, 0, 2)),
+        (ShardRange(c, 2, 4),),
+    ]
+    assert cut_ranges([a], [0, 4]) == [(), (ShardRange(a, 0, 4),)]
+    with pytest.raises(ValueError, match="fewer samples than the 10 planned"):
+        cut_ranges([a, c], [10])
+
+
+def test_equal_shards_give_known_steps_and_unused() -> None:
+    # 40 samples, global batch 2 x 3: 6 steps, 3 per worker, 9 samples per stream, 4 unused.
     plan = plan_epoch(_shards([4] * 10), partitions=2, workers=2, micro_batch=3, seed=0, epoch=0)
-    assert plan.caps == (4, 2)
-    assert plan.order == (0, 1, 0, 1, 0, 0)
+    assert plan.caps == (3, 3)
+    assert plan.order == (0, 1, 0, 1, 0, 1)
     assert plan.steps == 6
-    assert plan.dropped == 40 - 6 * 3 * 2
+    assert plan.unused == 4 and plan.planned == 36
+    assert [sum(r.count for r in s) for part in plan.streams for s in part] == [9, 9, 9, 9]
 
 
-def test_every_shard_is_read_by_exactly_one_stream_and_order_changes_by_epoch() -> None:
+def test_streams_follow_the_epoch_shuffle_and_the_plan_is_reproducible() -> None:
     shards = _shards([5, 3, 4, 4, 2, 6, 4])
     plans = [plan_epoch(shards, partitions=2, workers=3, micro_batch=2, seed=7, epoch=e) for e in (0, 1)]
-    for plan in plans:
-        names = sorted(s.name for part in plan.streams for stream in part for s in stream)
-        assert names == [s.name for s in shards]
-    first = [[s.name for s in stream] for stream in plans[0].streams[0]]
-    second = [[s.name for s in stream] for stream in plans[1].streams[0]]
+    first = [[(r.shard.name, r.start, r.stop) for r in stream] for stream in plans[0].streams[0]]
+    second = [[(r.shard.name, r.start, r.stop) for r in stream] for stream in plans[1].streams[0]]
     assert first != second
     again = plan_epoch(shards, partitions=2, workers=3, micro_batch=2, seed=7, epoch=0)
     assert again == plans[0]
 
 
-def test_fewer_shards_than_streams_leaves_idle_workers_out_of_the_order() -> None:
-    plan = plan_epoch(_shards([4, 4]), partitions=1, workers=4, micro_batch=2, seed=0, epoch=0)
-    assert plan.caps == (2, 2, 0, 0)
-    assert plan.order == (0, 1, 0, 1)
-    assert plan.dropped == 0
+def test_more_streams_than_steps_leaves_idle_workers_out_of_the_order() -> None:
+    plan = plan_epoch(_shards([4, 4]), partitions=1, workers=4, micro_batch=3, seed=0, epoch=0)
+    assert plan.caps == (1, 1, 0, 0)
+    assert plan.order == (0, 1)
+    assert plan.streams[0][2] == plan.streams[0][3] == ()
+    assert plan.unused == 2
 
 
 def test_layout_serves_partitions_round_robin_and_splits_the_batch() -> None:

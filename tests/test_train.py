@@ -153,6 +153,15 @@ def test_single_process_run_writes_everything(shards, reference):
     assert 0.0 <= val[-1]["patient/i2t_r1"] <= 1.0
     manifest = json.loads((shards / "manifest.json").read_text())
     assert val[-1]["samples"] == manifest["splits"]["val"]["samples"]
+    # Each epoch accounts for every training patient: all used but the remainder of the global batch (16).
+    patients = manifest["splits"]["train"]["samples"]
+    epochs = read_metrics(reference / "metrics.jsonl", "epoch")
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert [r["step"] for r in epochs] == [patients // 16, 2 * (patients // 16)]
+    for r in epochs:
+        assert r["patients_used"] == patients // 16 * 16
+        assert r["patients_used"] + r["patients_unused"] == patients
+        assert r["skipped_samples"] == 0
     assert read_metrics(reference / "metrics.jsonl", "end")[-1]["exit_code"] == 0
     kept = sorted(p.name for p in (reference / "checkpoints").iterdir())
     assert len(kept) == 2 and all(not name.endswith(".tmp") for name in kept)
@@ -164,7 +173,14 @@ def test_single_process_run_writes_everything(shards, reference):
 @pytest.mark.dist
 def test_two_processes_match_one_process(shards, reference, tmp_path):
     # With data.partitions=2, one process at batch 16 and two at batch 8 see the same global batches.
-    train(shards, tmp_path, processes=2)
+    done = train(shards, tmp_path, processes=2)
+    epochs = read_metrics(tmp_path / "metrics.jsonl", "epoch")
+    assert epochs == read_metrics(reference / "metrics.jsonl", "epoch")
+    first = epochs[0]
+    assert (
+        f"epoch 0 done: {first['patients_used']} of {first['patients_used'] + first['patients_unused']} "
+        f"patients used, {first['patients_unused']} unused"
+    ) in done.stderr
     one, two = losses(reference), losses(tmp_path)
     assert len(one) == len(two)
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,14 +80,21 @@ def sample_dict(p: FakePatient, split: str) -> dict:
     return members
 
 
-def write_shard_set(root: Path, splits: dict[str, list[FakePatient]], per_shard: int) -> dict:
-    """Write ``{split}-{i:06d}.tar`` shards and ``manifest.json`` under ``root``; returns the manifest."""
+def write_shard_set(root: Path, splits: dict[str, list[FakePatient]], per_shard: int | Sequence[int]) -> dict:
+    """Write ``{split}-{i:06d}.tar`` shards and ``manifest.json`` under ``root``; returns the manifest.
+
+    ``per_shard`` is the patients per shard, or a list of shard sizes that each split's shards take in turn.
+    """
     root.mkdir(parents=True, exist_ok=True)
+    sizes = [per_shard] if isinstance(per_shard, int) else list(per_shard)
     entries = []
     for split, patients in splits.items():
-        for index, first in enumerate(range(0, len(patients), per_shard)):
+        bounds = [0]
+        while bounds[-1] < len(patients):
+            bounds.append(min(bounds[-1] + sizes[(len(bounds) - 1) % len(sizes)], len(patients)))
+        for index, (first, last) in enumerate(itertools.pairwise(bounds)):
             name = f"{split}-{index:06d}.tar"
-            chunk = patients[first : first + per_shard]
+            chunk = patients[first:last]
             with wds.TarWriter(str(root / name)) as sink:
                 for p in chunk:
                     sink.write(sample_dict(p, split))
@@ -102,7 +111,7 @@ def write_shard_set(root: Path, splits: dict[str, list[FakePatient]], per_shard:
     manifest = {
         "format": "retclip-shards/1",
         "tool_version": "fixtures",
-        "options": {"per_shard": per_shard},
+        "options": {"per_shard": per_shard if isinstance(per_shard, int) else sizes},
         "splits": {
             split: {
                 "shards": sum(e["split"] == split for e in entries),

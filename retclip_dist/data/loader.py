@@ -1,10 +1,10 @@
 """The training loader: partitioned WebDataset streams, per-worker batches and an exact resume position.
 
 Data flow per logical worker w of W, for each partition p this rank serves:
-  shards[p][w] (plan) -> raw samples -> seeded shuffle buffer -> skip resumed positions -> decode and
-  augment -> micro-batch; the worker concatenates one micro-batch per partition into the rank's batch and
-  tags it with w and its stream positions. ``TrainLoader`` hands the batches out in the planned order,
-  remembers the positions behind the last batch of every worker, and resumes from them.
+  sample ranges of stream (p, w) (plan) -> raw samples -> seeded shuffle buffer -> skip resumed positions
+  -> decode and augment -> micro-batch; the worker concatenates one micro-batch per partition into the
+  rank's batch and tags it with w and its stream positions. ``TrainLoader`` hands the batches out in the
+  planned order, remembers the positions behind the last batch of every worker, and resumes from them.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from retclip_dist.data.augment import DeviceAugment
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.manifest import Manifest, read_manifest
-from retclip_dist.data.plan import EpochPlan, Layout, derive_seed, plan_epoch
+from retclip_dist.data.plan import LEGACY_PLAN_FORMAT, PLAN_FORMAT, EpochPlan, Layout, derive_seed, plan_epoch
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import stream_samples
@@ -207,7 +207,8 @@ class TrainLoader:
         self.shards = manifest.split(cfg.train_split)
         self.layout = Layout(rank, world_size, cfg.partitions or world_size, cfg.batch_size)
         self.workers = max(cfg.num_workers, 1)
-        self.skip_counts: Counter[str] = Counter()
+        self.skip_counts: Counter[str] = Counter()  # since the run started
+        self.epoch_skip_counts: Counter[str] = Counter()  # since the current epoch started
         self.set_epoch(0)
 
     def _plan(self, epoch: int) -> EpochPlan:
@@ -221,6 +222,7 @@ class TrainLoader:
         self.step = 0
         self.plan = self._plan(epoch)
         self.positions = [[0] * len(self.layout.local_partitions) for _ in range(self.workers)]
+        self.epoch_skip_counts = Counter()
         if self.plan.steps == 0:
             raise ValueError(
                 f"split {self.cfg.train_split!r} ({sum(s.count for s in self.shards)} samples in "
@@ -228,11 +230,14 @@ class TrainLoader:
                 f"partition over {self.layout.partitions} partitions and {self.workers} workers"
             )
         log.info(
-            "epoch %d: %d steps; %d samples of split %r unused this epoch (partition and worker remainders)",
+            "epoch %d: %d steps; %d of the %d samples of split %r unused this epoch (past the last "
+            "whole global batch of %d)",
             epoch,
             self.plan.steps,
-            self.plan.dropped,
+            self.plan.unused,
+            self.plan.samples,
             self.cfg.train_split,
+            self.layout.micro_batch * self.layout.partitions,
         )
 
     @property
@@ -245,14 +250,24 @@ class TrainLoader:
         return self._plan(epoch).steps
 
     @property
-    def dropped_per_epoch(self) -> int:
-        """Samples of the split (all ranks) that the current epoch leaves out to keep ranks in step."""
-        return self.plan.dropped
+    def samples_per_epoch(self) -> int:
+        """Samples of the training split, as the manifest counts them (all ranks)."""
+        return self.plan.samples
+
+    @property
+    def unused_per_epoch(self) -> int:
+        """Samples of the split (all ranks) that no step of the current epoch reads: under a global batch."""
+        return self.plan.unused
 
     @property
     def skipped(self) -> int:
         """Samples lost to damaged data so far (by reason: ``skip_counts``)."""
         return skipped_total(self.skip_counts)
+
+    @property
+    def epoch_skipped(self) -> int:
+        """Samples of this rank's streams lost to damaged data in the current epoch."""
+        return skipped_total(self.epoch_skip_counts)
 
     def __len__(self) -> int:
         return self.plan.steps
@@ -294,6 +309,7 @@ class TrainLoader:
                 )
             self.positions[expected] = list(meta["positions"])
             self.skip_counts.update(meta["skips"])
+            self.epoch_skip_counts.update(meta["skips"])
             self.step += 1
             yield batch
         if not self.epoch_done():
@@ -310,6 +326,8 @@ class TrainLoader:
             "workers": self.workers,
             "seed": self.seed,
             "shards": len(self.shards),
+            "samples": self.plan.samples,
+            "plan": PLAN_FORMAT,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -319,13 +337,17 @@ class TrainLoader:
             "step": self.step,
             "positions": [list(p) for p in self.positions],
             "skips": dict(self.skip_counts),
+            "epoch_skips": dict(self.epoch_skip_counts),
             "layout": self._layout_record(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a ``state_dict()``; the data layout must be the one it was saved with."""
         mine = self._layout_record()
-        changed = {k: (v, mine.get(k)) for k, v in state["layout"].items() if mine.get(k) != v}
+        # States without a plan record come from the shard-per-stream plan; at an epoch's first step
+        # every position is zero under any plan, so only a mid-epoch position needs the same plan.
+        saved = {"plan": LEGACY_PLAN_FORMAT, **state["layout"]} if state["step"] else state["layout"]
+        changed = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())
             raise ValueError(f"cannot resume the data position exactly, the data layout changed ({detail})")
@@ -333,6 +355,8 @@ class TrainLoader:
         self.step = state["step"]
         self.positions = [list(p) for p in state["positions"]]
         self.skip_counts = Counter(state["skips"])
+        # Older states lack it: the epoch's losses before the checkpoint are then not in the epoch's count.
+        self.epoch_skip_counts = Counter(state.get("epoch_skips", {}))
 
 
 def build_train_data(

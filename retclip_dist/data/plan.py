@@ -1,4 +1,11 @@
-"""Which shards each partition and worker reads in an epoch, and which worker serves each step.
+"""Which samples each partition and worker reads in an epoch, and which worker serves each step.
+
+An epoch shuffles the split's shards (seeded by (seed, epoch)), lays their samples end to end in that
+order and cuts the sequence into P x W streams by sample ranges: stream (p, w) is the
+``p * W + w``-th piece, a run of whole micro-batches that may start and end inside a shard. With
+S = N // (P x micro_batch) steps in the epoch, worker w serves ``S // W + (w < S % W)`` of them, so
+every sample is read by exactly one stream and fewer than one global batch stays unused, whatever the
+shard sizes, ranks or workers.
 
 The plan depends on the shard list, the partition count P, the logical worker count W, the micro-batch
 size and (seed, epoch), never on the world size: a rank of N serves partitions {p : p % N == rank}, so a
@@ -13,6 +20,11 @@ import random
 from dataclasses import dataclass
 
 from retclip_dist.data.manifest import ShardInfo
+
+# Recorded with a loader's position: a checkpoint's stream positions only mean something under the plan
+# that wrote them. The shard-per-stream plan before this one wrote no record.
+PLAN_FORMAT = "ranges/1"
+LEGACY_PLAN_FORMAT = "shards/1"
 
 
 def derive_seed(*parts: int) -> int:
@@ -52,15 +64,32 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class ShardRange:
+    shard: ShardInfo  # the tar
+    start: int  # first sample read, counted in the tar's own order
+    stop: int  # one past the last sample read
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
 class EpochPlan:
-    streams: tuple[tuple[tuple[ShardInfo, ...], ...], ...]  # streams[p][w]: shards of partition p, worker w
+    streams: tuple[tuple[tuple[ShardRange, ...], ...], ...]  # streams[p][w]: sample ranges, read in order
     caps: tuple[int, ...]  # batches each logical worker yields this epoch
     order: tuple[int, ...]  # logical worker that serves each step
-    dropped: int  # samples of the split that no step uses this epoch
+    samples: int  # samples of the split, as the manifest counts them
+    unused: int  # samples no stream reads this epoch: fewer than one global batch
 
     @property
     def steps(self) -> int:
         return len(self.order)
+
+    @property
+    def planned(self) -> int:
+        """Samples the streams read this epoch (each exactly once unless damaged)."""
+        return self.samples - self.unused
 
 
 def round_robin(caps: list[int] | tuple[int, ...]) -> list[int]:
@@ -78,21 +107,43 @@ def round_robin(caps: list[int] | tuple[int, ...]) -> list[int]:
     return order
 
 
+def cut_ranges(shards: list[ShardInfo], lengths: list[int]) -> list[tuple[ShardRange, ...]]:
+    """Consecutive pieces of ``lengths`` samples from the shards laid end to end, in order."""
+    pieces: list[tuple[ShardRange, ...]] = []
+    i, offset = 0, 0  # the next unread sample: shard i, sample offset
+    for length in lengths:
+        piece: list[ShardRange] = []
+        while length:
+            if i == len(shards):
+                raise ValueError(f"the shards hold fewer samples than the {sum(lengths)} planned")
+            take = min(length, shards[i].count - offset)
+            if take:
+                piece.append(ShardRange(shards[i], offset, offset + take))
+            offset += take
+            length -= take
+            if offset == shards[i].count:
+                i, offset = i + 1, 0
+        pieces.append(tuple(piece))
+    return pieces
+
+
 def plan_epoch(
     shards: list[ShardInfo], partitions: int, workers: int, micro_batch: int, seed: int, epoch: int
 ) -> EpochPlan:
-    """Shuffle the split's shards for this epoch and derive the per-step schedule."""
+    """Shuffle the split's shards for this epoch and cut them into the streams of every step."""
     order = list(shards)
     random.Random(derive_seed(seed, epoch)).shuffle(order)
-    streams = tuple(
-        tuple(tuple(order[p::partitions][w::workers]) for w in range(workers)) for p in range(partitions)
-    )
-    # A step takes one micro-batch from every partition's stream of the serving worker, so a worker can
-    # serve as many steps as its smallest partition stream holds micro-batches.
-    caps = tuple(
-        min(sum(s.count for s in streams[p][w]) // micro_batch for p in range(partitions))
-        for w in range(workers)
-    )
     total = sum(s.count for s in shards)
-    used = sum(caps) * micro_batch * partitions
-    return EpochPlan(streams=streams, caps=caps, order=tuple(round_robin(caps)), dropped=total - used)
+    steps = total // (micro_batch * partitions)
+    # A step takes one micro-batch from the stream of every partition of the serving worker, so all
+    # partitions of worker w hold the same number of micro-batches: its share of the steps.
+    caps = tuple(steps // workers + (w < steps % workers) for w in range(workers))
+    pieces = cut_ranges(order, [caps[w] * micro_batch for _ in range(partitions) for w in range(workers)])
+    streams = tuple(tuple(pieces[p * workers : (p + 1) * workers]) for p in range(partitions))
+    return EpochPlan(
+        streams=streams,
+        caps=caps,
+        order=tuple(round_robin(caps)),
+        samples=total,
+        unused=total - steps * micro_batch * partitions,
+    )

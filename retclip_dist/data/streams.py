@@ -9,9 +9,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import fsspec
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from retclip_dist.data.manifest import ShardInfo
+from retclip_dist.data.plan import ShardRange
 from retclip_dist.data.skips import SkipCounter
 
 log = logging.getLogger("retclip_dist.data")
@@ -21,19 +22,53 @@ Raw = dict[str, Any]
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 
 
-def read_shard(shard: ShardInfo, storage_options: dict, counter: SkipCounter) -> Iterator[Raw]:
-    """Complete samples of one tar (undecoded bytes per member); what cannot be read is counted."""
+class _FromSample:
+    """``select_files`` predicate that drops the members of a tar's first ``start`` samples unread.
+
+    It groups member names into samples exactly as ``group_by_keys`` does (consecutive names with the
+    same ``base_plus_ext`` prefix), so sample numbers agree with a full read; skipped members are passed
+    over by the tar reader without copying their bytes.
+    """
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.index = -1
+        self.prefix: str | None = None
+
+    def __call__(self, name: str) -> bool:
+        prefix, _ = base_plus_ext(name)
+        if prefix is None:
+            return True  # group_by_keys ignores it too
+        if prefix != self.prefix:
+            self.index += 1
+            self.prefix = prefix
+        return self.index >= self.start
+
+
+def read_shard(
+    shard: ShardInfo, storage_options: dict, counter: SkipCounter, start: int = 0, stop: int | None = None
+) -> Iterator[Raw]:
+    """Complete samples ``start:stop`` of one tar (undecoded bytes per member); what is lost is counted.
+
+    Without ``stop`` the whole tar is read, and a shortfall against the manifest's count is counted.
+    """
+    want = (shard.count if stop is None else stop) - start
     seen = 0
     problem = "fewer samples than the manifest lists"
+    if want <= 0 and stop is not None:
+        return
     try:
         with fsspec.open(shard.url, "rb", **storage_options) as f:
-            files = ({**member, "__url__": shard.url} for member in tar_file_iterator(f))
-            for sample in group_by_keys(files):
+            members = tar_file_iterator(f, select_files=_FromSample(start) if start else None)
+            for sample in group_by_keys({**member, "__url__": shard.url} for member in members):
                 seen += 1
                 yield sample
+                if seen == want and stop is not None:
+                    return
     except SHARD_ERRORS as exc:
         problem = f"{type(exc).__name__}: {exc}"
-    counter.add("shard_error", shard.count - seen, f"{shard.url} after {seen} samples ({problem})")
+    where = f"samples {start}:{start + want}" if start or stop is not None else "all samples"
+    counter.add("shard_error", want - seen, f"{shard.url} ({where}) after {seen} samples ({problem})")
 
 
 def shuffled(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
@@ -52,7 +87,7 @@ def shuffled(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
 
 
 def stream_samples(
-    shards: tuple[ShardInfo, ...],
+    ranges: tuple[ShardRange, ...],
     seed: int,
     buffer: int,
     start: int,
@@ -62,9 +97,10 @@ def stream_samples(
 ) -> Iterator[tuple[int, T]]:
     """Decoded samples of one stream after its first ``start`` raw samples, each with its raw position.
 
-    The raw order is a pure function of (shards, seed, buffer), so skipping ``start`` raw samples
-    (without decoding them) lands exactly where a checkpointed run stopped. Counts are muted while
-    replaying those positions: the checkpoint already holds them. A stream asked for more than it holds
+    The raw samples are the stream's shard ranges read in order. The raw order is a pure function of
+    (ranges, seed, buffer), so skipping ``start`` raw samples (without decoding them) lands exactly where
+    a checkpointed run stopped. Counts are muted while replaying those positions: the checkpoint already
+    holds them. A stream asked for more than it holds
     (its shards lost samples to corruption) starts over in the same order, counting each reused sample,
     so that every rank still runs the planned number of steps.
     """
@@ -73,7 +109,7 @@ def stream_samples(
     while True:
         pass_start, usable = pos, 0
         raw = shuffled(
-            (s for shard in shards for s in read_shard(shard, storage_options, counter)),
+            (s for r in ranges for s in read_shard(r.shard, storage_options, counter, r.start, r.stop)),
             buffer,
             random.Random(seed),
         )
@@ -90,9 +126,9 @@ def stream_samples(
             counter.muted = passes > 0 or pos < start
         counter.muted = False
         if usable == 0 and pass_start >= start:
-            names = [s.url for s in shards]
-            raise ValueError(f"no usable sample in shards {names}; they cannot fill their planned batches")
+            names = [f"{r.shard.url}[{r.start}:{r.stop}]" for r in ranges]
+            raise ValueError(f"no usable sample in {names}; they cannot fill their planned batches")
         passes += 1
         log.warning(
-            "stream over %d shard(s) came up short; reading it again (pass %d)", len(shards), passes + 1
+            "stream over %d shard range(s) came up short; reading it again (pass %d)", len(ranges), passes + 1
         )

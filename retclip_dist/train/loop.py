@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from retclip_dist.config import ConfigError, load_config, to_dict
 from retclip_dist.data.evaluation import build_eval_data
-from retclip_dist.data.loader import LoaderError, build_train_data
+from retclip_dist.data.loader import LoaderError, TrainLoader, build_train_data
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
 from retclip_dist.launch.env import accelerator_placement, world_info_from_env
 from retclip_dist.launch.lifetime import exit_with_parent
@@ -316,6 +316,7 @@ def train(cfg: RunConfig) -> int:
             if step >= total_steps:
                 break
         if data.epoch_done():
+            log_epoch(acc, metrics, data, epoch, step)
             epoch += 1
             data.set_epoch(epoch)
             if cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0:
@@ -338,7 +339,29 @@ def train(cfg: RunConfig) -> int:
 
 def _total_skipped(acc: Accelerator, mine: int) -> int:
     """Skipped samples of all ranks together (a collective: every rank must call it)."""
-    return int(sum_over_ranks(acc, torch.tensor([float(mine)], device=acc.device)).item())
+    return int(sum_over_ranks(acc, torch.tensor([mine], dtype=torch.int64, device=acc.device)).item())
+
+
+def log_epoch(acc: Accelerator, metrics: MetricsLog | None, data: TrainLoader, epoch: int, step: int) -> None:
+    """Account for every patient of the split in the finished epoch: used once, or unused and why."""
+    # Each rank counts the damaged samples of its own streams; every rank joins the sum.
+    skipped = _total_skipped(acc, data.epoch_skipped)
+    used = data.samples_per_epoch - data.unused_per_epoch - skipped
+    unused = data.samples_per_epoch - used
+    if metrics is None:
+        return
+    record = {"epoch": epoch, "patients_used": used, "patients_unused": unused, "skipped_samples": skipped}
+    metrics.write("epoch", step, record)
+    log.info(
+        "epoch %d done: %d of %d patients used, %d unused (%d past the last whole global batch, %d skipped "
+        "as damaged)",
+        epoch,
+        used,
+        data.samples_per_epoch,
+        unused,
+        data.unused_per_epoch,
+        skipped,
+    )
 
 
 def _summary(scores: dict[str, float]) -> str:
