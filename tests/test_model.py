@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, BertForMaskedLM
 
 from retclip_dist.config import load_config
@@ -216,6 +216,15 @@ def test_save_and_load_round_trip_is_bit_exact(cfg, tmp_path):
         assert torch.equal(x, y)
     reloaded_tokens = build_tokenizer(loaded.config)("left eye drusen")["input_ids"]
     assert reloaded_tokens == [2, 5, 7, 13, 3]
+
+
+def test_model_saved_before_the_shared_projection_is_refused_by_name(cfg, tmp_path):
+    saved = _model(cfg).save_pretrained(tmp_path / "old")
+    state = load_file(str(saved / "model.safetensors"))
+    del state["image_proj.weight"]
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"old: saved without the shared image projection"):
+        RetClip.from_pretrained(saved)
 
 
 def test_from_pretrained_without_config_names_the_dir(tmp_path):

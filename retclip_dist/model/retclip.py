@@ -210,6 +210,14 @@ class RetClip(nn.Module):
         cfg = from_dict(ModelConfig, json.loads(config_path.read_text()), where=str(config_path))
         if (directory / TOKENIZER_DIR).is_dir():
             cfg = replace(cfg, tokenizer_path=str(directory / TOKENIZER_DIR))
+        state = load_file(str(directory / WEIGHTS_FILE))
+        if "image_proj.weight" not in state:
+            # Earlier versions had no shared projection (heads read the tower output, visual.proj folded
+            # into each); three independent heads cannot in general be split into one shared map.
+            raise ValueError(
+                f"{directory}: saved without the shared image projection (image_proj.weight) by an earlier "
+                "version; convert the release checkpoint again or retrain"
+            )
         model = cls(cfg)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+        model.load_state_dict(state, strict=True)
         return model
