@@ -7,6 +7,7 @@ import math
 import pytest
 
 from retclip_dist.config import load_config
+from retclip_dist.model.config import RELEASE_LOGIT_SCALE_RANGE
 from retclip_dist.train.config import RunConfig
 
 
@@ -24,7 +25,7 @@ def test_release_recipe_is_the_example_script():
     assert cfg.model.vision_name == "vit_base_patch16_clip_quickgelu_224"
     assert cfg.loss.gather is False  # --skip-aggregate
     assert cfg.data.context_length == 100 and cfg.data.batch_size == 256 and cfg.data.hflip
-    assert (cfg.model.min_logit_scale, cfg.model.max_logit_scale) == (0.0, 4.6052)
+    assert (cfg.model.min_logit_scale, cfg.model.max_logit_scale) == RELEASE_LOGIT_SCALE_RANGE
     assert cfg.model.patient_scale_from_clip and cfg.model.grad_checkpointing
     train = cfg.train
     assert (train.lr, train.weight_decay, train.warmup_steps, train.epochs) == (3e-5, 1e-3, 50, 10)

@@ -33,6 +33,9 @@ BERT_BASE_CHINESE: dict[str, Any] = {
 # The public release starts all three InfoNCE temperatures at 1/90; SigLIP starts its sigmoid at 10.
 INFONCE_INIT_LOGIT_SCALE = math.log(90)
 SIGMOID_INIT_LOGIT_SCALE = math.log(10)
+# The release clamps its log-scales to this range after each step (its train.py writes ln 100 as 4.6052);
+# configs/retclip_release.yaml spells the same numbers.
+RELEASE_LOGIT_SCALE_RANGE = (0.0, 4.6052)
 # timm builds OpenAI-CLIP-shaped ViTs under both names; "_clip_quickgelu_" is the one CLIP was trained with.
 CLIP_QUICKGELU_TAG = "_clip_quickgelu_"
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
-from retclip_dist.model.config import ModelConfig
+from retclip_dist.model.config import RELEASE_LOGIT_SCALE_RANGE, ModelConfig
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.vocab import read_vocab
 from retclip_dist.model.weights import read_state_dict
@@ -90,8 +90,8 @@ def infer_config(state: dict[str, Tensor], vocab: str, source: str = "checkpoint
         tokenizer_path=vocab,
         embed_dim=_need(state, "visual.proj", source).shape[1],
         # The release's clamp after each step, should the converted model be trained further.
-        min_logit_scale=0.0,
-        max_logit_scale=4.6052,
+        min_logit_scale=RELEASE_LOGIT_SCALE_RANGE[0],
+        max_logit_scale=RELEASE_LOGIT_SCALE_RANGE[1],
     )
 
 
