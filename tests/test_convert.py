@@ -8,6 +8,8 @@ optimizer state holds numpy scalars), with a vocab.txt shaped like the release's
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from release_reference import ReleaseClip, training_checkpoint, write_release_vocab
@@ -122,6 +124,13 @@ def test_training_checkpoint_with_numpy_scalars_loads_and_other_objects_are_refu
     torch.save(checkpoint, tmp_path / "ok.pt")
     loaded = read_state_dict(tmp_path / "ok.pt")
     assert loaded.keys() == reference.state_dict().keys()
+    # The release ran numpy 1.x, whose pickles name numpy.core.multiarray (numpy 2: numpy._core).
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer, _use_new_zipfile_serialization=False)
+    old = buffer.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    assert b"numpy.core.multiarray\nscalar" in old
+    (tmp_path / "numpy1.pt").write_bytes(old)
+    assert read_state_dict(tmp_path / "numpy1.pt").keys() == loaded.keys()
     torch.save(
         {**checkpoint, "args": {"sampler": torch.utils.data.SequentialSampler([])}}, tmp_path / "bad.pt"
     )

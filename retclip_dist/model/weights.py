@@ -51,10 +51,15 @@ class LoadReport:
 def _numpy_scalar_globals() -> list:
     """Exactly what pickling a numpy scalar (np.float64(3e-5), np.int64(7)) refers to: numpy's scalar
     constructor, np.dtype and the dtype classes of the numeric and bool scalar types."""
-    scalar = getattr(np, "_core", getattr(np, "core", None)).multiarray.scalar
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     kinds = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
     kinds += ("float16", "float32", "float64")
-    return [scalar, np.dtype, *{type(np.dtype(kind)) for kind in kinds}]
+    allowed: list = [multiarray.scalar, np.dtype, *{type(np.dtype(kind)) for kind in kinds}]
+    # numpy 1.x (which wrote the release's checkpoints) names the constructor numpy.core.multiarray.scalar,
+    # numpy 2 numpy._core.multiarray.scalar; torch >= 2.6 can allow one object under both names.
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6):
+        allowed += [(multiarray.scalar, f"{m}.multiarray.scalar") for m in ("numpy.core", "numpy._core")]
+    return allowed
 
 
 def _torch_load(path: Path) -> object:
