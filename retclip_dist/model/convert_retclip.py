@@ -2,9 +2,10 @@
 
 The release is Chinese-CLIP-shaped: ``visual.*`` is an OpenAI-CLIP VisualTransformer (QuickGELU, a
 bias-free patch conv, ``visual.proj`` [W, D] after ``ln_post``), ``bert.*`` is a BERT with Hugging Face
-layer names plus an unused pooler, ``text_projection{,_left,_right}`` are the three text MLPs,
-``{global,left,right}_feature_mapping`` are bias-free Linear heads applied *after* ``visual.proj``, and
-``logit_scale{,_left,_right}`` are the temperatures. Our model has the same structure, so every release
+layer names and no pooler (a rebuilt checkpoint that carries HF's pooler has it dropped and reported),
+``text_projection{,_left,_right}`` are the three text MLPs, ``{global,left,right}_feature_mapping`` are
+bias-free Linear heads applied *after* ``visual.proj``, and ``logit_scale{,_left,_right}`` are the
+temperatures. Our model has the same structure, so every release
 tensor has exactly one home (``visual.proj`` -> ``image_proj.weight``, transposed; the mappings -> the
 image heads), nothing is folded, and the conversion is refused unless it fills every tensor of our model.
 Shapes are read from the tensors, so scaled-down checkpoints with the same names convert too.

@@ -34,9 +34,7 @@ class VisionInit(NamedTuple):
     """What a vision weights file gave besides the tower: CLIP's projection and temperature, if present."""
 
     report: LoadReport  # tower and shared projection, as one report
-    logit_scale: (
-        torch.Tensor | None
-    )  # CLIP's learned log-scale (top-level ``logit_scale``), if the file has it
+    logit_scale: torch.Tensor | None  # CLIP's learned log-scale (top-level ``logit_scale``), if any
 
 
 def build_vision_tower(cfg: ModelConfig) -> nn.Module:
@@ -45,7 +43,7 @@ def build_vision_tower(cfg: ModelConfig) -> nn.Module:
 
 
 def tower_activation(tower: nn.Module) -> str:
-    """ "quick_gelu", "gelu" or the class name of the first block's MLP activation."""
+    """The first block's MLP activation: "quick_gelu", "gelu", or its class name for anything else."""
     blocks = getattr(tower, "blocks", None)
     act = getattr(getattr(blocks[0], "mlp", None), "act", None) if blocks else None
     if isinstance(act, QuickGELU):

@@ -33,9 +33,10 @@ class TrainSection:
 
 @dataclass
 class LossSection:
-    # true: negatives from the global batch (exact all-gather with gradient; the paper's objective);
-    # false: each rank only against its own batch, as the release runs (--skip-aggregate). The loss kind
-    # and its scales are model.loss, because the model owns the learnable scales and biases.
+    """Where the negatives come from. The loss kind is model.loss: the model owns the scales it needs."""
+
+    # true: the global batch (exact all-gather with gradient, the paper's objective); false: each rank's own
+    # batch only, as the release runs (--skip-aggregate), and DDP optimises the mean of the local losses.
     gather: bool = True
 
 
