@@ -53,7 +53,7 @@ def _batch(cfg: ModelConfig, per_eye: bool = False, rows: int = BATCH, seed: int
 
 def test_defaults_are_the_paper_model():
     cfg = ModelConfig()
-    assert cfg.vision_name == "vit_base_patch16_224"
+    assert cfg.vision_name == "vit_base_patch16_clip_quickgelu_224"  # the tower CLIP was trained as
     assert cfg.embed_dim == 512
     assert cfg.resolved_init_logit_scale() == pytest.approx(math.log(90))
     assert cfg.max_logit_scale == pytest.approx(math.log(100))

@@ -42,7 +42,8 @@ CLIP_QUICKGELU_TAG = "_clip_quickgelu_"
 
 @dataclass
 class ModelConfig:
-    vision_name: str = "vit_base_patch16_224"  # timm architecture name of the eye encoder
+    # timm architecture name of the eye encoder; the default is OpenAI CLIP's ViT-B/16 (QuickGELU MLP)
+    vision_name: str = "vit_base_patch16_clip_quickgelu_224"
     vision_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (img_size, depth...)
     vision_weights: str | None = None  # local vision state dict (.safetensors/.bin/.pt/.pth); None = random
     text_path: str | None = None  # local HF model dir (config.json, optional weights, tokenizer)
@@ -76,6 +77,8 @@ def tiny_model_config(vocab_path: str | Path, image_size: int = 32, embed_dim: i
     """
     vocab_size = len(read_vocab(vocab_path))
     return ModelConfig(
+        # timm's plain ViT (GELU, no pre-norm): random-init tests have no CLIP weights to match.
+        vision_name="vit_base_patch16_224",
         vision_kwargs={"img_size": image_size, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
         text_config={
             "model_type": "bert",
