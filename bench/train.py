@@ -238,7 +238,7 @@ def _run_ours(case: Case) -> float:
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)
-    tripartite = TripartiteLoss(cfg.model.loss)
+    tripartite = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather)
     total = case.warmup + case.steps
 
     def loss_fn(out: Any) -> tuple[Tensor, dict[str, Tensor]]:

@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + recall_table(run_dir / "metrics.jsonl"))
     print(f"\nmodel saved with save_pretrained in {run_dir / 'model'}")
 
-    print("\n5. downstream: linear probe of hard exudates on the trained vision tower (retclip-eval)")
+    print(
+        "\n5. downstream: linear probe of hard exudates on the trained model's image features (retclip-eval)"
+    )
     print(demo_probe(run_dir / "model", out / "eval"))
     return 0
 

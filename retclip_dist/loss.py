@@ -12,11 +12,15 @@ share of dL/dtheta. DDP (and DeepSpeed/Accelerate, which do the same) averages p
 the N ranks, which cancels that factor: the averaged gradient is exactly dL/dtheta, the gradient of the
 single-process loss on the concatenated batch. Parameters used directly in the loss (the logit scales and
 biases) get dL_k/ds locally and their average is dL/ds as well.
+
+``TripartiteLoss(gather=False)`` is the public release's only distributed mode (``--skip-aggregate``):
+each rank's negatives are its own b rows, and the averaged gradient is that of mean_k L_k(local batch).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Literal
 
 import torch
@@ -153,13 +157,19 @@ class TripartiteLoss(nn.Module):
     """
 
     def __init__(
-        self, kind: Literal["infonce", "sigmoid"] = "infonce", group: dist.ProcessGroup | None = None
+        self,
+        kind: Literal["infonce", "sigmoid"] = "infonce",
+        group: dist.ProcessGroup | None = None,
+        gather: bool = True,
     ):
         super().__init__()
         if kind not in ("infonce", "sigmoid"):
             raise ValueError(f"TripartiteLoss: unknown kind {kind!r}; expected 'infonce' or 'sigmoid'")
         self.kind = kind
         self.group = group
+        # False: each rank scores its own batch against its own negatives only (the release's
+        # --skip-aggregate); DDP's gradient average then optimises the mean of the per-rank losses.
+        self.gather = gather
 
     def forward(
         self,
@@ -179,12 +189,13 @@ class TripartiteLoss(nn.Module):
             )
         # Towers may run in bf16 under autocast; logits over the global batch need float32's mantissa.
         image, text = [_at_least_fp32(x) for x in image], [_at_least_fp32(x) for x in text]
-        offset = _row_offset(image[0].shape[0], self.group)
+        gather = partial(gather_features, group=self.group) if self.gather else (lambda x: x)
+        offset = _row_offset(image[0].shape[0], self.group) if self.gather else 0
         if self.kind == "infonce":
-            stacked = gather_features(torch.stack([*image, *text], dim=1), self.group)
+            stacked = gather(torch.stack([*image, *text], dim=1))
             image_all, text_all = stacked[:, :3], stacked[:, 3:]
         else:
-            text_all = gather_features(torch.stack(list(text), dim=1), self.group)
+            text_all = gather(torch.stack(list(text), dim=1))
         per_level: dict[str, Tensor] = {}
         for i, level in enumerate(LEVELS):
             if self.kind == "infonce":

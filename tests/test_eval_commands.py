@@ -14,6 +14,7 @@ from retclip_dist.eval import write_labelled_set
 from retclip_dist.eval.cli import main
 from retclip_dist.eval.commands import run_features, run_finetune, run_linear_probe, run_zero_shot
 from retclip_dist.eval.config import DataConfig, EvalConfig
+from retclip_dist.eval.zeroshot import class_embeddings
 from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
 
@@ -49,12 +50,19 @@ def _read(path):
 
 
 def test_features_record_the_head_and_left_differs_from_right(setup):
-    tower = run_features(_cfg(setup, "f_tower"))
-    assert tower["features_from"] == "vision tower (60)"
-    arrays, meta = _read(tower["path"])
-    assert arrays["image_features"].shape == (60, 32)
+    # The default is the release's probe feature: the shared projection of the tower output (D = 16).
+    projected = run_features(_cfg(setup, "f_projected"))
+    assert projected["features_from"] == "shared projection (60)"
+    arrays, meta = _read(projected["path"])
+    assert arrays["image_features"].shape == (60, 16)
     assert json.loads(meta["ids"])[:2] == ["p00000-left", "p00000-right"]
     assert arrays["labels"].shape == (60,)
+    tower = run_features(_cfg(setup, "f_tower", head="tower"))
+    assert tower["features_from"] == "vision tower (60)"
+    tower_arrays, _ = _read(tower["path"])
+    assert tower_arrays["image_features"].shape == (60, 32)
+    weight = RetClip.from_pretrained(setup[0] / "model").image_proj.weight.detach().numpy()
+    np.testing.assert_allclose(arrays["image_features"], tower_arrays["image_features"] @ weight.T, atol=1e-5)
 
     runs = {}
     for head in ("left", "right"):
@@ -93,17 +101,33 @@ def test_zero_shot_uses_the_laterality_heads(setup):
     assert (setup[0] / "zs" / "roc.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_zero_shot_refuses_tower_features(setup):
-    cfg = _cfg(setup, "zs_tower", label="grade", head="tower")
+@pytest.mark.parametrize("head", ["tower", "projected"])
+def test_zero_shot_refuses_features_not_aligned_with_text(setup, head):
+    cfg = _cfg(setup, f"zs_{head}", label="grade", head=head)
     cfg.zero_shot.prompts = PROMPTS
-    with pytest.raises(ValueError, match=r"features\.head cannot be 'tower'"):
+    with pytest.raises(ValueError, match=r"features\.head cannot be 'tower' or 'projected'"):
         run_zero_shot(cfg)
+
+
+def test_zero_shot_prompts_are_cleaned_like_training_reports(tmp_path):
+    vocab = write_vocab(tmp_path / "vocab.txt", [*synth.vocabulary(), '"'])
+    torch.manual_seed(0)
+    model = RetClip(tiny_model_config(vocab)).eval()
+    classes = ["0", "1"]
+
+    def embed(quoted: str) -> torch.Tensor:
+        prompts = {"0": [f"{quoted[0]}Mild{quoted[1]} drusen"], "1": ["normal fundus"]}
+        return class_embeddings(model, prompts, classes, context_length=16)["patient"]
+
+    curly, straight = embed("\u201c\u201d"), embed('""')
+    assert torch.equal(curly, straight)  # curly quotes became '"' (and lower case), not [UNK]
+    assert not torch.equal(straight, embed(["[UNK]", "[UNK]"]))
 
 
 def test_linear_probe_picks_c_on_validation(setup):
     result = run_linear_probe(_cfg(setup, "probe"))
     assert result["split"] == "test"
-    assert result["features_from"] == "vision tower (60)"
+    assert result["features_from"] == "shared projection (60)"
     assert [row["C"] for row in result["probe"]["validation"]] == [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
     best = max(result["probe"]["validation"], key=lambda row: row["macro_auroc"])
     assert result["probe"]["C"] == best["C"]

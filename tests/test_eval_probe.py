@@ -36,6 +36,7 @@ def test_probe_on_random_tower_features_beats_chance(model_dir, tmp_path):
             table=str(table), images=str(tmp_path / "data" / "images"), label_column="hard_exudates"
         ),
     )
+    cfg.features.head = "tower"  # the pooled tower output, before the (random) shared projection
     result = run_linear_probe(cfg)
     assert result["metrics"]["n"] == 80
     auroc = result["metrics"]["overall"]["macro_auroc"]
@@ -51,6 +52,6 @@ def test_demo_probe_is_fast_and_returns_the_table(model_dir, tmp_path):
     start = time.perf_counter()
     table = demo_probe(model_dir, tmp_path / "demo", n_images=200, seed=0)
     assert time.perf_counter() - start < 30
-    assert table.startswith("**linear-probe** on 40 images (multiclass); features: vision tower (200)")
+    assert table.startswith("**linear-probe** on 40 images (multiclass); features: shared projection (200)")
     assert "| **macro** |" in table
     assert (tmp_path / "demo" / "linear_probe" / "metrics.md").read_text() == table

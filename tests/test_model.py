@@ -6,14 +6,14 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, BertForMaskedLM
 
 from retclip_dist.config import load_config
 from retclip_dist.model.config import ModelConfig, tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
-from retclip_dist.model.towers import build_text_tower, build_vision_tower
+from retclip_dist.model.towers import build_text_tower
 
 WORDS = ["left", "right", "eye", "normal", "retina", "cup", "disc", "haemorrhage", "drusen"]
 BATCH = 3
@@ -53,7 +53,7 @@ def _batch(cfg: ModelConfig, per_eye: bool = False, rows: int = BATCH, seed: int
 
 def test_defaults_are_the_paper_model():
     cfg = ModelConfig()
-    assert cfg.vision_name == "vit_base_patch16_224"
+    assert cfg.vision_name == "vit_base_patch16_clip_quickgelu_224"  # the tower CLIP was trained as
     assert cfg.embed_dim == 512
     assert cfg.resolved_init_logit_scale() == pytest.approx(math.log(90))
     assert cfg.max_logit_scale == pytest.approx(math.log(100))
@@ -81,7 +81,8 @@ def test_forward_shapes_norms_and_scales(cfg):
         torch.testing.assert_close(features.norm(dim=-1), torch.ones(BATCH))
     assert [s.item() for s in out.logit_scale] == pytest.approx([90.0] * 3)
     assert out.logit_bias is None
-    assert sum(p.numel() for p in model.parameters()) == 60787
+    # 60,787 before the shared projection: heads on W=32 (2048 weights) became proj + heads on D=16 (1536).
+    assert sum(p.numel() for p in model.parameters()) == 60275
 
 
 def test_both_eyes_share_one_batched_vision_forward(cfg):
@@ -92,17 +93,22 @@ def test_both_eyes_share_one_batched_vision_forward(cfg):
     image = model.encode_image(batch["left"], batch["right"])
     assert calls == [2 * BATCH]
     with torch.no_grad():
-        v_left, v_right = model.embed_eye(batch["left"]), model.embed_eye(batch["right"])
+        pooled = model.embed_eye(batch["left"])
+        v_left, v_right = model.project_eye(batch["left"]), model.project_eye(batch["right"])
+        torch.testing.assert_close(v_left, pooled @ model.image_proj.weight.T)
         torch.testing.assert_close(image.left, F.normalize(model.image_left(v_left), dim=-1))
         torch.testing.assert_close(image.right, F.normalize(model.image_right(v_right), dim=-1))
         patient = model.image_patient(torch.cat([v_left, v_right], dim=-1))
         torch.testing.assert_close(image.patient, F.normalize(patient, dim=-1))
-    assert v_left.shape == (BATCH, 32)
+    assert pooled.shape == (BATCH, 32) and v_left.shape == (BATCH, 16)
 
 
 def test_heads_follow_the_release_layout(cfg):
     model = _model(cfg)
-    assert model.image_patient.weight.shape == (16, 64)
+    # One shared projection W -> D (CLIP's visual.proj), then the three bias-free maps on D.
+    assert model.image_proj.weight.shape == (16, 32) and model.image_proj.bias is None
+    assert model.image_patient.weight.shape == (16, 32)
+    assert model.image_left.weight.shape == model.image_right.weight.shape == (16, 16)
     assert model.image_left.bias is None and model.image_patient.bias is None
     assert [type(m).__name__ for m in model.text_left] == ["Linear", "ReLU", "Linear"]
     assert model.text_patient[0].weight.shape == (32, 32)
@@ -149,6 +155,16 @@ def test_clamp_logit_scales(cfg):
     assert model.logit_scale["patient"].item() == pytest.approx(math.log(100))
     assert model.logit_scale["left"].item() == 1.0
     assert model.logit_scale["right"].item() == pytest.approx(math.log(90))
+    with torch.no_grad():
+        model.logit_scale["left"].fill_(-0.5)
+    model.clamp_logit_scales_()
+    assert model.logit_scale["left"].item() == -0.5  # ours: no lower bound by default
+    model.config.min_logit_scale, model.config.max_logit_scale = 0.0, 4.6052  # the release's range
+    with torch.no_grad():
+        model.logit_scale["patient"].fill_(6.0)
+    model.clamp_logit_scales_()
+    assert model.logit_scale["left"].item() == 0.0
+    assert model.logit_scale["patient"].item() == pytest.approx(4.6052)
 
 
 def test_sigmoid_model_has_learnable_biases(vocab):
@@ -208,6 +224,15 @@ def test_save_and_load_round_trip_is_bit_exact(cfg, tmp_path):
     assert reloaded_tokens == [2, 5, 7, 13, 3]
 
 
+def test_model_saved_before_the_shared_projection_is_refused_by_name(cfg, tmp_path):
+    saved = _model(cfg).save_pretrained(tmp_path / "old")
+    state = load_file(str(saved / "model.safetensors"))
+    del state["image_proj.weight"]
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"old: saved without the shared image projection"):
+        RetClip.from_pretrained(saved)
+
+
 def test_from_pretrained_without_config_names_the_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"empty has no config.json"):
         RetClip.from_pretrained(tmp_path / "empty")
@@ -226,13 +251,14 @@ def test_vision_weights_load_with_report(cfg, tmp_path):
     cfg.vision_weights = str(tmp_path / "vit.safetensors")
     model = _model(cfg, seed=99)
     report = model.load_reports["vision"]
-    assert report.missing == ["norm.bias"]
-    assert report.unexpected == ["head.weight"]
+    # A timm-layout file has no CLIP projection: the shared projection stays random, and says so.
+    assert report.missing == ["image_proj.weight", "visual.norm.bias"]
+    assert report.unexpected == ["visual.head.weight"]
     assert report.loaded == len(source) - 1
     assert torch.equal(
         model.visual.state_dict()["blocks.1.attn.qkv.weight"], source["blocks.1.attn.qkv.weight"]
     )
-    assert "1 missing (random init): norm.bias" in str(report)
+    assert "2 missing (random init): image_proj.weight, visual.norm.bias" in str(report)
 
 
 def test_vision_weights_from_wrapped_torch_checkpoint(cfg, tmp_path):
@@ -240,9 +266,10 @@ def test_vision_weights_from_wrapped_torch_checkpoint(cfg, tmp_path):
     source = _tiny_vit(cfg).state_dict()
     torch.save({"state_dict": {f"module.{k}": v for k, v in source.items()}}, tmp_path / "vit.pth")
     cfg.vision_weights = str(tmp_path / "vit.pth")
-    tower, report = build_vision_tower(cfg)
-    assert report.missing == [] and report.unexpected == []
-    assert all(torch.equal(tower.state_dict()[k], v) for k, v in source.items())
+    model = RetClip(cfg)
+    report = model.load_reports["vision"]
+    assert report.missing == ["image_proj.weight"] and report.unexpected == []
+    assert all(torch.equal(model.visual.state_dict()[k], v) for k, v in source.items())
 
 
 def test_vision_weights_with_wrong_shape_are_an_error(cfg, tmp_path):
@@ -254,17 +281,17 @@ def test_vision_weights_with_wrong_shape_are_an_error(cfg, tmp_path):
         ValueError,
         match=r"(?s)bad\.safetensors: 1 tensor\(s\).*fc1\.weight: checkpoint \(7, 32\) vs vision tower \(128, 32\)",
     ):
-        build_vision_tower(cfg)
+        RetClip(cfg)
 
 
 def test_vision_weights_bad_file_errors(cfg, tmp_path):
     cfg.vision_weights = str(tmp_path / "missing.safetensors")
     with pytest.raises(FileNotFoundError, match=r"missing\.safetensors does not exist"):
-        build_vision_tower(cfg)
+        RetClip(cfg)
     (tmp_path / "w.npz").write_bytes(b"x")
     cfg.vision_weights = str(tmp_path / "w.npz")
     with pytest.raises(ValueError, match=r"w.npz: unsupported suffix '.npz'"):
-        build_vision_tower(cfg)
+        RetClip(cfg)
 
 
 def _save_text_dir(cfg: ModelConfig, directory, vocab_size: int | None = None, weights: bool = True):

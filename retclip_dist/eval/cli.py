@@ -35,7 +35,11 @@ def _convert(argv: list[str]) -> int:
     )
     parser.add_argument("--out", required=True, help="output directory for RetClip.from_pretrained")
     args = parser.parse_args(argv)
-    report = convert_release(args.checkpoint, args.vocab, args.out)
+    try:
+        report = convert_release(args.checkpoint, args.vocab, args.out)
+    except (OSError, ValueError) as exc:
+        print(f"retclip-eval convert-release: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2))
     return 0
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-# Where image features come from. "tower": the shared vision tower's pooled output (width W);
-# "laterality": the left or right head, per row, from the laterality column; "left"/"right": every image
-# through that head; "patient": the image given as both eyes to the patient head; "auto": "tower",
-# except for zero-shot, which needs text-aligned features and uses "laterality".
-Head = Literal["auto", "tower", "laterality", "left", "right", "patient"]
+# Where image features come from. "projected": the shared projection of the tower output (width D,
+# un-normalised), the feature the release's own linear probes (eval_*.py) use; "tower": the vision tower's
+# pooled output before it (width W); "laterality": the left or right head, per row, from the laterality
+# column; "left"/"right": every image through that head; "patient": the image given as both eyes to the
+# patient head; "auto": "projected", except for zero-shot, which needs text-aligned features and uses
+# "laterality".
+Head = Literal["auto", "projected", "tower", "laterality", "left", "right", "patient"]
 
 
 @dataclass

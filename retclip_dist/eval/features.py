@@ -2,8 +2,9 @@
 
 Single images have no partner eye, so there is a choice to make, and it matters: users of the public
 release found that the same photo fed as a left eye or as a right eye gives very different outputs
-(sStonemason/RET-CLIP issue 2). The default is the shared vision tower, as in the release's linear
-probes; the left/right heads are used per row when a laterality column says which eye a photo shows.
+(sStonemason/RET-CLIP issue 2). The default is the shared projection of the vision tower (D-wide), the
+feature the release's linear probes use; the left/right heads are used per row when a laterality column
+says which eye a photo shows.
 Every result carries ``features_from`` so that numbers from different choices are never mixed up.
 """
 
@@ -55,21 +56,23 @@ def normalise(images: Tensor) -> Tensor:
 
 
 def resolve_head(head: str, zero_shot: bool) -> str:
-    """The concrete head for ``auto``: the tower, except zero-shot, which needs text-aligned features."""
+    """The concrete head for ``auto``: the shared projection, except zero-shot, which needs text-aligned
+    features."""
     if head != "auto":
         return head
-    return "laterality" if zero_shot else "tower"
+    return "laterality" if zero_shot else "projected"
 
 
 def row_heads(lset: LabelledSet, head: str) -> list[str]:
-    """Per-row head among tower/left/right/patient; ``laterality`` needs every row's eye."""
+    """Per-row head among projected/tower/left/right/patient; ``laterality`` needs every row's eye."""
     if head != "laterality":
         return [head] * len(lset)
     missing = [r for r in lset.rows if r.laterality is None]
     if missing:
         raise LabelError(
             f"{missing[0].source}: features.head=laterality but the row has no laterality "
-            f"({len(missing)} such rows); add a laterality column or pick --features.head left|right|tower"
+            f"({len(missing)} such rows); add a laterality column or pick --features.head "
+            "left|right|projected|tower"
         )
     return [r.laterality for r in lset.rows]
 
@@ -77,25 +80,36 @@ def row_heads(lset: LabelledSet, head: str) -> list[str]:
 def describe(heads: list[str]) -> str:
     """Human-readable origin of a feature matrix, e.g. 'left head (12), right head (8)'."""
     counts = Counter(heads)
-    names = {"tower": "vision tower", "left": "left head", "right": "right head", "patient": "patient head"}
+    names = {
+        "projected": "shared projection",
+        "tower": "vision tower",
+        "left": "left head",
+        "right": "right head",
+        "patient": "patient head",
+    }
     return ", ".join(f"{names[h]} ({counts[h]})" for h in sorted(counts))
 
 
 def _projector(model: RetClip, head: str) -> Callable[[Tensor], Tensor]:
     if head == "tower":
         return lambda pooled: pooled
+    if head == "projected":
+        return model.image_proj
     if head == "patient":
         # One photo stands in for both eyes: the patient head sees [v, v].
-        return lambda pooled: F.normalize(model.image_patient(torch.cat([pooled, pooled], dim=-1)), dim=-1)
+        return lambda pooled: F.normalize(
+            model.image_patient(torch.cat([model.image_proj(pooled)] * 2, dim=-1)), dim=-1
+        )
     layer = model.image_left if head == "left" else model.image_right
-    return lambda pooled: F.normalize(layer(pooled), dim=-1)
+    return lambda pooled: F.normalize(layer(model.image_proj(pooled)), dim=-1)
 
 
 @torch.inference_mode()
 def embed_images(model: RetClip, images: Tensor, heads: list[str], batch_size: int) -> Tensor:
-    """Features [n, W] (tower) or [n, D] (heads) in row order; mixing tower with heads is refused."""
-    if "tower" in heads and set(heads) != {"tower"}:
-        raise ValueError("tower features (width W) cannot be mixed with head features (width D)")
+    """Features [n, W] (tower) or [n, D] (projected, heads) in row order; only the left and right heads mix
+    (laterality), since the others are different spaces."""
+    if len(set(heads)) > 1 and not set(heads) <= {"left", "right"}:
+        raise ValueError(f"features from {sorted(set(heads))} cannot be mixed in one matrix")
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
@@ -136,6 +150,8 @@ def features_for(
 ) -> tuple[Tensor, list[str]]:
     """Embed ``images`` (rows of ``lset``) with the configured head; returns (features, per-row heads)."""
     heads = row_heads(lset, resolve_head(cfg.head, zero_shot))
-    if zero_shot and "tower" in heads:
-        raise ValueError("zero-shot compares images with text, so features.head cannot be 'tower'")
+    if zero_shot and {"tower", "projected"} & set(heads):
+        raise ValueError(
+            "zero-shot compares images with text, so features.head cannot be 'tower' or 'projected'"
+        )
     return embed_images(model, images, heads, cfg.batch_size), heads

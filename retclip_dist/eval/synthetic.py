@@ -57,7 +57,8 @@ def demo_probe(
     seed: int = 0,
     label: str = "hard_exudates",
 ) -> str:
-    """Linear probe for one lesion's presence on tower features of a trained model; a Markdown table.
+    """Linear probe for one lesion's presence on a trained model's image features (the default feature:
+    the shared projection, as the release's probes); a Markdown table.
 
     Writes ``n_images`` synthetic eye photos (two per patient) and the probe's metrics.json, metrics.md
     and roc.png under ``out_dir``. ``label`` is a column of write_labelled_set: a lesion or ``grade``.

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
+from retclip_dist.data.samples import clean_report
 from retclip_dist.eval.data import LabelError, LabelledSet
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
@@ -48,7 +49,8 @@ def class_embeddings(
     """{head: [C, D]} normalised class embeddings for the left, right and patient text heads."""
     device = next(model.parameters()).device
     tokenizer = build_tokenizer(model.config)
-    flat = [p for name in classes for p in prompts[name]]
+    # The same normalisation as the training reports, or curly quotes would become [UNK].
+    flat = [clean_report(p) for name in classes for p in prompts[name]]
     tokens = tokenizer(flat, padding=True, truncation=True, max_length=context_length, return_tensors="pt")
     levels = model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
     owner = torch.tensor([i for i, name in enumerate(classes) for _ in prompts[name]], device=device)

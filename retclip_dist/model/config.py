@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+# write_vocab is imported from here by tests and scripts; vocab files have their home in model/vocab.py.
+from retclip_dist.model.vocab import read_vocab
+from retclip_dist.model.vocab import write_vocab as write_vocab
+
 # The three contrastive levels, in the order every per-level tuple uses.
 LEVELS = ("patient", "left", "right")
 
@@ -29,19 +33,32 @@ BERT_BASE_CHINESE: dict[str, Any] = {
 # The public release starts all three InfoNCE temperatures at 1/90; SigLIP starts its sigmoid at 10.
 INFONCE_INIT_LOGIT_SCALE = math.log(90)
 SIGMOID_INIT_LOGIT_SCALE = math.log(10)
+# The release clamps its log-scales to this range after each step (its train.py writes ln 100 as 4.6052);
+# configs/retclip_release.yaml spells the same numbers.
+RELEASE_LOGIT_SCALE_RANGE = (0.0, 4.6052)
+# timm builds OpenAI-CLIP-shaped ViTs under both names; "_clip_quickgelu_" is the one CLIP was trained with.
+CLIP_QUICKGELU_TAG = "_clip_quickgelu_"
 
 
 @dataclass
 class ModelConfig:
-    vision_name: str = "vit_base_patch16_224"  # timm architecture name of the eye encoder
+    # timm architecture name of the eye encoder; the default is OpenAI CLIP's ViT-B/16 (QuickGELU MLP)
+    vision_name: str = "vit_base_patch16_clip_quickgelu_224"
     vision_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (img_size, depth...)
     vision_weights: str | None = None  # local vision state dict (.safetensors/.bin/.pt/.pth); None = random
     text_path: str | None = None  # local HF model dir (config.json, optional weights, tokenizer)
     text_config: dict = field(default_factory=lambda: dict(BERT_BASE_CHINESE))  # HF config w/o text_path
     tokenizer_path: str | None = None  # vocab .txt or HF tokenizer dir; None = text_path
     embed_dim: int = 512  # D, the shared image-text embedding width
+    # MLP activation the vision_weights were trained with; "auto": QuickGELU for OpenAI-CLIP-layout files
+    # (OpenAI's ViT-B/16 and the release), unchecked for others. A tower with another activation is refused.
+    vision_weights_act: Literal["auto", "quick_gelu", "gelu"] = "auto"
     init_logit_scale: float | None = None  # ln(1/temperature); None = ln 90 (infonce), ln 10 (sigmoid)
-    max_logit_scale: float = math.log(100)  # clamp applied by clamp_logit_scales_() after each step
+    # Release: true, the patient scale starts from vision_weights' CLIP logit_scale (ln 100 for OpenAI's
+    # ViT-B/16), the eye scales at init_logit_scale; false (ours): all three at init_logit_scale.
+    patient_scale_from_clip: bool = False
+    min_logit_scale: float | None = None  # lower clamp after each step; None = none (release: 0)
+    max_logit_scale: float = math.log(100)  # upper clamp after each step (release: 4.6052, ln 100 rounded)
     init_logit_bias: float = -10.0  # sigmoid loss only: initial learnable bias (SigLIP's value)
     loss: Literal["infonce", "sigmoid"] = "infonce"  # which contrastive objective the scales serve
     grad_checkpointing: bool = False  # recompute tower activations in backward to save memory
@@ -53,22 +70,15 @@ class ModelConfig:
         return SIGMOID_INIT_LOGIT_SCALE if self.loss == "sigmoid" else INFONCE_INIT_LOGIT_SCALE
 
 
-def write_vocab(path: str | Path, words: list[str]) -> Path:
-    """Write a WordPiece vocab.txt: BERT's five special tokens followed by ``words``, one per line."""
-    path = Path(path)
-    path.write_text(
-        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n", encoding="utf-8"
-    )
-    return path
-
-
 def tiny_model_config(vocab_path: str | Path, image_size: int = 32, embed_dim: int = 16) -> ModelConfig:
     """A seconds-fast model for tests: 2-layer ViT (width 32, patch 8) and 2-layer BERT (hidden 32).
 
     Dropout is off so that forward passes are deterministic in training mode too.
     """
-    vocab_size = sum(1 for line in Path(vocab_path).read_text(encoding="utf-8").splitlines() if line)
+    vocab_size = len(read_vocab(vocab_path))
     return ModelConfig(
+        # timm's plain ViT (GELU, no pre-norm): random-init tests have no CLIP weights to match.
+        vision_name="vit_base_patch16_224",
         vision_kwargs={"img_size": image_size, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
         text_config={
             "model_type": "bert",

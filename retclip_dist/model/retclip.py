@@ -1,5 +1,9 @@
 """RET-CLIP: one vision tower for both eyes, one text tower, three projection levels (patient, left, right).
 
+Image path, as in the release: v = image_proj(tower(eye)) for each eye (CLIP's visual.proj, shared and
+trained), then patient = image_patient([v_left, v_right]), left = image_left(v_left), right =
+image_right(v_right), all bias-free.
+
 The module only computes features: it never moves itself to a device, reads the environment or talks to
 other processes, so the same object works under DDP, Accelerate, DeepSpeed or a plain evaluation script.
 """
@@ -19,7 +23,7 @@ from torch import Tensor, nn
 from retclip_dist.config import from_dict, to_dict
 from retclip_dist.model.config import LEVELS, ModelConfig
 from retclip_dist.model.tokenizer import build_tokenizer
-from retclip_dist.model.towers import build_text_tower, build_vision_tower
+from retclip_dist.model.towers import build_text_tower, build_vision_tower, load_vision_weights
 from retclip_dist.model.weights import LoadReport
 
 WEIGHTS_FILE = "model.safetensors"
@@ -64,22 +68,36 @@ class RetClip(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.visual, vision_report = build_vision_tower(cfg)
+        self.visual = build_vision_tower(cfg)
         self.text, text_report = build_text_tower(cfg)
-        # Kept so that a launcher can print or assert what was initialised from disk.
-        self.load_reports: dict[str, LoadReport] = {
-            r.tower: r for r in (vision_report, text_report) if r is not None
-        }
         width = self.visual.num_features
         hidden = self.text.config.hidden_size
-        self.image_patient = nn.Linear(2 * width, cfg.embed_dim, bias=False)
-        self.image_left = nn.Linear(width, cfg.embed_dim, bias=False)
-        self.image_right = nn.Linear(width, cfg.embed_dim, bias=False)
+        # CLIP's visual.proj, shared by both eyes and all three image heads, and trained (as in the release).
+        self.image_proj = nn.Linear(width, cfg.embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=width**-0.5)  # CLIP's init of visual.proj
+        self.image_patient = nn.Linear(2 * cfg.embed_dim, cfg.embed_dim, bias=False)
+        self.image_left = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=False)
+        self.image_right = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=False)
         self.text_patient = _text_head(hidden, cfg.embed_dim)
         self.text_left = _text_head(hidden, cfg.embed_dim)
         self.text_right = _text_head(hidden, cfg.embed_dim)
         self.logit_scale = _scalars(cfg.resolved_init_logit_scale())
         self.logit_bias = _scalars(cfg.init_logit_bias) if cfg.loss == "sigmoid" else None
+        vision_report = None
+        if cfg.vision_weights is not None:
+            vision_report, clip_scale = load_vision_weights(cfg, self.visual, self.image_proj)
+            if cfg.patient_scale_from_clip:
+                if clip_scale is None:
+                    raise ValueError(
+                        f"{cfg.vision_weights}: model.patient_scale_from_clip is set but the file has no "
+                        "'logit_scale'"
+                    )
+                with torch.no_grad():
+                    self.logit_scale["patient"].fill_(float(clip_scale))
+        # Kept so that a launcher can print or assert what was initialised from disk.
+        self.load_reports: dict[str, LoadReport] = {
+            r.tower: r for r in (vision_report, text_report) if r is not None
+        }
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -106,17 +124,22 @@ class RetClip(nn.Module):
 
     @torch.no_grad()
     def clamp_logit_scales_(self) -> None:
-        """Cap every log-scale at cfg.max_logit_scale; the trainer calls this after each optimizer step."""
+        """Clamp every log-scale to [cfg.min_logit_scale, cfg.max_logit_scale]; the trainer calls this after
+        each optimizer step."""
         for scale in self.logit_scale.values():
-            scale.clamp_(max=self.config.max_logit_scale)
+            scale.clamp_(min=self.config.min_logit_scale, max=self.config.max_logit_scale)
 
     def embed_eye(self, images: Tensor) -> Tensor:
-        """Pooled, un-projected vision embedding [n, W] of single-eye images, for downstream probes."""
+        """Pooled vision tower output [n, W] of single-eye images, before the shared projection."""
         return self.visual(images)
+
+    def project_eye(self, images: Tensor) -> Tensor:
+        """The shared projection of the tower output [n, D], un-normalised: the release's image feature."""
+        return self.image_proj(self.embed_eye(images))
 
     def encode_image(self, left: Tensor, right: Tensor) -> PerLevel:
         """Normalised patient/left/right image features; both eyes go through the tower in one batch."""
-        eyes = self.embed_eye(torch.cat([left, right]))
+        eyes = self.project_eye(torch.cat([left, right]))
         v_left, v_right = eyes[: left.shape[0]], eyes[left.shape[0] :]
         return PerLevel(
             patient=F.normalize(self.image_patient(torch.cat([v_left, v_right], dim=-1)), dim=-1),
@@ -198,6 +221,14 @@ class RetClip(nn.Module):
         cfg = from_dict(ModelConfig, json.loads(config_path.read_text()), where=str(config_path))
         if (directory / TOKENIZER_DIR).is_dir():
             cfg = replace(cfg, tokenizer_path=str(directory / TOKENIZER_DIR))
+        state = load_file(str(directory / WEIGHTS_FILE))
+        if "image_proj.weight" not in state:
+            # Earlier versions had no shared projection (heads read the tower output, visual.proj folded
+            # into each); three independent heads cannot in general be split into one shared map.
+            raise ValueError(
+                f"{directory}: saved without the shared image projection (image_proj.weight) by an earlier "
+                "version; convert the release checkpoint again or retrain"
+            )
         model = cls(cfg)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+        model.load_state_dict(state, strict=True)
         return model

@@ -9,20 +9,7 @@ from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBa
 
 from retclip_dist.model.config import ModelConfig
 from retclip_dist.model.towers import text_model_config
-
-
-def read_vocab(path: Path) -> dict[str, int]:
-    """WordPiece vocab.txt -> {token: line index}; duplicates are an error (they would shift every id)."""
-    vocab: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line:
-            raise ValueError(f"vocab file {path}: line {lineno} is empty")
-        if line in vocab:
-            raise ValueError(
-                f"vocab file {path}: line {lineno} repeats token {line!r} (first on {vocab[line] + 1})"
-            )
-        vocab[line] = len(vocab)
-    return vocab
+from retclip_dist.model.vocab import read_vocab
 
 
 def wordpiece_tokenizer(vocab: dict[str, int]) -> BertTokenizerFast:

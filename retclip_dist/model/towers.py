@@ -1,7 +1,8 @@
 """The two encoders: a timm vision tower shared by both eyes and a transformers text tower.
 
-Each builder returns the tower and, when local pretrained weights were requested, the LoadReport saying
-what was loaded; with no weights configured the tower is randomly initialised and the report is None.
+The vision tower is built random and filled by ``load_vision_weights`` together with the model's shared
+image projection (CLIP's ``visual.proj``); the text builder returns the tower and, when local weights were
+requested, the LoadReport saying what was loaded.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import inspect
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import timm
 import torch
+from timm.layers import QuickGELU
 from torch import nn
 from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 
-from retclip_dist.model.config import ModelConfig
+from retclip_dist.model.config import CLIP_QUICKGELU_TAG, ModelConfig
 from retclip_dist.model.weights import LoadReport, load_into, raise_on_shape_mismatch, read_state_dict
 
 # Any of these in a HF model dir means it carries weights; a config-only dir means random init.
@@ -27,18 +30,80 @@ _HF_WEIGHT_FILES = (
 )
 
 
-def build_vision_tower(cfg: ModelConfig) -> tuple[nn.Module, LoadReport | None]:
-    """timm model without classifier (pooled features out), optionally initialised from cfg.vision_weights."""
-    tower = timm.create_model(cfg.vision_name, pretrained=False, num_classes=0, **cfg.vision_kwargs)
-    if cfg.vision_weights is None:
-        return tower, None
-    state_dict = read_state_dict(cfg.vision_weights)
+class VisionInit(NamedTuple):
+    """What a vision weights file gave besides the tower: CLIP's projection and temperature, if present."""
+
+    report: LoadReport  # tower and shared projection, as one report
+    logit_scale: torch.Tensor | None  # CLIP's learned log-scale (top-level ``logit_scale``), if any
+
+
+def build_vision_tower(cfg: ModelConfig) -> nn.Module:
+    """timm model without classifier: pooled [W] features out, randomly initialised."""
+    return timm.create_model(cfg.vision_name, pretrained=False, num_classes=0, **cfg.vision_kwargs)
+
+
+def tower_activation(tower: nn.Module) -> str:
+    """The first block's MLP activation: "quick_gelu", "gelu", or its class name for anything else."""
+    blocks = getattr(tower, "blocks", None)
+    act = getattr(getattr(blocks[0], "mlp", None), "act", None) if blocks else None
+    if isinstance(act, QuickGELU):
+        return "quick_gelu"
+    if isinstance(act, (nn.GELU, timm.layers.GELU)):
+        return "gelu"
+    return type(act).__name__
+
+
+def _clip_projection(state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """CLIP's image projection as a bias-free Linear weight [D, W], from either open_clip layout."""
+    if "visual.proj" in state:  # OpenAI CLIP and open_clip's own ViT: a [W, D] parameter, x @ proj
+        return state["visual.proj"].T.contiguous()
+    if "visual.head.proj.weight" in state:  # open_clip with a timm trunk: an nn.Linear [D, W]
+        return state["visual.head.proj.weight"]
+    return None
+
+
+def _check_activation(
+    cfg: ModelConfig, tower: nn.Module, state: dict[str, torch.Tensor], source: str
+) -> None:
+    expected = cfg.vision_weights_act
+    if expected == "auto":
+        # OpenAI-CLIP layout: OpenAI's ViTs and the release were all trained with QuickGELU.
+        expected = "quick_gelu" if "visual.class_embedding" in state else None
+    actual = tower_activation(tower)
+    if expected is None or actual == expected:
+        return
+    hint = ""
+    if expected == "quick_gelu" and "_clip_" in cfg.vision_name and CLIP_QUICKGELU_TAG not in cfg.vision_name:
+        hint = f"; use model.vision_name {cfg.vision_name.replace('_clip_', CLIP_QUICKGELU_TAG)!r}"
+    raise ValueError(
+        f"{source}: these CLIP weights were trained with {expected} but model.vision_name "
+        f"{cfg.vision_name!r} uses {actual}{hint} (or set model.vision_weights_act if the weights used {actual})"
+    )
+
+
+def load_vision_weights(cfg: ModelConfig, tower: nn.Module, projection: nn.Linear) -> VisionInit:
+    """Fill the tower (and the shared projection, when the file has CLIP's) from cfg.vision_weights.
+
+    Report names are the model's own (``visual.*``, ``image_proj.weight``).
+    """
+    source = str(cfg.vision_weights)
+    state = read_state_dict(cfg.vision_weights)
+    _check_activation(cfg, tower, state, source)
+    proj = _clip_projection(state)
     # timm's own converter for this architecture turns OpenAI-CLIP / open_clip layouts into timm names and
     # resamples position embeddings to the configured image size, exactly as timm does for hub weights.
     convert = getattr(sys.modules[type(tower).__module__], "checkpoint_filter_fn", None)
-    if convert is not None:
-        state_dict = convert(state_dict, tower)
-    return tower, load_into(tower, state_dict, "vision", cfg.vision_weights)
+    tower_state = convert(state, tower) if convert is not None else state
+    if proj is not None:
+        # timm renders CLIP's projection as a classifier head (plus a zero bias); it lives in image_proj.
+        tower_state = {k: v for k, v in tower_state.items() if not k.startswith("head.")}
+    named = {f"visual.{k}": v for k, v in tower_state.items()}
+    if proj is not None:
+        named["image_proj.weight"] = proj
+    holder = nn.Module()
+    holder.visual, holder.image_proj = tower, projection
+    report = load_into(holder, named, "vision", source)
+    return VisionInit(report, state.get("logit_scale"))
 
 
 def vision_input_size(cfg: ModelConfig) -> int | None:

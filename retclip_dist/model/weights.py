@@ -7,10 +7,14 @@ silently skipping them would train from a half-random tower).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -44,6 +48,44 @@ class LoadReport:
         (log.warning if self.missing else log.info)("%s", self)
 
 
+def _numpy_scalar_globals() -> list:
+    """Exactly what pickling a numpy scalar (np.float64(3e-5), np.int64(7)) refers to: numpy's scalar
+    constructor, np.dtype and the dtype classes of the numeric and bool scalar types."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    kinds = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+    kinds += ("float16", "float32", "float64")
+    allowed: list = [multiarray.scalar, np.dtype, *{type(np.dtype(kind)) for kind in kinds}]
+    # numpy 1.x (which wrote the release's checkpoints) names the constructor numpy.core.multiarray.scalar,
+    # numpy 2 numpy._core.multiarray.scalar; torch >= 2.6 can allow one object under both names.
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6):
+        allowed += [(multiarray.scalar, f"{m}.multiarray.scalar") for m in ("numpy.core", "numpy._core")]
+    return allowed
+
+
+def _torch_load(path: Path) -> object:
+    """torch.load without unpickling arbitrary objects; numpy scalars are allowed and nothing else.
+
+    The release's training checkpoints ({"epoch", "step", "name", "state_dict", "optimizer"}) keep the
+    scheduler's learning rate as a numpy float in the optimizer's param_groups.
+    """
+    # torch 2.4 has only the process-wide add_safe_globals; the scoped safe_globals came in 2.5.
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    allowed = _numpy_scalar_globals()
+    if scoped is None:
+        torch.serialization.add_safe_globals(allowed)
+        scoped = lambda _: contextlib.nullcontext()  # noqa: E731
+    try:
+        with scoped(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(?:Unsupported global|unsupported)[^\n]*?GLOBAL ([\w.]+)", str(exc))
+        what = f" (it holds {found.group(1)})" if found else ""
+        raise ValueError(
+            f"weights file {path} holds objects other than tensors, numbers, strings and numpy scalars{what}; "
+            "refusing to unpickle it"
+        ) from None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors/.bin/.pt/.pth file, unwrapped from a training checkpoint and 'module.'."""
     path = Path(path)
@@ -52,7 +94,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         obj: object = load_file(str(path))
     elif path.suffix in _TORCH_SUFFIXES:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load(path)
     else:
         raise ValueError(
             f"weights file {path}: unsupported suffix {path.suffix!r}; use .safetensors, .bin, .pt or .pth"

@@ -15,16 +15,29 @@ class TrainSection:
     epochs: int = 10  # passes over the training split
     max_steps: int | None = None  # stop after this many optimiser steps (None: run all epochs)
     lr: float = 3e-5  # peak learning rate (paper: 3e-5 at batch 256 per GPU)
-    weight_decay: float = 1e-3  # AdamW decay on weights; norms, biases and logit scales get none
+    weight_decay: float = 1e-3  # AdamW decay (see no_decay for what is exempt)
+    # Exempt from decay. "1d": every bias, norm gain and logit scale (CLIP/open_clip practice: shrinking
+    # gains and biases only rescales activations); "release": its name filter (bn/ln/bias/logit_scale),
+    # which exempts the vision LayerNorms but decays BERT's (their name "LayerNorm" has no "ln").
+    no_decay: Literal["1d", "release"] = "1d"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW betas (CLIP's)
     eps: float = 1e-6  # AdamW epsilon
     warmup_steps: int = 50  # linear warmup from 0 to lr
     schedule: Literal["cosine", "constant"] = "cosine"  # decay after warmup
     grad_clip: float | None = None  # max global grad norm (None: no clipping)
     accum_steps: int = 1  # split each rank's batch into this many chunks, keeping every negative
-    precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast dtype (no: float32)
+    precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast dtype (no: float32; release: fp16 + scaler)
     compile: bool = False  # torch.compile the model (GPU recipe)
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+
+
+@dataclass
+class LossSection:
+    """Where the negatives come from. The loss kind is model.loss: the model owns the scales it needs."""
+
+    # true: the global batch (exact all-gather with gradient, the paper's objective); false: each rank's own
+    # batch only, as the release runs (--skip-aggregate), and DDP optimises the mean of the local losses.
+    gather: bool = True
 
 
 @dataclass
@@ -51,6 +64,7 @@ class EvalSection:
 class RunConfig:
     output_dir: str = "runs/retclip"  # checkpoints, logs and the final model go here
     model: ModelConfig = field(default_factory=ModelConfig)  # towers, heads, loss kind
+    loss: LossSection = field(default_factory=LossSection)  # where the negatives come from
     data: DataConfig = field(default_factory=DataConfig)  # shard set, batch, augmentation
     train: TrainSection = field(default_factory=TrainSection)  # optimisation
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)  # saving and resuming

@@ -207,7 +207,7 @@ def train(cfg: RunConfig) -> int:
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)
-    tripartite = TripartiteLoss(cfg.model.loss)
+    tripartite = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather)
 
     def loss_fn(out: RetClipOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return tripartite(*out)

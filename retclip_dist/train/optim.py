@@ -3,23 +3,35 @@
 from __future__ import annotations
 
 import math
+import re
+from typing import Literal
 
 import torch
 from torch import nn
 
 from retclip_dist.train.config import TrainSection
 
+# The vision tower's LayerNorm gains under timm names (norm_pre, blocks.N.norm1/norm2, norm): the ones the
+# release's filter exempts through their OpenAI names ln_pre, ln_1, ln_2, ln_post.
+_VISION_NORM = re.compile(r"visual\.(blocks\.\d+\.)?norm[^.]*\.weight")
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms, biases and the logit scales/biases would be pulled towards zero."""
+
+def exempt_from_decay(name: str, param: nn.Parameter, rule: Literal["1d", "release"] = "1d") -> bool:
+    """Whether a parameter skips weight decay under the rule (TrainSection.no_decay says why each exists)."""
+    if "logit_" in name or name.endswith(".bias"):
+        return True
+    if rule == "release":
+        return _VISION_NORM.fullmatch(name) is not None
+    return param.ndim < 2
+
+
+def param_groups(model: nn.Module, weight_decay: float, rule: Literal["1d", "release"] = "1d") -> list[dict]:
+    """Two AdamW groups: decayed parameters and the exempt ones (biases, scales, and norms per ``rule``)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or "logit_" in name or name.endswith(".bias"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        (no_decay if exempt_from_decay(name, param, rule) else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -29,7 +41,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: TrainSection, device: torch.device) -> torch.optim.Optimizer:
     # The fused kernel is CUDA-only; on CPU it would raise, so it is chosen by where the weights live.
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        param_groups(model, cfg.weight_decay, cfg.no_decay),
         lr=cfg.lr,
         betas=tuple(cfg.betas),
         eps=cfg.eps,

@@ -1,0 +1,135 @@
+"""Starting from CLIP weights as the release does: the tower, the shared projection and the patient scale.
+
+The files are built here at reduced size (width 64, 2 blocks, patch 8 at 32 px, D = 32) under the names
+OpenAI's and open_clip's state dicts use, text tower included, so loading must pick the image side out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from release_reference import Visual
+from safetensors.torch import save_file
+
+from retclip_dist.model.config import ModelConfig, tiny_model_config, write_vocab
+from retclip_dist.model.retclip import RetClip
+
+WIDTH, LAYERS, PATCH, RES, EMBED = 64, 2, 8, 32, 32
+CLIP_SCALE = math.log(100.0)  # OpenAI's ViT-B/16 ends training at the 100 cap
+
+
+def _clip_text_side() -> dict[str, torch.Tensor]:
+    """The text half of a CLIP state dict (one block is enough to be 'unexpected' if misread)."""
+    return {
+        "token_embedding.weight": torch.randn(50, WIDTH),
+        "positional_embedding": torch.randn(16, WIDTH),
+        "transformer.resblocks.0.attn.in_proj_weight": torch.randn(3 * WIDTH, WIDTH),
+        "transformer.resblocks.0.ln_1.weight": torch.ones(WIDTH),
+        "ln_final.weight": torch.ones(WIDTH),
+        "text_projection": torch.randn(WIDTH, EMBED),
+    }
+
+
+def _openai_layout(visual: Visual) -> dict[str, torch.Tensor]:
+    """OpenAI's state dict (as the release's transform_openai_pretrain_weights.py saves it from the JIT
+    archive): visual.* in OpenAI names, the text side, logit_scale, and three int entries."""
+    state = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+    state.update(_clip_text_side())
+    state["logit_scale"] = torch.tensor(CLIP_SCALE)
+    for key, value in (("input_resolution", RES), ("context_length", 77), ("vocab_size", 49408)):
+        state[key] = torch.tensor(value)
+    return state
+
+
+def _open_clip_timm_layout(model: RetClip, proj: torch.Tensor) -> dict[str, torch.Tensor]:
+    """open_clip with a timm trunk: visual.trunk.<timm names>, the projection as visual.head.proj."""
+    state = {f"visual.trunk.{k}": v for k, v in model.visual.state_dict().items()}
+    state["visual.head.proj.weight"] = proj.T.contiguous()
+    state.update(_clip_text_side())
+    state["logit_scale"] = torch.tensor(CLIP_SCALE)
+    return state
+
+
+def _cfg(tmp_path, vision_name: str = "vit_base_patch16_clip_quickgelu_224") -> ModelConfig:
+    cfg = tiny_model_config(write_vocab(tmp_path / "vocab.txt", ["eye"]), image_size=RES, embed_dim=EMBED)
+    cfg.vision_name = vision_name
+    cfg.vision_kwargs = {
+        "img_size": RES,
+        "patch_size": PATCH,
+        "embed_dim": WIDTH,
+        "depth": LAYERS,
+        "num_heads": 1,
+    }
+    return cfg
+
+
+@pytest.fixture
+def visual():
+    torch.manual_seed(3)
+    return Visual(WIDTH, LAYERS, PATCH, RES, EMBED).eval()
+
+
+@pytest.mark.parametrize("layout", ["openai", "open_clip"])
+def test_clip_weights_fill_tower_and_shared_projection(tmp_path, visual, layout):
+    state = _openai_layout(visual)
+    if layout == "open_clip":
+        # open_clip's own ViT names the image side exactly as OpenAI does, without the three ints.
+        state = {
+            k: v for k, v in state.items() if k not in ("input_resolution", "context_length", "vocab_size")
+        }
+    path = tmp_path / "clip.bin"
+    torch.save(state, path)
+    cfg = _cfg(tmp_path)
+    cfg.vision_weights, cfg.patient_scale_from_clip = str(path), True
+    model = RetClip(cfg).eval()
+    report = model.load_reports["vision"]
+    assert report.missing == [] and report.unexpected == []
+    assert report.loaded == len(visual.state_dict())  # every visual.* tensor, proj included
+    assert torch.equal(model.image_proj.weight, visual.proj.T)
+    x = torch.randn(2, 3, RES, RES)
+    with torch.no_grad():
+        torch.testing.assert_close(model.project_eye(x), visual(x), atol=2e-5, rtol=1e-4)
+    # Release: the patient scale starts at CLIP's, the eye scales at ln 90.
+    assert model.logit_scale["patient"].item() == pytest.approx(CLIP_SCALE)
+    assert model.logit_scale["left"].item() == pytest.approx(math.log(90))
+
+
+def test_open_clip_timm_trunk_layout(tmp_path, visual):
+    cfg = _cfg(tmp_path)
+    torch.manual_seed(4)
+    source = RetClip(cfg)
+    save_file(_open_clip_timm_layout(source, visual.proj.detach()), str(tmp_path / "oc.safetensors"))
+    cfg.vision_weights = str(tmp_path / "oc.safetensors")
+    model = RetClip(cfg)
+    report = model.load_reports["vision"]
+    assert report.missing == [] and report.unexpected == []
+    assert torch.equal(model.image_proj.weight, visual.proj.T)
+    assert all(torch.equal(model.visual.state_dict()[k], v) for k, v in source.visual.state_dict().items())
+    assert model.logit_scale["patient"].item() == pytest.approx(math.log(90))  # patient_scale_from_clip off
+
+
+def test_gelu_tower_refuses_quickgelu_clip_weights_by_name(tmp_path, visual):
+    torch.save(_openai_layout(visual), tmp_path / "clip.pt")
+    cfg = _cfg(tmp_path, "vit_base_patch16_clip_224")
+    cfg.vision_weights = str(tmp_path / "clip.pt")
+    with pytest.raises(
+        ValueError,
+        match=r"clip\.pt: these CLIP weights were trained with quick_gelu but model\.vision_name "
+        r"'vit_base_patch16_clip_224' uses gelu; use model\.vision_name 'vit_base_patch16_clip_quickgelu_224'",
+    ):
+        RetClip(cfg)
+    cfg.vision_weights_act = "gelu"  # the user says these weights were trained with GELU (e.g. LAION's)
+    assert RetClip(cfg).load_reports["vision"].missing == []
+
+
+def test_patient_scale_from_clip_needs_a_logit_scale(tmp_path, visual):
+    state = {k: v for k, v in _openai_layout(visual).items() if k != "logit_scale"}
+    torch.save(state, tmp_path / "clip.pt")
+    cfg = _cfg(tmp_path)
+    cfg.vision_weights, cfg.patient_scale_from_clip = str(tmp_path / "clip.pt"), True
+    with pytest.raises(
+        ValueError, match=r"clip\.pt: model\.patient_scale_from_clip is set but the file has no"
+    ):
+        RetClip(cfg)

@@ -1,0 +1,38 @@
+"""The two ViT-B/16 recipes: the paper's as we run it, and the release's own run (configs/)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from retclip_dist.config import load_config
+from retclip_dist.model.config import RELEASE_LOGIT_SCALE_RANGE
+from retclip_dist.train.config import RunConfig
+
+
+def test_paper_recipe_builds_the_tower_clip_weights_were_trained_with():
+    cfg = load_config(RunConfig, "configs/retclip_vitb16.yaml")
+    assert cfg.model.vision_name == "vit_base_patch16_clip_quickgelu_224"
+    assert cfg.loss.gather is True
+    assert (cfg.model.min_logit_scale, cfg.model.max_logit_scale) == (None, pytest.approx(math.log(100)))
+    assert cfg.model.patient_scale_from_clip is False
+    assert (cfg.train.precision, cfg.train.no_decay, cfg.data.hflip) == ("bf16", "1d", False)
+
+
+def test_release_recipe_is_the_example_script():
+    cfg = load_config(RunConfig, "configs/retclip_release.yaml")
+    assert cfg.model.vision_name == "vit_base_patch16_clip_quickgelu_224"
+    assert cfg.loss.gather is False  # --skip-aggregate
+    assert cfg.data.context_length == 100 and cfg.data.batch_size == 256 and cfg.data.hflip
+    assert (cfg.model.min_logit_scale, cfg.model.max_logit_scale) == RELEASE_LOGIT_SCALE_RANGE
+    assert cfg.model.patient_scale_from_clip and cfg.model.grad_checkpointing
+    train = cfg.train
+    assert (train.lr, train.weight_decay, train.warmup_steps, train.epochs) == (3e-5, 1e-3, 50, 10)
+    assert (train.precision, train.no_decay, train.betas, train.eps) == ("fp16", "release", [0.9, 0.98], 1e-6)
+
+
+def test_gather_is_a_command_line_switch():
+    cfg = load_config(RunConfig, "configs/retclip_vitb16.yaml", ["--loss.gather", "false"])
+    assert cfg.loss.gather is False
+    assert load_config(RunConfig).loss.gather is True  # the default is the exact global batch
