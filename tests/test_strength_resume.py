@@ -46,7 +46,13 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
     cfg["model"]["tokenizer_path"] = str(ROOT / "configs/tiny_vocab.txt")
     # Smaller towers for speed; dropout on, as in the paper recipe's BERT.
-    cfg["model"]["vision_kwargs"] = {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    cfg["model"]["vision_kwargs"] = {
+        "img_size": 32,
+        "patch_size": 16,
+        "embed_dim": 32,
+        "depth": 1,
+        "num_heads": 2,
+    }
     cfg["model"]["text_config"].update(
         hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, num_hidden_layers=1
     )
