@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from retclip_dist import synth
-from retclip_dist.eval.metrics import multiclass_metrics, multilabel_metrics
+from retclip_dist.eval.metrics import multiclass_metrics, multilabel_metrics, selection_score
 from retclip_dist.eval.zeroshot import class_embeddings, zero_shot_probs
 from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
@@ -134,3 +134,11 @@ def test_class_embeddings_come_from_the_matching_text_head(tiny_model):
     # The heads really differ, so a mix-up of heads cannot pass unnoticed.
     for a, b in (("patient", "left"), ("patient", "right"), ("left", "right")):
         assert (emb[a] - emb[b]).abs().max() > 0.1, (a, b)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # scikit-learn: kappa is undefined on one label
+def test_undefined_selection_metric_ranks_below_every_defined_one():
+    # No class has both outcomes: AUROC is undefined, and a hyper-parameter that scored it must lose.
+    m = multiclass_metrics(np.array([0, 0]), np.array([[0.9, 0.1], [0.8, 0.2]]), ["a", "b"])
+    assert m["overall"]["macro_auroc"] is None
+    assert selection_score(m, "macro_auroc") == float("-inf")

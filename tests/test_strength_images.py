@@ -25,3 +25,12 @@ def test_max_pixels_keeps_exactly_the_limit_and_rejects_one_over():
         process_image(photo, ImageOptions(size=64, min_side=64, max_pixels=5119))
     assert info.value.reason == "too_many_pixels"
     assert "64x80" in str(info.value)
+
+
+def test_min_side_keeps_exactly_the_minimum_and_rejects_one_under():
+    photo = _png(64, 80)
+    _, size = process_image(photo, ImageOptions(size=64, min_side=64, max_pixels=10_000))
+    assert size == (64, 80)
+    with pytest.raises(RejectError) as info:
+        process_image(photo, ImageOptions(size=64, min_side=65, max_pixels=10_000))
+    assert info.value.reason == "too_small"
