@@ -95,3 +95,18 @@ def test_shuffle_buffer_order_changes_with_the_epoch_and_repeats_within_it(one_s
     for epoch, expected in enumerate(orders):
         loader.set_epoch(epoch)
         assert [k for batch in loader for k in batch["keys"]] == expected, epoch
+
+
+def test_a_small_shuffle_buffer_mixes_the_whole_stream_not_only_its_tail(one_shard: Path) -> None:
+    # A buffer of 4 over 12 samples: most samples leave the buffer while the stream is still being read.
+    # A buffer that always emitted the same slot would start every epoch with the stored order
+    # p00000, p00004, p00005, ... and only shuffle its final flush.
+    cfg = _cfg(one_shard, batch_size=4, shuffle_buffer=4, image_size=16, decode_size=16)
+    heads = []
+    for epoch in range(3):
+        order = [k for batch in _epoch(cfg, epoch) for k in batch["keys"]]
+        assert sorted(order) == [f"p{i:05d}" for i in range(12)]
+        # A sample can leave at most 4 places before its stored position (it waits in the buffer).
+        assert all(pos >= int(key[1:]) - 4 for pos, key in enumerate(order)), order
+        heads.append(tuple(order[:6]))
+    assert len(set(heads)) == 3, heads
