@@ -357,6 +357,7 @@ def _pytest(tree: Path, tests: list[str]) -> tuple[int, float, str]:
 
 
 def run(mutants: list[Mutant], baseline: bool) -> int:
+    began = time.monotonic()
     results: list[tuple[Mutant, str, float, str]] = []
     with tempfile.TemporaryDirectory(prefix="retclip-mutants-") as tmp:
         tree = Path(tmp)
@@ -390,7 +391,11 @@ def run(mutants: list[Mutant], baseline: bool) -> int:
         tests = ", ".join(t.replace("tests/", "").split("::")[0] for t in m.tests)
         print(f"| {m.name} | {m.path.removeprefix('retclip_dist/')} | {verdict} | {tests} | {note} |")
     counts = {v: sum(r[1] == v for r in results) for v in ("caught", "survived", "stale")}
-    print(f"\n{counts['caught']} caught, {counts['survived']} survived, {counts['stale']} stale", flush=True)
+    print(
+        f"\n{counts['caught']} caught, {counts['survived']} survived, {counts['stale']} stale "
+        f"in {time.monotonic() - began:.0f} s",
+        flush=True,
+    )
     unexpected = [m.name for m, v, _, _ in results if v == "survived" and not m.expect_survive]
     if unexpected:
         print(f"survivors without an explanation: {unexpected}", file=sys.stderr)
