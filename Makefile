@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # built for ("operator torchvision::nms does not exist" otherwise), and timm needs torchvision.
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast test-lowest lint bench clean
+.PHONY: demo test test-fast test-lowest lint bench mutate clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,12 @@ test-fast: $(STAMP)
 test-lowest: $(STAMP)
 	$(BIN)/python .ci/lowest.py .lowest
 	PYTHONPATH=.lowest $(BIN)/python -m pytest -m "not slow and not dist" -p no:cacheprovider
+
+# Not in CI: plants ~30 realistic bugs one at a time in a temporary copy and reports which the fast tests
+# catch (tools/mutate.py; survivors are explained in TESTING.md). A few minutes; MUTATE_ARGS=--slow adds
+# the mutant that needs the slow resume test.
+mutate: $(STAMP)
+	$(BIN)/python tools/mutate.py $(MUTATE_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -144,10 +144,14 @@ def test_device_augment_replaces_images_and_drops_params() -> None:
 def test_device_augment_on_gpu_matches_the_cpu_batch() -> None:
     cfg = DataConfig(hflip=True, erase_prob=0.5)
     patients = fake_patients(16, size=512, seed=5)
-    rows = torch.from_numpy(_params([p.key for p in patients], cfg))
-    drafts = torch.stack([decode_draft(Image.open(io.BytesIO(p.right)), 256) for p in patients])
-    batch = {"left": drafts, "right": drafts, "left_params": rows, "right_params": rows}
+    # Each eye its own photos and parameters, so a mix-up of the eyes on the GPU shows.
+    batch = {}
+    for eye, epoch in (("left", 0), ("right", 1)):
+        photos = [getattr(p, eye) for p in patients]
+        batch[eye] = torch.stack([decode_draft(Image.open(io.BytesIO(b)), 256) for b in photos])
+        batch[f"{eye}_params"] = torch.from_numpy(_params([p.key for p in patients], cfg, epoch=epoch))
     on_gpu = DeviceAugment(224, "cuda")(batch)
     assert on_gpu["left"].device.type == "cuda"
-    on_cpu = augment_batch(drafts, rows, 224)
-    torch.testing.assert_close(on_gpu["right"].cpu(), on_cpu, atol=1e-4, rtol=0)
+    for eye in ("left", "right"):
+        on_cpu = augment_batch(batch[eye], batch[f"{eye}_params"], 224)
+        torch.testing.assert_close(on_gpu[eye].cpu(), on_cpu, atol=1e-4, rtol=0, msg=eye)

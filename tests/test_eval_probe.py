@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import sklearn
 import timm
@@ -48,10 +46,9 @@ def test_probe_on_random_tower_features_beats_chance(model_dir, tmp_path):
         assert result["probe"]["C"] == 1.0
 
 
-def test_demo_probe_is_fast_and_returns_the_table(model_dir, tmp_path):
-    start = time.perf_counter()
+def test_demo_probe_returns_the_table(model_dir, tmp_path):
+    # Its speed is measured by bench/fixtures.py, not asserted on a shared CPU.
     table = demo_probe(model_dir, tmp_path / "demo", n_images=200, seed=0)
-    assert time.perf_counter() - start < 30
     assert table.startswith("**linear-probe** on 40 images (multiclass); features: shared projection (200)")
     assert "| **macro** |" in table
     assert (tmp_path / "demo" / "linear_probe" / "metrics.md").read_text() == table

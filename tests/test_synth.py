@@ -4,7 +4,6 @@ import io
 import json
 import re
 import tarfile
-import time
 import zipfile
 
 import numpy as np
@@ -76,14 +75,6 @@ def test_vocabulary_covers_every_report_token():
         p = synth.make_patient(seed, 32)
         for text in (p.report, p.left_report, p.right_report):
             assert set(re.findall(r"[a-z]+|[^\sa-z]", text)) <= vocab, text
-
-
-def test_generation_is_fast_enough_for_tests():
-    synth.make_patient(0, 320)
-    start = time.perf_counter()
-    for seed in range(10):
-        synth.make_patient(seed, 320)
-    assert (time.perf_counter() - start) / 20 < 0.05  # seconds per image, generous for a shared CPU
 
 
 @pytest.mark.parametrize("layout", ["zip", "dir", "tar"])

@@ -1,0 +1,75 @@
+"""The checkpoint component in one process, in seconds: what it keeps, and what loading gives back.
+
+The end-to-end resume tests (test_train.py, test_strength_resume.py) are ``slow``; this one lets the fast
+suite and the mutation run (tools/mutate.py) see a checkpointer that keeps the wrong directories, drops
+the loader position or loses the random state.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from retclip_dist.train.checkpoint import Checkpointer
+
+
+def _model_and_optimizer(acc: Accelerator) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    return acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1))
+
+
+def test_checkpointer_keeps_the_newest_and_restores_weights_position_and_rng(tmp_path):
+    acc = Accelerator(cpu=True)
+    model, optimizer = _model_and_optimizer(acc)
+    root = tmp_path / "checkpoints"
+    (root / "step_00000009.tmp").mkdir(parents=True)  # a run that died while saving
+    ck = Checkpointer(acc, root, keep_last=2)
+    assert not (root / "step_00000009.tmp").exists()
+    assert ck.load("auto") is None
+    for step in (2, 4, 6):
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ck.save(step, step // 3, {"note": "config"}, {"step_in_epoch": step})
+    assert [p.name for p in ck.complete()] == ["step_00000004", "step_00000006"]
+    assert ck.latest().name == "step_00000006"
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    next_draws = torch.rand(5)  # what the run would have drawn after its save
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    torch.manual_seed(1234)
+    restored = ck.load("auto")
+    assert (restored.step, restored.epoch, restored.data_state) == (6, 2, {"step_in_epoch": 6})
+    assert restored.path == root / "step_00000006"
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert torch.equal(torch.rand(5), next_draws)
+    assert json.loads((root / "step_00000006" / "train_state.json").read_text())["config"] == {
+        "note": "config"
+    }
+
+    older = ck.load(str(root / "step_00000004"))
+    assert (older.step, older.epoch, older.data_state) == (4, 1, {"step_in_epoch": 4})
+    assert ck.load(None) is None
+
+
+def test_checkpointer_refuses_another_world_size_and_incomplete_dirs(tmp_path):
+    acc = Accelerator(cpu=True)
+    _model_and_optimizer(acc)
+    ck = Checkpointer(acc, tmp_path, keep_last=1)
+    path = ck.save(1, 0, {}, {})
+    state = json.loads((path / "train_state.json").read_text())
+    (path / "train_state.json").write_text(json.dumps({**state, "world_size": 2}))
+    with pytest.raises(ValueError, match="saved by 2 processes, this run has 1"):
+        ck.load("auto")
+    (path / "train_state.json").unlink()
+    assert ck.latest() is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ck.load(str(path))

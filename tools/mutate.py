@@ -1,0 +1,422 @@
+"""A small mutation run: plant realistic bugs one at a time and check that the tests notice.
+
+    .venv/bin/python tools/mutate.py                 # every mutant with fast tests (make mutate)
+    .venv/bin/python tools/mutate.py --slow          # and those that need a slow test (a minute more)
+    .venv/bin/python tools/mutate.py --only gather   # mutants whose name contains "gather"
+    .venv/bin/python tools/mutate.py --list
+
+Each mutant is (file, original snippet, mutated snippet, tests). The script copies the package, tests and
+configs to a temporary directory once, and for each mutant patches the copy, runs only that mutant's
+tests there (``PYTHONPATH`` pointing at the copy, so subprocesses see the mutant too) and restores the
+file. The working tree is never modified. Results:
+  caught    the tests failed (or errored) with the bug planted
+  survived  the tests passed with the bug planted: a missing test, or a bug the tests cannot see
+            (TESTING.md lists each survivor with its explanation)
+  stale     the original snippet is no longer in the file (the code was rewritten): update the mutant
+A baseline run of all selected tests on the unmutated copy comes first; if it fails, nothing is judged.
+Exit status: 0 when no mutant survived unexpectedly and the baseline passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+COPIED = ("retclip_dist", "tests", "configs", "pyproject.toml")
+TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str  # short id, also what --only matches
+    path: str  # file under the repository root
+    original: str  # snippet that must occur exactly once
+    mutated: str  # what replaces it
+    tests: tuple[str, ...]  # pytest node ids or files, run in the copy
+    expect_survive: str = ""  # why the fast tests cannot see it (documented survivors only)
+    slow: bool = False  # its test is marked slow (about a minute): run only with --slow
+
+
+AUG = "retclip_dist/data/augment.py"
+MET = "retclip_dist/eval/metrics.py"
+ZS = "retclip_dist/eval/zeroshot.py"
+IMG = "retclip_dist/shards/images.py"
+LOSS = "retclip_dist/loss.py"
+CKPT = "retclip_dist/train/checkpoint.py"
+STEP = "retclip_dist/train/step.py"
+LOOP = "retclip_dist/train/loop.py"
+LOADER = "retclip_dist/data/loader.py"
+PLAN = "retclip_dist/data/plan.py"
+STREAMS = "retclip_dist/data/streams.py"
+
+T_AUG = "tests/test_data_augment.py"
+T_AUG_PATHS = f"{T_AUG}::test_cpu_and_device_paths_agree_on_real_crops"
+T_AUG_JITTER = f"{T_AUG}::test_jitter_and_erasing_match_exactly_on_a_solid_image"
+T_EYES = "tests/test_strength_data.py::test_device_path_applies_each_eyes_own_parameters_like_the_cpu_path"
+T_SHUFFLE = (
+    "tests/test_strength_data.py::test_shuffle_buffer_order_changes_with_the_epoch_and_repeats_within_it"
+)
+T_LOADER = "tests/test_data_loader.py"
+T_MET = "tests/test_eval_metrics.py"
+T_MACRO = "tests/test_strength_metrics.py"
+T_ZS = "tests/test_strength_zeroshot.py"
+T_IMG = "tests/test_strength_images.py"
+T_GATHER = "tests/test_strength_gather.py"
+T_LOSS = "tests/test_loss.py"
+T_CKPT = "tests/test_strength_checkpoint.py"
+T_STEP = "tests/test_train_step.py"
+
+MUTANTS = [
+    # --- augmentation
+    Mutant(
+        "augment-eyes-swapped-on-device",
+        AUG,
+        'augment_batch(images, batch[f"{eye}_params"], self.image_size)',
+        """augment_batch(images, batch[f"{'right' if eye == 'left' else 'left'}_params"], self.image_size)""",
+        (T_EYES,),
+    ),
+    Mutant(
+        "augment-no-erasing-on-device",
+        AUG,
+        "return x.masked_fill_(_erase_mask(params, size), 0.0)",
+        "return x",
+        (T_AUG_PATHS,),
+    ),
+    Mutant(
+        "augment-flip-ignored-on-device",
+        AUG,
+        "ux = torch.where(params[:, 4:5] > 0.5, 1.0 - u, u)",
+        "ux = torch.where(params[:, 4:5] > 0.5, u, u)",
+        (T_AUG_PATHS,),
+    ),
+    Mutant(
+        "augment-erase-rounding-differs",
+        AUG,
+        "torch.floor(params[:, 8:12].double() * size + 0.5)",
+        "torch.floor(params[:, 8:12].double() * size)",
+        (T_AUG_PATHS,),
+    ),
+    Mutant(
+        "augment-params-ignore-epoch",
+        AUG,
+        "np.random.default_rng([seed % 2**64, epoch, digest])",
+        "np.random.default_rng([seed % 2**64, 0, digest])",
+        (f"{T_AUG}::test_params_depend_only_on_seed_epoch_and_key",),
+    ),
+    Mutant(
+        "augment-contrast-reads-saturation",
+        AUG,
+        "x = TF.adjust_contrast(x, float(row[6]))",
+        "x = TF.adjust_contrast(x, float(row[7]))",
+        (T_AUG_JITTER,),
+    ),
+    # --- data order (plan and loader are being rewritten: these may go stale)
+    Mutant(
+        "shuffle-buffer-seed-ignores-epoch",
+        LOADER,
+        "derive_seed(self.seed, self.epoch, p, w)",
+        "derive_seed(self.seed, p, w)",
+        (T_SHUFFLE,),
+    ),
+    Mutant(
+        "shard-order-ignores-epoch",
+        PLAN,
+        "random.Random(derive_seed(seed, epoch)).shuffle(order)",
+        "random.Random(derive_seed(seed, 0)).shuffle(order)",
+        ("tests/test_data_plan.py",),
+    ),
+    Mutant(
+        "loader-forgets-resume-position",
+        LOADER,
+        'self.positions[expected] = list(meta["positions"])',
+        "self.positions[expected] = list(self.positions[expected])",
+        (f"{T_LOADER}::test_resume_continues_with_the_uninterrupted_batches",),
+    ),
+    Mutant(
+        "shuffle-buffer-emits-in-order",
+        STREAMS,
+        "i = rng.randrange(size)",
+        "i = 0",
+        (
+            "tests/test_strength_data.py::test_a_small_shuffle_buffer_mixes_the_whole_stream_not_only_its_tail",
+        ),
+    ),
+    # --- metrics
+    Mutant(
+        "multiclass-macro-auroc-support-weighted",
+        MET,
+        '"macro_f1": float(np.mean(f1)),\n        "macro_auroc": _macro([m["auroc"] for m in per_class.values()]),',
+        '"macro_f1": float(np.mean(f1)),\n        "macro_auroc": float(np.average([m["auroc"] or 0.5 for m in '
+        'per_class.values()], weights=[m["support"] for m in per_class.values()])),',
+        (T_MACRO,),
+    ),
+    Mutant(
+        "multilabel-macro-auroc-support-weighted",
+        MET,
+        '"mAP": _macro([m["auprc"] for m in per_class.values()]),\n        "macro_auroc": _macro([m["auroc"] '
+        "for m in per_class.values()]),",
+        '"mAP": _macro([m["auprc"] for m in per_class.values()]),\n        "macro_auroc": float(np.average('
+        '[m["auroc"] for m in per_class.values()], weights=[m["support"] for m in per_class.values()])),',
+        (T_MACRO,),
+    ),
+    Mutant(
+        "multiclass-macro-f1-support-weighted",
+        MET,
+        '"macro_f1": float(np.mean(f1)),',
+        '"macro_f1": float(f1_score(labels, predicted, labels=indices, average="weighted", zero_division=0)),',
+        (T_MACRO,),
+    ),
+    Mutant(
+        "single-class-auroc-counted-as-half",
+        MET,
+        "if y.min() == y.max():\n        return None, None",
+        "if y.min() == y.max():\n        return 0.5, 0.5",
+        (T_MET,),
+    ),
+    Mutant(
+        "kappa-linear-weights",
+        MET,
+        'weights="quadratic"',
+        'weights="linear"',
+        (T_MET,),
+    ),
+    Mutant(
+        "undefined-selection-metric-scores-zero",
+        MET,
+        'return float("-inf") if value is None else float(value)',
+        "return 0.0 if value is None else float(value)",
+        (T_MACRO,),
+    ),
+    # --- zero-shot
+    Mutant(
+        "zero-shot-patient-text-head-for-every-image-head",
+        ZS,
+        "features[mask] @ classes_emb[head].T",
+        'features[mask] @ classes_emb["patient"].T',
+        (T_ZS,),
+    ),
+    Mutant(
+        "zero-shot-class-embeddings-from-patient-head",
+        ZS,
+        "per_prompt = getattr(levels, head)",
+        'per_prompt = getattr(levels, "patient")',
+        (T_ZS,),
+    ),
+    Mutant(
+        "zero-shot-patient-scale-for-every-head",
+        ZS,
+        "scale = model.logit_scale[head]",
+        'scale = model.logit_scale["patient"]',
+        (T_ZS,),
+    ),
+    # --- shard images
+    Mutant(
+        "max-pixels-off-by-one",
+        IMG,
+        "if width * height > opts.max_pixels:",
+        "if width * height >= opts.max_pixels:",
+        (T_IMG,),
+    ),
+    Mutant(
+        "min-side-off-by-one",
+        IMG,
+        "if min(width, height) < opts.min_side:",
+        "if min(width, height) <= opts.min_side:",
+        (T_IMG,),
+    ),
+    # --- loss and its collective
+    Mutant(
+        "gather-gradient-detached",
+        LOSS,
+        "return _AllGather.apply(x, group, world)",
+        "return _AllGather.apply(x.detach(), group, world)",
+        (T_GATHER,),
+    ),
+    Mutant(
+        "gather-removed",
+        LOSS,
+        "    if world == 1:\n        return x\n    _check_equal_rows",
+        "    if world >= 1:\n        return x\n    _check_equal_rows",
+        (T_GATHER,),
+    ),
+    Mutant(
+        "gather-backward-without-sum",
+        LOSS,
+        "_reduce_scatter_single(local, grad.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)",
+        "local.copy_(grad.view(world, -1, *grad.shape[1:])[dist.get_rank(ctx.group)])",
+        (T_GATHER,),
+    ),
+    Mutant(
+        "row-offset-ignores-rank",
+        LOSS,
+        "return rank * local_rows",
+        "return 0 * rank * local_rows",
+        (T_GATHER,),
+    ),
+    Mutant(
+        "infonce-one-direction",
+        LOSS,
+        "return (image_to_text + text_to_image) / 2",
+        "return image_to_text",
+        (T_LOSS,),
+    ),
+    Mutant(
+        "sigmoid-positives-ignore-offset",
+        LOSS,
+        "signs[rows, rows + offset] = 1.0",
+        "signs[rows, rows] = 1.0",
+        (T_LOSS,),
+    ),
+    # --- checkpoint and step
+    Mutant(
+        "checkpoint-keeps-one-too-many",
+        CKPT,
+        "for old in self.complete()[: -self.keep_last]:",
+        "for old in self.complete()[: -self.keep_last - 1]:",
+        (T_CKPT,),
+    ),
+    Mutant(
+        "checkpoint-drops-loader-position",
+        CKPT,
+        "data_state = json.loads(data_file.read_text()) if data_file.exists() else None",
+        "data_state = None",
+        (T_CKPT,),
+    ),
+    Mutant(
+        "checkpoint-load-reseeds",
+        CKPT,
+        "        self.accelerator.load_state(str(path))\n",
+        "        self.accelerator.load_state(str(path))\n        __import__('torch').manual_seed(0)\n",
+        (T_CKPT,),
+    ),
+    Mutant(
+        "resume-reseeds-after-restore",
+        LOOP,
+        "    restored = checkpointer.load(cfg.checkpoint.resume)\n",
+        "    restored = checkpointer.load(cfg.checkpoint.resume)\n    if restored:\n        set_seed(cfg.train.seed)\n",
+        ("tests/test_strength_resume.py",),
+        slow=True,
+    ),
+    Mutant(
+        "chunk-replay-without-rng",
+        STEP,
+        "with sync, _replay_rng(states[n], device):",
+        "with sync:",
+        (T_STEP,),
+    ),
+    Mutant(
+        "chunk-scale-gradient-every-chunk",
+        STEP,
+        "                elif last:\n",
+        "                else:\n",
+        (T_STEP,),
+    ),
+    Mutant(
+        "chunk-syncs-every-chunk",
+        STEP,
+        "sync = contextlib.nullcontext() if last else accelerator.no_sync(model)",
+        "sync = contextlib.nullcontext()",
+        (T_STEP,),
+        expect_survive="performance only: DDP would all-reduce every chunk, with the same gradients",
+    ),
+]
+
+
+def _copy_tree(dest: Path) -> None:
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, dest / name)
+    # A mutant of one run must never be read back from a stale bytecode cache of another.
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"
+
+
+def _pytest(tree: Path, tests: list[str]) -> tuple[int, float, str]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore", *tests]
+    start = time.monotonic()
+    try:
+        done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return -1, time.monotonic() - start, "timeout"
+    lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
+    summary = lines[-1] if lines else done.stderr[-200:]
+    # The first error line says why a mutant was caught (an assertion, not a crash of the mutant itself).
+    why = next((ln[1:].strip() for ln in lines if ln.startswith("E ")), "")
+    return done.returncode, time.monotonic() - start, f"{summary}; {why[:90]}" if why else summary
+
+
+def run(mutants: list[Mutant], baseline: bool) -> int:
+    began = time.monotonic()
+    results: list[tuple[Mutant, str, float, str]] = []
+    with tempfile.TemporaryDirectory(prefix="retclip-mutants-") as tmp:
+        tree = Path(tmp)
+        _copy_tree(tree)
+        if baseline:
+            tests = sorted({t for m in mutants for t in m.tests})
+            code, secs, last = _pytest(tree, tests)
+            print(f"baseline ({len(tests)} test selections): exit {code} in {secs:.0f} s: {last}", flush=True)
+            if code != 0:
+                print("the unmutated tests fail; no mutant can be judged", file=sys.stderr)
+                return 1
+        for m in mutants:
+            target = tree / m.path
+            text = target.read_text(encoding="utf-8")
+            if text.count(m.original) != 1:
+                results.append((m, "stale", 0.0, f"snippet found {text.count(m.original)} times"))
+                print(f"{'stale':9} {m.name}", flush=True)
+                continue
+            try:
+                target.write_text(text.replace(m.original, m.mutated), encoding="utf-8")
+                code, secs, last = _pytest(tree, list(m.tests))
+            finally:
+                target.write_text(text, encoding="utf-8")
+            verdict = "survived" if code == 0 else "caught"
+            results.append((m, verdict, secs, last))
+            print(f"{verdict:9} {m.name} ({secs:.0f} s): {last}", flush=True)
+
+    print("\n| mutant | file | verdict | tests | note |\n|---|---|---|---|---|")
+    for m, verdict, _, last in results:
+        note = (m.expect_survive if verdict == "survived" else last).replace("|", "/")
+        tests = ", ".join(t.replace("tests/", "").split("::")[0] for t in m.tests)
+        print(f"| {m.name} | {m.path.removeprefix('retclip_dist/')} | {verdict} | {tests} | {note} |")
+    counts = {v: sum(r[1] == v for r in results) for v in ("caught", "survived", "stale")}
+    print(
+        f"\n{counts['caught']} caught, {counts['survived']} survived, {counts['stale']} stale "
+        f"in {time.monotonic() - began:.0f} s",
+        flush=True,
+    )
+    unexpected = [m.name for m, v, _, _ in results if v == "survived" and not m.expect_survive]
+    if unexpected:
+        print(f"survivors without an explanation: {unexpected}", file=sys.stderr)
+    return 1 if unexpected else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", default=[], help="run mutants whose name contains this")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    parser.add_argument("--slow", action="store_true", help="also mutants whose tests are marked slow")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or any(s in m.name for s in args.only)]
+    chosen = [m for m in chosen if args.slow or not m.slow]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:50} {m.path}  ->  {' '.join(m.tests)}")
+        return 0
+    return run(chosen, baseline=not args.no_baseline)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
