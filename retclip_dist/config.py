@@ -62,6 +62,9 @@ class _Word:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     if isinstance(value, _Word):
+        if tp is Any or origin is dict or tp is dict:
+            # A free-form mapping's keys have no declared type: they take the YAML value.
+            return _coerce(value.value, tp, where)
         if tp is str:
             return value.text
         if origin is Literal and value.value not in get_args(tp) and value.text in get_args(tp):
@@ -103,7 +106,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        return {k: v.value if isinstance(v, _Word) else v for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value

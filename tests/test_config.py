@@ -41,6 +41,7 @@ class Words:
     split: str = "train"  # plain text
     precision: Literal["no", "fp16", "bf16"] = "bf16"  # a choice that includes a YAML 1.1 boolean word
     many: list[str] = field(default_factory=list)  # a list of words
+    extra: dict = field(default_factory=lambda: {"p": 0.0, "name": "bert"})  # a free-form mapping
 
 
 def test_overrides_parse_yaml_scalars():
@@ -77,3 +78,9 @@ def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as exc:
         load_config(Outer, None, overrides)
     assert message in str(exc.value)
+
+
+def test_a_key_inside_a_free_form_mapping_takes_the_yaml_value():
+    cfg = load_config(Words, None, ["--extra.p", "0.1", "--extra.depth", "2", "--extra.name", "no"])
+    assert cfg.extra == {"p": 0.1, "name": "no", "depth": 2}  # YAML 1.2: "no" is a word
+    assert type(cfg.extra["p"]) is float and type(cfg.extra["depth"]) is int

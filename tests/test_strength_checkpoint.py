@@ -14,6 +14,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from retclip_dist.config import ConfigError
 from retclip_dist.train.checkpoint import Checkpointer
 
 
@@ -71,5 +72,5 @@ def test_checkpointer_refuses_another_world_size_and_incomplete_dirs(tmp_path):
         ck.load("auto")
     (path / "train_state.json").unlink()
     assert ck.latest() is None
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
         ck.load(str(path))
