@@ -26,8 +26,8 @@ from retclip_dist.shards.images import ImageOptions
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CPU_2PROC = "configs/accelerate/cpu_2proc.yaml"
-# 133 training patients, 2 processes x 8 per step: 6 steps per epoch, 48 steps in all.
-TOTAL_STEPS = 48
+# 133 training patients, 2 processes x 8 per step: 8 steps per epoch (all but 5 patients used), 64 in all.
+TOTAL_STEPS = 64
 # Far enough in that the trainer has installed its signal handlers, early enough to leave most of the run.
 SIGNAL_AFTER_STEP = 12
 FINISHED = {
