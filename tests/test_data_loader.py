@@ -21,9 +21,9 @@ from retclip_dist.data.config import DataConfig
 from retclip_dist.data.evaluation import build_eval_data
 from retclip_dist.data.fixtures import fake_patients, tiny_tokenizer, write_shard_set
 from retclip_dist.data.loader import build_train_data, data_loader
-from retclip_dist.data.manifest import read_manifest
 from retclip_dist.data.skips import SkipCounter
 from retclip_dist.data.streams import read_shard
+from retclip_dist.shardset import read_manifest
 
 TOKENIZER = tiny_tokenizer()
 # Small images keep the tests fast: 96 px sources, drafts of 48 px, 40 px model inputs.

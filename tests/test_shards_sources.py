@@ -25,7 +25,7 @@ from retclip_dist.shards.records import (
     shard_key,
 )
 from retclip_dist.shards.roots import DirStore, ZipStore, open_image_root
-from retclip_dist.shards.sources import read_manifest, read_retclip
+from retclip_dist.shards.sources import read_patient_table, read_retclip
 
 HEADER = "patient_id,left_image,right_image,report"
 
@@ -78,7 +78,7 @@ def test_csv_manifest_every_row_problem_names_its_line(tmp_path):
             "p10,a.jpg,b.jpg,r,val,",
         ]
     )
-    records, rejects = read_manifest(write(tmp_path / "m.csv", text + "\n"))
+    records, rejects = read_patient_table(write(tmp_path / "m.csv", text + "\n"))
     assert rejects_by_line(rejects) == {
         "m.csv:3": ("missing_eye", "p2"),
         "m.csv:4": ("empty_path", "p3"),
@@ -106,7 +106,7 @@ def test_jsonl_manifest_rows(tmp_path):
         "",
         json.dumps({"patient_id": "q", "left_image": None, "right_image": "r.png", "report": "x"}),
     ]
-    records, rejects = read_manifest(write(tmp_path / "m.jsonl", "\n".join(lines)))
+    records, rejects = read_patient_table(write(tmp_path / "m.jsonl", "\n".join(lines)))
     assert [r.patient_id for r in records] == ["17"]
     assert rejects_by_line(rejects) == {
         "m.jsonl:2": ("bad_row", ""),
@@ -133,20 +133,20 @@ def test_unusable_manifest_is_one_clear_error(tmp_path, name, content, message):
     elif content is not None:
         path.write_text(content)
     with pytest.raises(ShardInputError) as info:
-        read_manifest(str(path))
+        read_patient_table(str(path))
     assert message in str(info.value) and name in str(info.value)
 
 
 def test_duplicates_keep_first_and_plan_is_order_independent(tmp_path):
     rows = [f"p{i},a.jpg,b.jpg,r" for i in range(40)] + ["p3,c.jpg,d.jpg,second copy"]
-    records, _ = read_manifest(write(tmp_path / "a.csv", "\n".join([HEADER, *rows])))
+    records, _ = read_patient_table(write(tmp_path / "a.csv", "\n".join([HEADER, *rows])))
     kept, dups = drop_duplicates(records)
     assert len(kept) == 40 and [(d.patient_id, d.source, d.reason) for d in dups] == [
         ("p3", "a.csv:42", "duplicate_id")
     ]
     assert "a.csv:5" in dups[0].detail
     planned, _ = plan(records, "train", 0.25, seed=3)
-    shuffled, _ = read_manifest(write(tmp_path / "b.csv", "\n".join([HEADER, *reversed(rows[:40])])))
+    shuffled, _ = read_patient_table(write(tmp_path / "b.csv", "\n".join([HEADER, *reversed(rows[:40])])))
     planned_rev, _ = plan(shuffled, "train", 0.25, seed=3)
     order = [(r.split, r.patient_id) for r in planned]
     assert order == [(r.split, r.patient_id) for r in planned_rev]

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from retclip_dist.data.manifest import MANIFEST_NAME, read_manifest
 from retclip_dist.eval.config import DataConfig
 from retclip_dist.shards import storage
 from retclip_dist.shards.records import RejectError
 from retclip_dist.shards.roots import ImageStore, TarStore, open_image_root
+from retclip_dist.shardset import MANIFEST_NAME, read_manifest
 
 # Ophthalmology writes laterality several ways; OD (oculus dexter) is the right eye.
 _LATERALITY = {"left": "left", "l": "left", "os": "left", "right": "right", "r": "right", "od": "right"}

@@ -33,14 +33,22 @@ from retclip_dist.shards.records import (
     valid_split,
 )
 from retclip_dist.shards.roots import ImageStore, open_image_root
-from retclip_dist.shards.sources import read_manifest, read_retclip
+from retclip_dist.shards.sources import read_patient_table, read_retclip
 from retclip_dist.shards.storage import OutputDir
-from retclip_dist.shards.writer import ShardWriter, manifest_json, rejects_jsonl
+from retclip_dist.shards.writer import ShardWriter, rejects_jsonl
+from retclip_dist.shardset import (
+    EYE_REPORT_MEMBER,
+    EYES,
+    IMAGE_MEMBER,
+    MANIFEST_NAME,
+    META_MEMBER,
+    REJECTS_NAME,
+    REPORT_MEMBER,
+    manifest_json,
+)
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-REJECTS_NAME = "rejects.jsonl"
 # Options that cannot change the output bytes; kept out of manifest.json and the resume fingerprint.
 _RUNTIME_ONLY = ("out", "workers", "progress")
 # Input locations; under --pseudonymise manifest.json holds only keyed digests of them.
@@ -133,22 +141,22 @@ def process_record(store: ImageStore, opts: ImageOptions, rec: PatientRecord) ->
     """Read and convert both eyes of one patient; any bad image rejects the whole patient."""
     members: dict[str, bytes] = {}
     sizes: dict[str, list[int]] = {}
-    for eye in ("left", "right"):
+    for eye in EYES:
         ref = getattr(rec, eye)
         try:
-            members[f"{eye}.jpg"], size = process_image(store.read(ref), opts)
+            members[IMAGE_MEMBER[eye]], size = process_image(store.read(ref), opts)
         except RejectError as exc:
             return Reject(rec.order, rec.patient_id, rec.source, exc.reason, f"{eye} eye: {exc.detail}")
         sizes[eye] = list(size)
-    members["report.txt"] = rec.report.encode("utf-8")
-    for eye, text in (("left", rec.left_report), ("right", rec.right_report)):
+    members[REPORT_MEMBER] = rec.report.encode("utf-8")
+    for eye, text in zip(EYES, (rec.left_report, rec.right_report), strict=True):
         if text is not None:
-            members[f"{eye}.txt"] = text.encode("utf-8")
+            members[EYE_REPORT_MEMBER[eye]] = text.encode("utf-8")
     meta: dict[str, Any] = {"patient_id": rec.published_id, "split": rec.split, "orig_size": sizes}
     if rec.pseudonym is None:
         # Image paths often hold names, dates or record numbers, so a pseudonymised sample has none.
         meta["source"] = {"left": store.describe(rec.left), "right": store.describe(rec.right)}
-    members["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    members[META_MEMBER] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return Sample(str(rec.split), rec.key, members)
 
 
@@ -188,7 +196,7 @@ def _read_inputs(opts: BuildOptions) -> tuple[list[PatientRecord], list[Reject],
     if opts.retclip_dir is not None:
         return read_retclip(opts.retclip_dir, opts.split)
     assert opts.manifest is not None and opts.images is not None  # validate() guarantees both
-    records, rejects = read_manifest(opts.manifest)
+    records, rejects = read_patient_table(opts.manifest)
     return records, rejects, open_image_root(opts.images)
 
 
@@ -308,7 +316,8 @@ def build_shards(opts: BuildOptions) -> BuildResult:
         all_rejects = early + packer.rejects
         out.write_text(REJECTS_NAME, rejects_jsonl(all_rejects))
         out.write_text(
-            MANIFEST_NAME, manifest_json(recorded, packer.shards, all_rejects, pseudonymiser is not None)
+            MANIFEST_NAME,
+            manifest_json(recorded, packer.shards, count_rejects(all_rejects), pseudonymiser is not None),
         )
         journal.remove()
     finally:

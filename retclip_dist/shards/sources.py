@@ -1,4 +1,4 @@
-"""Input readers: a CSV/JSONL patient manifest, or the original RET-CLIP ``{split}_imgs.tsv`` +
+"""Input readers: a CSV/JSONL patient table (``--manifest``), or the original RET-CLIP ``{split}_imgs.tsv`` +
 ``{split}_texts.jsonl``. Both yield PatientRecords (images not read yet) plus per-row rejects; only an
 input that cannot be read at all raises ShardInputError."""
 
@@ -137,8 +137,9 @@ def _jsonl_rows(text: str, url: str) -> Iterator[tuple[int, Mapping[str, Any] | 
         raise ShardInputError(f"manifest {url}: no line is a JSON object; is this really JSONL?")
 
 
-def read_manifest(url: str) -> tuple[list[PatientRecord], list[Reject]]:
-    """CSV (``.csv``; ``.tsv`` tab-separated) or JSONL (``.jsonl``/``.ndjson``, or content starting ``{``)."""
+def read_patient_table(url: str) -> tuple[list[PatientRecord], list[Reject]]:
+    """The patient table given as ``--manifest`` (one row per patient; not a shard set's manifest.json):
+    CSV (``.csv``; ``.tsv`` tab-separated) or JSONL (``.jsonl``/``.ndjson``, or content starting ``{``)."""
     text = _read_text(url)
     name = storage.basename(url)
     lower = name.lower()

@@ -15,10 +15,15 @@ from PIL import Image
 
 from retclip_dist.shards import storage
 from retclip_dist.shards.pseudonym import PSEUDONYM_PREFIX
-from retclip_dist.shards.writer import FORMAT, PSEUDONYMISED_FIELD
-
-REQUIRED_MEMBERS = frozenset({"json", "left.jpg", "right.jpg", "report.txt"})
-OPTIONAL_MEMBERS = frozenset({"left.txt", "right.txt"})
+from retclip_dist.shardset import (
+    FORMAT,
+    MANIFEST_NAME,
+    META_MEMBER,
+    OPTIONAL_MEMBERS,
+    PSEUDONYMISED_FIELD,
+    REQUIRED_MEMBERS,
+    SHARD_SUFFIX,
+)
 
 
 @dataclass
@@ -80,7 +85,7 @@ def _check_sample(key: str, members: dict[str, bytes], pseudonymised: bool) -> l
                     img.load()
                     if img.mode != "RGB":
                         problems.append(f"sample {key}: {name} is {img.mode}, not RGB")
-            elif name == "json":
+            elif name == META_MEMBER:
                 json.loads(data)
                 if pseudonymised:
                     problems += _check_pseudonymised(key, data)
@@ -126,7 +131,7 @@ def _check_shard(url: str, entry: dict[str, Any], pseudonymised: bool) -> tuple[
 def verify_shards(directory: str) -> VerifyResult:
     """Check the shard set in ``directory`` (local or s3://); never raises for bad content."""
     result = VerifyResult()
-    manifest_url = storage.join(directory, "manifest.json")
+    manifest_url = storage.join(directory, MANIFEST_NAME)
     try:
         manifest = json.loads(storage.read_bytes(manifest_url))
         shards = manifest["shards"]
@@ -146,6 +151,6 @@ def verify_shards(directory: str) -> VerifyResult:
         result.problems += problems
     fs, path = fsspec.core.url_to_fs(directory)
     listed = {entry["name"] for entry in shards}
-    on_disk = {storage.basename(p) for p in fs.glob(storage.join(path, "*.tar"))}
-    result.problems += [f"{name}: not listed in manifest.json" for name in sorted(on_disk - listed)]
+    on_disk = {storage.basename(p) for p in fs.glob(storage.join(path, "*" + SHARD_SUFFIX))}
+    result.problems += [f"{name}: not listed in {MANIFEST_NAME}" for name in sorted(on_disk - listed)]
     return result
