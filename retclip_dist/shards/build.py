@@ -20,6 +20,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from retclip_dist.io.errors import ImageReadError, ImageRootError
+from retclip_dist.io.files import OutputDir
+from retclip_dist.io.roots import ImageStore, open_image_root
 from retclip_dist.shards.images import ImageOptions, process_image
 from retclip_dist.shards.journal import JOURNAL_NAME, Journal, Progress
 from retclip_dist.shards.plan import plan
@@ -30,11 +33,10 @@ from retclip_dist.shards.records import (
     RejectError,
     ShardInputError,
     count_rejects,
+    read_reject,
     valid_split,
 )
-from retclip_dist.shards.roots import ImageStore, open_image_root
 from retclip_dist.shards.sources import read_patient_table, read_retclip
-from retclip_dist.shards.storage import OutputDir
 from retclip_dist.shards.writer import ShardWriter, rejects_jsonl
 from retclip_dist.shardset import (
     EYE_REPORT_MEMBER,
@@ -137,6 +139,13 @@ class Sample:
     members: dict[str, bytes]
 
 
+def _read_image(store: ImageStore, ref: str) -> bytes:
+    try:
+        return store.read(ref)
+    except ImageReadError as exc:
+        raise read_reject(exc) from None
+
+
 def process_record(store: ImageStore, opts: ImageOptions, rec: PatientRecord) -> Sample | Reject:
     """Read and convert both eyes of one patient; any bad image rejects the whole patient."""
     members: dict[str, bytes] = {}
@@ -144,7 +153,7 @@ def process_record(store: ImageStore, opts: ImageOptions, rec: PatientRecord) ->
     for eye in EYES:
         ref = getattr(rec, eye)
         try:
-            members[IMAGE_MEMBER[eye]], size = process_image(store.read(ref), opts)
+            members[IMAGE_MEMBER[eye]], size = process_image(_read_image(store, ref), opts)
         except RejectError as exc:
             return Reject(rec.order, rec.patient_id, rec.source, exc.reason, f"{eye} eye: {exc.detail}")
         sizes[eye] = list(size)
@@ -197,7 +206,10 @@ def _read_inputs(opts: BuildOptions) -> tuple[list[PatientRecord], list[Reject],
         return read_retclip(opts.retclip_dir, opts.split)
     assert opts.manifest is not None and opts.images is not None  # validate() guarantees both
     records, rejects = read_patient_table(opts.manifest)
-    return records, rejects, open_image_root(opts.images)
+    try:
+        return records, rejects, open_image_root(opts.images)
+    except ImageRootError as exc:
+        raise ShardInputError(str(exc)) from exc
 
 
 def _strict_error(r: Reject) -> StrictRejectError:

@@ -16,8 +16,8 @@ from typing import IO, Any
 
 from webdataset import TarWriter
 
+from retclip_dist.io.files import OutputDir
 from retclip_dist.shards.records import Reject
-from retclip_dist.shards.storage import OutputDir
 from retclip_dist.shardset import shard_name
 
 _BLOCK = 512
