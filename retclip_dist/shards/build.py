@@ -59,10 +59,14 @@ _INPUT_PATHS = ("manifest", "images", "retclip_dir")
 
 @dataclass
 class BuildOptions:
-    """Everything ``make-shards build`` takes; the CLI flags map one-to-one onto these fields."""
+    """Everything ``make-shards build`` takes; its flags are generated from these fields (shards/cli.py):
+    ``--field-name`` (or metadata "flag"), the comment as help, a True bool as ``--no-field-name``."""
 
-    out: str = "shards/default"  # output directory, local path or s3://bucket/prefix
-    manifest: str | None = None  # CSV/JSONL manifest (patient_id,left_image,right_image,report,...)
+    out: str = field(
+        default="shards/default", metadata={"required": True}
+    )  # output directory (local or s3://)
+    # CSV or JSONL patient table: patient_id,left_image,right_image,report[,left_report,right_report,split]
+    manifest: str | None = None
     images: str | None = None  # image root of the manifest: directory, .zip, .tar or .tar.gz
     retclip_dir: str | None = None  # directory with the RET-CLIP release's {split}_imgs.tsv/_texts.jsonl
     split: str = "train"  # split of patients without one (and which RET-CLIP files to read)
@@ -73,8 +77,10 @@ class BuildOptions:
     seed: int = 0  # seed of the patient shuffle and of the val assignment
     workers: int = 1  # image-processing processes
     strict: bool = False  # any reject is an error: stop, write no manifest
-    progress: bool = True  # show a tqdm progress bar on stderr
-    pseudonymise: str | None = None  # key file of the data owner: ids become keyed hashes, paths left out
+    progress: bool = True  # a tqdm progress bar on stderr (--no-progress: none)
+    # secret key file of the data owner (keep it in the hospital): patient ids become HMAC-SHA256
+    # pseudonyms and image paths are left out, so the output directory may leave the hospital
+    pseudonymise: str | None = field(default=None, metadata={"metavar": "KEYFILE"})
 
     def validate(self) -> None:
         if (self.retclip_dir is None) == (self.manifest is None):
