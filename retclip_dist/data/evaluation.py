@@ -67,11 +67,6 @@ class EvalLoader:
         self.skip_counts: Counter[str] = Counter()
 
     @property
-    def samples(self) -> int:
-        """Patients the manifest lists for this rank."""
-        return sum(s.count for s in self.shards)
-
-    @property
     def skipped(self) -> int:
         return skipped_total(self.skip_counts)
 

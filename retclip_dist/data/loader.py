@@ -275,9 +275,6 @@ class TrainLoader:
     def epoch_done(self) -> bool:
         return self.step >= self.plan.steps
 
-    def at_epoch_start(self) -> bool:
-        return self.step == 0
-
     def device_augment(self, device: torch.device | str) -> DeviceAugment:
         """The batched augmentation the trainer applies on ``device`` (a no-op on CPU-path batches)."""
         return DeviceAugment(self.cfg.image_size, device)
