@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 from retclip_dist import synth
-from retclip_dist.eval import demo_probe
+from retclip_dist.eval.commands import run_linear_probe
+from retclip_dist.eval.config import DataConfig, EvalConfig
+from retclip_dist.eval.report import markdown_table
 from retclip_dist.train.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +52,29 @@ def recall_table(metrics_path: Path) -> str:
             + "".join(f"  {v:10.3f}" for v in values[4:])
         )
     return "\n".join(lines)
+
+
+def demo_probe(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    n_images: int = 400,
+    seed: int = 0,
+    label: str = "hard_exudates",
+) -> str:
+    """Linear probe for one lesion's presence on a trained model's image features (the default feature:
+    the shared projection, as the release's probes); a Markdown table.
+
+    Writes ``n_images`` synthetic eye photos (two per patient) and the probe's metrics.json, metrics.md
+    and roc.png under ``out_dir``. ``label`` is a column of synth.write_labelled_set: a lesion or ``grade``.
+    """
+    out = Path(out_dir)
+    table = synth.write_labelled_set(out / "data", max(n_images // 2, 5), seed=seed)
+    cfg = EvalConfig(
+        model=str(model_dir),
+        out_dir=str(out / "linear_probe"),
+        data=DataConfig(table=str(table), images=str(out / "data" / "images"), label_column=label),
+    )
+    return markdown_table(run_linear_probe(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:

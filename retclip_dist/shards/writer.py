@@ -1,5 +1,5 @@
-"""Deterministic shard packing: ``{split}-{index:06d}.tar`` written under a temporary name, then
-published whole, plus the final manifest.json and rejects.jsonl.
+"""Deterministic shard packing: each shard (named by shardset.shard_name) is written under a temporary
+name, then published whole; rejects.jsonl text. The manifest.json text is shardset.manifest_json.
 
 Tars are written with webdataset's own TarWriter: in webdataset 1.0.2 it takes ``mtime``, ``user``,
 ``group`` and ``mode`` arguments (uid/gid stay 0) and writes members in sorted order, so with fixed
@@ -16,18 +16,12 @@ from typing import IO, Any
 
 from webdataset import TarWriter
 
-import retclip_dist
-from retclip_dist.shards.records import Reject, count_rejects
-from retclip_dist.shards.storage import OutputDir
+from retclip_dist.io.files import OutputDir
+from retclip_dist.shards.records import Reject
+from retclip_dist.shardset import shard_name
 
-FORMAT = "retclip-shards/1"
-PSEUDONYMISED_FIELD = "pseudonymised"  # manifest.json: true when ids are keyed hashes and paths left out
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tarfile pads every archive to a multiple of this
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
 
 
 def member_bytes(members: dict[str, bytes]) -> int:
@@ -139,29 +133,3 @@ def rejects_jsonl(rejects: list[Reject]) -> str:
     return "".join(
         json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in sorted(rejects, key=lambda r: r.order)
     )
-
-
-def manifest_json(
-    options: dict[str, Any], shards: list[dict[str, Any]], rejects: list[Reject], pseudonymised: bool
-) -> str:
-    """The manifest.json text; no timestamps or paths of the output, so equal inputs give equal bytes.
-
-    ``pseudonymised`` (never the key) tells readers and ``make-shards verify`` that ids are keyed hashes
-    and samples carry no source paths.
-    """
-    splits: dict[str, dict[str, int]] = {}
-    for shard in shards:
-        totals = splits.setdefault(shard["split"], {"shards": 0, "samples": 0, "bytes": 0})
-        totals["shards"] += 1
-        totals["samples"] += shard["count"]
-        totals["bytes"] += shard["bytes"]
-    manifest = {
-        "format": FORMAT,
-        "tool_version": retclip_dist.__version__,
-        PSEUDONYMISED_FIELD: pseudonymised,
-        "options": options,
-        "splits": dict(sorted(splits.items())),
-        "shards": shards,
-        "rejected": count_rejects(rejects),
-    }
-    return json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
