@@ -21,6 +21,10 @@ from retclip_dist.shards.records import Reject, count_rejects
 from retclip_dist.shards.storage import OutputDir
 
 FORMAT = "retclip-shards/1"
+# Shard entry of manifest.json: sorted sha256 digests of the source image files packed into the shard.
+# Content hashes name no path or patient, so they are kept under --pseudonymise too; retclip-eval
+# benchmark --shards matches evaluation images against them (pretraining/evaluation leakage).
+SOURCE_HASHES_FIELD = "source_sha256"
 PSEUDONYMISED_FIELD = "pseudonymised"  # manifest.json: true when ids are keyed hashes and paths left out
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tarfile pads every archive to a multiple of this
@@ -66,6 +70,7 @@ class _OpenShard:
         )
         self.count = 0
         self.content = 0
+        self.digests: list[str] = []
 
     def close(self) -> dict[str, Any]:
         self.tar.close()
@@ -76,6 +81,7 @@ class _OpenShard:
             "count": self.count,
             "bytes": self.hashing.bytes,
             "sha256": self.hashing.sha.hexdigest(),
+            SOURCE_HASHES_FIELD: sorted(self.digests),
         }
 
 
@@ -105,7 +111,7 @@ class ShardWriter:
         over = tar_file_bytes(cur.content + size) > self.max_size
         return cur.split != split or cur.count >= self.max_count or over
 
-    def add(self, split: str, key: str, members: dict[str, bytes]) -> None:
+    def add(self, split: str, key: str, members: dict[str, bytes], digests: tuple[str, ...] = ()) -> None:
         size = member_bytes(members)
         if self._full(split, size):
             self.close()
@@ -116,6 +122,7 @@ class ShardWriter:
         self.current.tar.write({"__key__": key, **members})
         self.current.count += 1
         self.current.content += size
+        self.current.digests.extend(digests)
 
     def close(self) -> None:
         """Publish the open shard (if any) and report it to ``on_close``."""

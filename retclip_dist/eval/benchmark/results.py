@@ -12,13 +12,16 @@ Conventions (also printed under results.md):
 - macro_f1: F1 averaged over the same classes as auroc (multi-label: per label at 0.5).
 - kappa: quadratic-weighted Cohen's kappa over the class order (single-label only).
 - 95% CI: with two or more seeds a t-interval over the per-seed values (mean +- t(0.975, n-1) * sd /
-  sqrt(n)); with one seed a percentile bootstrap over the test samples (1000 resamples, seed 0).
+  sqrt(n)), not clipped to the metric's range; with one seed a percentile bootstrap over the test
+  samples (200 resamples, seed 0).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +33,7 @@ from retclip_dist.eval.metrics import compute_metrics
 
 METRICS = ("auroc", "auprc", "accuracy", "macro_f1", "kappa")
 RESULT_COLUMNS = ("dataset", "protocol", "metric", "mean", "ci_low", "ci_high", "n_seeds")
-BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_RESAMPLES = 200
 _PROB = "prob_"
 _LABEL = "label_"
 
@@ -94,12 +97,13 @@ def headline(
             "kappa": None,
         }
     auprc = m["per_class"][classes[1]]["auprc"] if len(classes) == 2 else overall["macro_auprc"]
+    kappa = overall["kappa_quadratic"]  # NaN when truth and prediction share a single class
     return {
         "auroc": overall["macro_auroc"],
         "auprc": auprc,
         "accuracy": overall["accuracy"],
         "macro_f1": overall["macro_f1"],
-        "kappa": overall["kappa_quadratic"],
+        "kappa": None if math.isnan(kappa) else kappa,
     }
 
 
@@ -111,21 +115,27 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def bootstrap_interval(pred: Predictions, metric: str, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap over test samples of one cell; resamples where the metric is undefined
-    (a class missing) are skipped."""
+def bootstrap_intervals(pred: Predictions, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """95% percentile bootstrap over the test samples of one cell, every metric from the same resamples;
+    resamples where a metric is undefined (a class missing) are skipped for that metric."""
     rng = np.random.default_rng(seed)
     n = len(pred.ids)
-    values = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        pick = rng.integers(0, n, n)
-        value = headline(pred.labels[pick], pred.probs[pick], pred.classes, pred.multilabel)[metric]
-        if value is not None:
-            values.append(value)
-    if not values:
-        return float("nan"), float("nan")
-    low, high = np.percentile(values, [2.5, 97.5])
-    return float(low), float(high)
+    values: dict[str, list[float]] = {m: [] for m in METRICS}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns on resamples that lack a class
+        for _ in range(BOOTSTRAP_RESAMPLES):
+            pick = rng.integers(0, n, n)
+            for metric, value in headline(
+                pred.labels[pick], pred.probs[pick], pred.classes, pred.multilabel
+            ).items():
+                if value is not None:
+                    values[metric].append(value)
+    return {
+        m: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
+        if v
+        else (float("nan"), float("nan"))
+        for m, v in values.items()
+    }
 
 
 def aggregate(cells: dict[tuple[str, str], list[Predictions]]) -> list[dict[str, object]]:
@@ -133,6 +143,7 @@ def aggregate(cells: dict[tuple[str, str], list[Predictions]]) -> list[dict[str,
     rows = []
     for (dataset, protocol), preds in cells.items():
         per_seed = [headline(p.labels, p.probs, p.classes, p.multilabel) for p in preds]
+        boot = bootstrap_intervals(preds[0]) if len(preds) == 1 else {}
         for metric in METRICS:
             values = [m[metric] for m in per_seed if m[metric] is not None]
             if not values:
@@ -140,10 +151,7 @@ def aggregate(cells: dict[tuple[str, str], list[Predictions]]) -> list[dict[str,
             if len(values) >= 2:
                 mean, low, high = t_interval(values)
             else:
-                mean = values[0]
-                low, high = bootstrap_interval(
-                    preds[[m[metric] is not None for m in per_seed].index(True)], metric
-                )
+                mean, (low, high) = values[0], boot[metric]
             rows.append(
                 {
                     "dataset": dataset,

@@ -22,7 +22,7 @@ from accelerate import PartialState
 
 from retclip_dist.config import ConfigError
 from retclip_dist.eval.benchmark import protocols as P
-from retclip_dist.eval.benchmark.layouts import read_dataset
+from retclip_dist.eval.benchmark.layouts import layout_options, read_dataset
 from retclip_dist.eval.benchmark.prompts import load_pack, pack_path
 from retclip_dist.eval.benchmark.results import (
     Predictions,
@@ -114,6 +114,12 @@ def run_benchmark(
     suite: Suite, model_dir: str, out_dir: str, shards: str | None = None, strict: bool = False
 ) -> dict[str, Any]:
     """Run the missing cells, then write results.csv, results.md, results_auroc.png; returns a summary."""
+    for spec in suite.datasets:
+        layout_options(spec)  # a typo in a dataset's options fails before any work
+    if not (Path(model_dir) / WEIGHTS_FILE).is_file():
+        raise ValueError(
+            f"--model {model_dir}: no {WEIGHTS_FILE}; give a directory written by save_pretrained"
+        )
     state = PartialState()
     out = Path(out_dir)
     if state.is_main_process:
