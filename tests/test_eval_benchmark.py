@@ -362,3 +362,36 @@ def test_leakage_guard_matches_source_images_of_the_shards(tmp_path):
     ]
     with pytest.raises(LabelError, match=r"2 evaluation rows .* --strict refuses"):
         check_leakage(bset, str(tmp_path / "shards"), strict=True)
+
+
+@pytest.mark.slow
+def test_benchmark_strict_refuses_a_leaking_suite_before_any_cell(tmp_path, tiny, capsys):
+    manifest, root = synth.write_raw_archive(tmp_path / "raw", 2, seed=5, image_size=64, layout="dir")
+    args = ["build", "--manifest", str(manifest), "--images", str(root), "--out", str(tmp_path / "shards")]
+    assert shards_cli.main([*args, "--image-size", "32", "--min-side", "32", "--no-progress"]) == 0
+    evalset = B.retfound_split(tmp_path / "eval")
+    shutil.copy(sorted(root.rglob("*.jpg"))[0], evalset / "val" / "bmilddr" / "img015.jpg")
+    suite = {
+        "seeds": [0],
+        "protocols": ["linear_probe"],
+        "datasets": [{"name": "R", "layout": "retfound_split", "root": "eval"}],
+    }
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    model = tiny.save_pretrained(tmp_path / "model")
+    base = [
+        "benchmark",
+        "--suite",
+        str(tmp_path / "suite.yaml"),
+        "--model",
+        str(model),
+        "--shards",
+        str(tmp_path / "shards"),
+    ]
+    assert eval_main([*base, "--out_dir", str(tmp_path / "strict"), "--strict"]) == 2
+    assert "1 evaluation rows" in capsys.readouterr().err
+    assert not (tmp_path / "strict" / "predictions").exists()
+    assert eval_main([*base, "--out_dir", str(tmp_path / "lenient")]) == 0
+    assert (
+        "R: 1 evaluation images were in the pretraining shards (first val/bmilddr/img015.jpg)"
+        in (tmp_path / "lenient" / "results.md").read_text()
+    )
