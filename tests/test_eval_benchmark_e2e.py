@@ -7,6 +7,9 @@ a rerun reuses finished cells (and recomputes exactly the one whose file was rem
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import bench_folders as B
@@ -125,3 +128,37 @@ def test_every_layout_every_protocol_end_to_end(model_dir, tmp_path):
     assert (out / "results.csv").read_text() == results  # same cell, same seed, same numbers
     assert all(p.stat().st_mtime_ns == stamps[p] for p in files if p != victim)
     assert (out / "results.md").read_text() == md  # notes of datasets not reread are kept
+
+
+@pytest.mark.slow
+def test_finetune_under_accelerate_launch_two_cpu_processes(model_dir, tmp_path):
+    """`accelerate launch` with two gloo processes: each takes half of every global batch, only rank 0
+    writes, and the table comes out once (CPU only; no GPU run of this path has been made)."""
+    suite_path = write_suite(tmp_path, layouts=("retfound_split", "odir5k"), protocols=("finetune",))
+    out = tmp_path / "out"
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_2proc.yaml"
+    command = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(config),
+        "-m",
+        "retclip_dist.eval.cli",
+        "benchmark",
+        "--suite",
+        str(suite_path),
+        "--model",
+        str(model_dir),
+        "--out_dir",
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("cells run: 4, reused: 0") == 1
+    history = json.loads((out / "predictions" / "ODIR5K_finetune_seed1_history.json").read_text())
+    assert [h.get("epoch") for h in history] == [1, None] and history[1] == {"best_epoch": 1}
+    with (out / "results.csv").open() as fh:
+        assert {(r["dataset"], r["n_seeds"]) for r in csv.DictReader(fh)} == {
+            ("RETFOUND_SPLIT", "2"),
+            ("ODIR5K", "2"),
+        }

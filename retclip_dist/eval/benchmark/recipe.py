@@ -27,6 +27,7 @@ from retclip_dist.eval.benchmark.suite import FinetuneRecipe
 from retclip_dist.eval.features import MEAN, STD
 from retclip_dist.eval.finetune import predict
 from retclip_dist.eval.metrics import compute_metrics, selection_score
+from retclip_dist.launch.env import accelerator_placement
 from retclip_dist.model.retclip import RetClip
 
 # Parameters of the tower's stem: layer 0 for the layer-wise lr decay (RETFound's get_layer_id_for_vit).
@@ -130,7 +131,9 @@ def finetune_recipe(
     paired = images.dim() == 5
     net = BenchClassifier(copy.deepcopy(model).cpu().train(), len(classes), paired)
     set_drop_path(net.tower, recipe.drop_path)
-    accelerator = Accelerator(mixed_precision=recipe.precision)
+    accelerator = Accelerator(
+        mixed_precision=recipe.precision, **accelerator_placement(torch.cuda.is_available())
+    )
     world, rank = accelerator.num_processes, accelerator.process_index
     peak = recipe.blr * recipe.batch_size * world / 256
     optimizer = torch.optim.AdamW(param_groups(net, recipe.weight_decay, recipe.layer_decay), lr=peak)

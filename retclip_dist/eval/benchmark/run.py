@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import PartialState
 
 from retclip_dist.config import ConfigError
@@ -37,7 +38,8 @@ from retclip_dist.eval.benchmark.results import (
 from retclip_dist.eval.benchmark.splits import split_for_seed, split_indices
 from retclip_dist.eval.benchmark.suite import Suite, load_suite
 from retclip_dist.eval.data import LabelError
-from retclip_dist.eval.features import load_model, pick_device
+from retclip_dist.eval.features import load_model
+from retclip_dist.launch.env import accelerator_placement
 from retclip_dist.model.retclip import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,7 @@ def run_benchmark(
         raise ValueError(
             f"--model {model_dir}: no {WEIGHTS_FILE}; give a directory written by save_pretrained"
         )
-    state = PartialState()
+    state = PartialState(**accelerator_placement(torch.cuda.is_available()))
     out = Path(out_dir)
     if state.is_main_process:
         _check_record(out, _record(suite, model_dir))
@@ -130,7 +132,8 @@ def run_benchmark(
     packs = {d.name: pack_path(d) for d in suite.datasets} if "zero_shot" in protocols else {}
     for _name, path in packs.items():
         load_pack(path)  # a broken pack fails before any work
-    model = load_model(model_dir, pick_device(suite.device))
+    # Under accelerate launch each process embeds on its own device (state.device), not all on cuda:0.
+    model = load_model(model_dir, state.device if suite.device == "auto" else torch.device(suite.device))
     ran: list[str] = []
     reused: list[str] = []
     leaks: dict[str, list[str]] = {}
@@ -256,6 +259,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, LabelError, ValueError, FileNotFoundError) as exc:
         print(f"retclip-eval benchmark: error: {exc}", file=sys.stderr)
         return 2
-    print((Path(args.out_dir) / "results.md").read_text(encoding="utf-8"))
-    print(f"cells run: {len(summary['ran'])}, reused: {len(summary['reused'])}")
+    if PartialState().is_main_process:
+        print((Path(args.out_dir) / "results.md").read_text(encoding="utf-8"))
+        print(f"cells run: {len(summary['ran'])}, reused: {len(summary['reused'])}")
     return 0
