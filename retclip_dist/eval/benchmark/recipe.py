@@ -47,6 +47,8 @@ class BenchClassifier(nn.Module):
             self.patient = model.image_patient
         width = model.config.embed_dim if paired else model.visual.num_features
         self.head = nn.Linear(width, n_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # RETFound's head init: start near uniform
+        nn.init.zeros_(self.head.bias)
 
     def forward(self, images: Tensor) -> Tensor:
         if not self.paired:

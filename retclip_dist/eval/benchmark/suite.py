@@ -119,7 +119,11 @@ def load_suite(path: str | Path) -> Suite:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with seeds, protocols and datasets")
-    suite = _check(from_dict(Suite, data, where=str(path)), str(path))
+    try:
+        suite = from_dict(Suite, data, where="suite")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    suite = _check(suite, str(path))
     for ds in suite.datasets:
         ds.root = str((path.parent / ds.root).resolve()) if not Path(ds.root).is_absolute() else ds.root
         if ds.prompts and not Path(ds.prompts).is_absolute():
