@@ -47,6 +47,11 @@ def spec(layout: str, root: Path, **options) -> DatasetSpec:
 # -- suite file ---------------------------------------------------------------------------------------
 
 
+def test_strict_without_shards_is_refused(capsys):
+    assert eval_main(["benchmark", "--suite", "s", "--model", "m", "--out_dir", "o", "--strict"]) == 2
+    assert "--strict refuses leaked images, so it needs --shards" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("suite", "field"),
     [
@@ -141,6 +146,9 @@ def test_idrid_trailing_space_column_and_empty_columns(tmp_path):
     dr = read_dataset(spec("idrid", root))
     assert len(dr.lset) == 21 and dr.lset.classes == ("0", "1", "2")
     assert {r.split for r in dr.lset.rows} == {"train", "test"} and dr.lset.rows[0].id == "train/IDRiD_001"
+    for folder in ("A. Segmentation/1. Original Images/a. Training Set", "C. Localization/2. Groundtruths"):
+        (root / folder).mkdir(parents=True)  # the rest of the IDRiD folder does not confuse the reader
+    B.image(root / "A. Segmentation/1. Original Images/a. Training Set/IDRiD_01.jpg", 0.0, 0)
     dme = read_dataset(spec("idrid", root, task="dme"))
     assert [r.label[0] for r in dme.lset.rows[:15]] == [0] * 5 + [1] * 5 + [2] * 5
     table.write_text(table.read_text().replace("Retinopathy grade", "DR grade"))
@@ -149,7 +157,10 @@ def test_idrid_trailing_space_column_and_empty_columns(tmp_path):
 
 
 def test_messidor2_excludes_and_counts_ungradable(tmp_path):
-    bset = read_dataset(spec("messidor2", B.messidor2(tmp_path / "m")))
+    root = B.messidor2(tmp_path / "m")
+    (root / "IMAGES" / "IM000004.JPG").rename(root / "IMAGES" / "IM000004.tif")  # the CSV says .JPG
+    bset = read_dataset(spec("messidor2", root))
+    assert bset.lset.rows[4].image == "IMAGES/IM000004.tif"
     assert bset.excluded == {"ungradable": 2} and len(bset.lset) == 18
     assert bset.lset.rows[1].id == "20051020_00001_0100_PP.png" and bset.lset.rows[1].label == (0,)
     dme = read_dataset(spec("messidor2", tmp_path / "m", task="dme"))

@@ -87,7 +87,9 @@ def _index_images(root: Path, where: str) -> dict[str, str]:
 
 
 def _lookup(index: dict[str, str], name: str, source: str, where: Path) -> str:
-    ref = index.get(name)
+    """The image named ``name``; by stem when the suffix differs (MESSIDOR-2's CSV says .png for the
+    published .tif and .JPG files)."""
+    ref = index.get(name) or index.get(Path(name).stem)
     if ref is None:
         raise LabelError(f"{source}: image {name!r} not found under {where}")
     if "|" in ref:
@@ -197,21 +199,23 @@ def read_idrid(spec: DatasetSpec, opts: IdridOptions) -> BenchSet:
     grade, 'Risk of macular edema ' with its trailing space, empty trailing columns), images
     ``<Image name>.jpg`` in the ``*Training Set`` / ``*Testing Set`` folders."""
     root = _root(spec)
+    # The whole IDRiD folder also holds "A. Segmentation" with its own "a. Training Set".
+    base = root / "B. Disease Grading" if (root / "B. Disease Grading").is_dir() else root
     column = "Retinopathy grade" if opts.task == "dr" else "Risk of macular edema"
     found, dropped = [], []
     for split, pattern, folder in (
         ("train", "*Training Labels.csv", "*Training Set"),
         ("test", "*Testing Labels.csv", "*Testing Set"),
     ):
-        tables = sorted(root.rglob(pattern))
+        tables = sorted(base.rglob(pattern))
         if len(tables) != 1:
             raise LabelError(
-                f"dataset {spec.name}: expected one {pattern!r} under {root}, found {len(tables)}"
+                f"dataset {spec.name}: expected one {pattern!r} under {base}, found {len(tables)}"
             )
-        folders = [p for p in sorted(root.rglob(folder)) if p.is_dir()]
+        folders = [p for p in sorted(base.rglob(folder)) if p.is_dir()]
         if len(folders) != 1:
             raise LabelError(
-                f"dataset {spec.name}: expected one folder {folder!r} under {root}, found {len(folders)}"
+                f"dataset {spec.name}: expected one folder {folder!r} under {base}, found {len(folders)}"
             )
         index = _index_images(folders[0], str(folders[0]))
         rows = _rows(tables[0])

@@ -13,7 +13,8 @@ Conventions (also printed under results.md):
 - kappa: quadratic-weighted Cohen's kappa over the class order (single-label only).
 - 95% CI: with two or more seeds a t-interval over the per-seed values (mean +- t(0.975, n-1) * sd /
   sqrt(n)), not clipped to the metric's range; with one seed a percentile bootstrap over the test
-  samples (200 resamples, seed 0).
+  samples (200 resamples, seed 0). On an official (fixed) split zero-shot and the linear probe do not
+  depend on the seed, so their interval has zero width; few-shot draws, fine-tuning and drawn splits do.
 """
 
 from __future__ import annotations

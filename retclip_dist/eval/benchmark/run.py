@@ -254,6 +254,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--shards", help="pretraining shard set: report evaluation images found in it")
     parser.add_argument("--strict", action="store_true", help="with --shards: refuse to run on a leak")
     args = parser.parse_args(argv)
+    if args.strict and not args.shards:
+        print(
+            "retclip-eval benchmark: error: --strict refuses leaked images, so it needs --shards",
+            file=sys.stderr,
+        )
+        return 2
     try:
         summary = run_benchmark(load_suite(args.suite), args.model, args.out_dir, args.shards, args.strict)
     except (ConfigError, LabelError, ValueError, FileNotFoundError) as exc:
