@@ -150,6 +150,11 @@ def test_idrid_trailing_space_column_and_empty_columns(tmp_path):
         (root / folder).mkdir(parents=True)  # the rest of the IDRiD folder does not confuse the reader
     B.image(root / "A. Segmentation/1. Original Images/a. Training Set/IDRiD_01.jpg", 0.0, 0)
     dme = read_dataset(spec("idrid", root, task="dme"))
+    images = root / "B. Disease Grading" / "1. Original Images"
+    (images / "b. Testing Set").rename(images / "b.TestingSet")  # a copy without spaces
+    assert [r.image for r in read_dataset(spec("idrid", root)).lset.rows][-1].endswith(
+        "b.TestingSet/IDRiD_006.jpg"
+    )
     assert [r.label[0] for r in dme.lset.rows[:15]] == [0] * 5 + [1] * 5 + [2] * 5
     table.write_text(table.read_text().replace("Retinopathy grade", "DR grade"))
     with pytest.raises(LabelError, match=r"Training Labels\.csv: no column 'Retinopathy grade'"):

@@ -97,6 +97,10 @@ def _lookup(index: dict[str, str], name: str, source: str, where: Path) -> str:
     return ref
 
 
+def _squash(name: str) -> str:
+    return "".join(name.split()).lower()
+
+
 def _root(spec: DatasetSpec) -> Path:
     root = Path(spec.root)
     if not root.is_dir():
@@ -204,15 +208,16 @@ def read_idrid(spec: DatasetSpec, opts: IdridOptions) -> BenchSet:
     column = "Retinopathy grade" if opts.task == "dr" else "Risk of macular edema"
     found, dropped = [], []
     for split, pattern, folder in (
-        ("train", "*Training Labels.csv", "*Training Set"),
-        ("test", "*Testing Labels.csv", "*Testing Set"),
+        ("train", "*Training Labels.csv", "trainingset"),
+        ("test", "*Testing Labels.csv", "testingset"),
     ):
         tables = sorted(base.rglob(pattern))
         if len(tables) != 1:
             raise LabelError(
                 f"dataset {spec.name}: expected one {pattern!r} under {base}, found {len(tables)}"
             )
-        folders = [p for p in sorted(base.rglob(folder)) if p.is_dir()]
+        # "a. Training Set" as published; some copies drop the spaces ("a.TrainingSet").
+        folders = [p for p in sorted(base.rglob("*")) if p.is_dir() and _squash(p.name).endswith(folder)]
         if len(folders) != 1:
             raise LabelError(
                 f"dataset {spec.name}: expected one folder {folder!r} under {base}, found {len(folders)}"
