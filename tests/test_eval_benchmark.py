@@ -411,3 +411,40 @@ def test_benchmark_strict_refuses_a_leaking_suite_before_any_cell(tmp_path, tiny
         "R: 1 evaluation images were in the pretraining shards (first val/bmilddr/img015.jpg)"
         in (tmp_path / "lenient" / "results.md").read_text()
     )
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_finetune_resumes_from_its_epoch_checkpoint_exactly(tiny, tmp_path, monkeypatch):
+    import retclip_dist.eval.benchmark.recipe as recipe_mod
+
+    bset = read_dataset(spec("retfound_split", B.retfound_split(tmp_path / "r")))
+    images = load_images(bset.lset, 32)
+    index = split_indices(bset.lset)
+    args = (tiny, images, bset.lset.labels(), index, list(bset.lset.classes), False)
+    recipe = FinetuneRecipe(epochs=2, warmup_epochs=1, batch_size=8)
+    whole, whole_history = recipe_mod.finetune_recipe(*args, recipe, 0)
+
+    real, calls = recipe_mod._augment, []
+
+    def dies_in_epoch_two(batch, transform):
+        calls.append(1)
+        if len(calls) == 3:  # 12 training images, batch 8: the first batch of the second epoch
+            raise _Interrupted
+        return real(batch, transform)
+
+    monkeypatch.setattr(recipe_mod, "_augment", dies_in_epoch_two)
+    with pytest.raises(_Interrupted):
+        recipe_mod.finetune_recipe(*args, recipe, 0, tmp_path / "ckpt")
+    progress = json.loads((tmp_path / "ckpt" / "latest" / "progress.json").read_text())
+    assert progress["epoch"] == 1
+    batches = []
+    monkeypatch.setattr(
+        recipe_mod, "_augment", lambda batch, transform: batches.append(1) or real(batch, transform)
+    )
+    resumed, history = recipe_mod.finetune_recipe(*args, recipe, 0, tmp_path / "ckpt")
+    assert len(batches) == 2  # only the second epoch ran again
+    assert history == whole_history
+    np.testing.assert_array_equal(resumed, whole)

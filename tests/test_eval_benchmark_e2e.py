@@ -93,6 +93,7 @@ def test_every_layout_every_protocol_end_to_end(model_dir, tmp_path):
     assert "binary task the positive class's AP" in md and "t-interval" in md
     assert "MESSIDOR2: 2 rows excluded (ungradable)" in md and "APTOS2019: 1 rows without a label" in md
     assert (out / "results_auroc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "checkpoints").iterdir()) == []  # a finished cell drops its fine-tuning checkpoint
     templates = (out / "zero_shot_templates.md").read_text()
     assert "| IDRID | zh | 眼底照片显示{}。 |" in templates
 

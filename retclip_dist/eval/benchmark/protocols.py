@@ -9,6 +9,7 @@ head with the photo as both eyes).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -182,8 +183,21 @@ def few_shot(
 
 
 def finetune(
-    ctx: DatasetContext, lset: LabelledSet, index: dict[str, np.ndarray], suite: Suite, seed: int
+    ctx: DatasetContext,
+    lset: LabelledSet,
+    index: dict[str, np.ndarray],
+    suite: Suite,
+    seed: int,
+    checkpoints: Path | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     return finetune_recipe(
-        ctx.model, ctx.images, lset.labels(), index, list(lset.classes), lset.multilabel, suite.finetune, seed
+        ctx.model,
+        ctx.images,
+        lset.labels(),
+        index,
+        list(lset.classes),
+        lset.multilabel,
+        suite.finetune,
+        seed,
+        checkpoints,
     )

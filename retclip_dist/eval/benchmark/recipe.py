@@ -11,7 +11,12 @@ process takes its slice of every global batch); only the 1-process CPU path is t
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import math
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from timm.data import create_transform
 from timm.layers import DropPath
 from torch import Tensor, nn
@@ -29,6 +35,11 @@ from retclip_dist.eval.finetune import predict
 from retclip_dist.eval.metrics import compute_metrics, selection_score
 from retclip_dist.launch.env import accelerator_placement
 from retclip_dist.model.retclip import RetClip
+
+_LATEST = "latest"  # the newest epoch checkpoint (Accelerate state) in a cell's checkpoint directory
+_PROGRESS = "progress.json"  # epoch, history and best score, inside the checkpoint
+_BEST = "best.safetensors"  # weights of the best epoch so far
+log = logging.getLogger(__name__)
 
 # Parameters of the tower's stem: layer 0 for the layer-wise lr decay (RETFound's get_layer_id_for_vit).
 _STEM = ("cls_token", "pos_embed", "patch_embed", "reg_token")
@@ -116,6 +127,21 @@ def _augment(images: Tensor, transform: Any) -> Tensor:
     return out.reshape(*images.shape[:-3], *out.shape[-3:])
 
 
+def _checkpoint(accelerator: Accelerator, directory: Path, progress: dict[str, Any]) -> None:
+    """Accelerate state plus progress, written under a temporary name and renamed into place."""
+    tmp = directory / (_LATEST + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / _PROGRESS).write_text(json.dumps(progress, indent=1))
+        shutil.rmtree(directory / _LATEST, ignore_errors=True)
+        tmp.rename(directory / _LATEST)
+    accelerator.wait_for_everyone()
+
+
 def finetune_recipe(
     model: RetClip,
     images: Tensor,
@@ -125,10 +151,12 @@ def finetune_recipe(
     multilabel: bool,
     recipe: FinetuneRecipe,
     seed: int,
+    checkpoints: Path | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """Fine-tune a copy of ``model`` on index["train"], keep the best epoch on index["val"]; returns the
     test probabilities [n_test, C] and the per-epoch record. ``images`` is [n, 3, H, W] or, for paired
-    layouts, [n, 2, 3, H, W] uint8."""
+    layouts, [n, 2, 3, H, W] uint8. With ``checkpoints``, every epoch ends with an atomic checkpoint
+    (Accelerate state: model, optimizer, RNGs) and the run continues from the newest one there."""
     set_seed(seed)
     paired = images.dim() == 5
     net = BenchClassifier(copy.deepcopy(model).cpu().train(), len(classes), paired)
@@ -161,8 +189,15 @@ def finetune_recipe(
     global_batch = recipe.batch_size * world
     steps = math.ceil(len(train) / global_batch)
     best: tuple[float, int, dict[str, Tensor]] | None = None
-    history = []
-    for epoch in range(recipe.epochs):
+    history: list[dict[str, Any]] = []
+    start = 0
+    if checkpoints is not None and (checkpoints / _LATEST).is_dir():
+        accelerator.load_state(str(checkpoints / _LATEST))
+        progress = json.loads((checkpoints / _LATEST / _PROGRESS).read_text())
+        start, history = progress["epoch"], progress["history"]
+        best = (progress["best_score"], progress["best_epoch"], load_file(str(checkpoints / _BEST)))
+        log.info("resumed fine-tuning from %s after epoch %d", checkpoints, start)
+    for epoch in range(start, recipe.epochs):
         net.train()
         order = train[
             torch.randperm(
@@ -195,6 +230,16 @@ def finetune_recipe(
                 k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(net).state_dict().items()
             }
             best = (score, epoch + 1, state)
+            if checkpoints is not None and accelerator.is_main_process:
+                checkpoints.mkdir(parents=True, exist_ok=True)
+                save_file(state, str(checkpoints / (_BEST + ".tmp")))
+                os.replace(checkpoints / (_BEST + ".tmp"), checkpoints / _BEST)
+        if checkpoints is not None:
+            _checkpoint(
+                accelerator,
+                checkpoints,
+                {"epoch": epoch + 1, "history": history, "best_score": best[0], "best_epoch": best[1]},
+            )
     assert best is not None
     final = accelerator.unwrap_model(net)
     final.load_state_dict(best[2])

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import json
 import logging
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -91,7 +92,12 @@ def _check_record(out: Path, record: dict[str, Any]) -> None:
 
 
 def _run_cell(
-    ctx: P.DatasetContext, suite: Suite, protocol: str, seed: int, spec_pack: str | None
+    ctx: P.DatasetContext,
+    suite: Suite,
+    protocol: str,
+    seed: int,
+    spec_pack: str | None,
+    checkpoints: Path,
 ) -> tuple[Any, list[dict[str, Any]]]:
     lset = split_for_seed(ctx.bset, suite.splits, seed)
     index = split_indices(lset)
@@ -104,7 +110,7 @@ def _run_cell(
     elif protocol.startswith("few_shot_"):
         probs = P.few_shot(ctx, lset, index, suite, int(protocol.rsplit("_", 1)[1]), seed)
     else:
-        probs, extra = P.finetune(ctx, lset, index, suite, seed)
+        probs, extra = P.finetune(ctx, lset, index, suite, seed, checkpoints)
     test = index["test"]
     pred = Predictions(
         [lset.rows[i].id for i in test], lset.labels()[test], probs, list(lset.classes), lset.multilabel
@@ -157,9 +163,11 @@ def run_benchmark(
         ctx = P.DatasetContext(bset, model, suite.batch_size)
         for protocol, seed in todo:
             log.info("%s: %s seed %d", spec.name, protocol, seed)
-            pred, extra = _run_cell(ctx, suite, protocol, seed, packs.get(spec.name))
+            name = predictions_name(spec.name, protocol, seed)
+            checkpoints = out / "checkpoints" / Path(name).stem
+            pred, extra = _run_cell(ctx, suite, protocol, seed, packs.get(spec.name), checkpoints)
             if state.is_main_process:
-                path = pred_dir / predictions_name(spec.name, protocol, seed)
+                path = pred_dir / name
                 pred_dir.mkdir(parents=True, exist_ok=True)
                 if extra:
                     side = path.with_name(
@@ -167,6 +175,7 @@ def run_benchmark(
                     )
                     _write_extra(side, extra, protocol)
                 write_predictions(path, pred)  # last: its existence marks the cell finished
+                shutil.rmtree(checkpoints, ignore_errors=True)  # an interrupted fine-tune resumes from it
             state.wait_for_everyone()
             ran.append(f"{spec.name}/{protocol}/seed{seed}")
     cells = {
