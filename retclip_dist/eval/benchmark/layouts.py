@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from retclip_dist.config import ConfigError, from_dict
+from retclip_dist.config import from_dict
 from retclip_dist.eval.benchmark.suite import DatasetSpec
 from retclip_dist.eval.config import DataConfig
 from retclip_dist.eval.data import (
@@ -431,10 +431,7 @@ def layout_options(spec: DatasetSpec) -> Any:
 def read_dataset(spec: DatasetSpec) -> BenchSet:
     """Read ``spec`` with its layout's reader; logs what was dropped or excluded."""
     _, reader = READERS[spec.layout]
-    try:
-        bset = reader(spec, layout_options(spec))
-    except ConfigError:
-        raise
+    bset = reader(spec, layout_options(spec))
     for reason, count in bset.excluded.items():
         log.info("%s: excluded %d rows (%s)", spec.name, count, reason)
     return bset
