@@ -125,6 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         "\n5. downstream: linear probe of hard exudates on the trained model's image features (retclip-eval)"
     )
     print(demo_probe(run_dir / "model", out / "eval"))
+
+    print("\n6. the downstream table: retclip-eval benchmark, one dataset (the synthetic grades), two seeds")
+    suite = out / "bench_suite.yaml"
+    # A rerun trains a new model, and benchmark refuses an out_dir made with another one.
+    shutil.rmtree(out / "bench", ignore_errors=True)
+    suite.write_text(
+        "seeds: [0, 1]\nprotocols: [zero_shot, linear_probe]\n"
+        f"datasets:\n  - {{name: synthetic, layout: table, root: {out / 'eval' / 'data'}, "
+        f"prompts: {ROOT / 'configs/prompts/dr_grade.yaml'}, options: {{label_column: grade}}}}\n"
+    )
+    run([bin_path("retclip-eval"), "benchmark", "--suite", str(suite), "--model", str(run_dir / "model"),
+         "--out_dir", str(out / "bench")])  # fmt: skip
     return 0
 
 

@@ -21,6 +21,10 @@ FORMAT = "retclip-shards/1"
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 SHARD_SUFFIX = ".tar"
+# Shard entry of manifest.json: sorted sha256 digests of the source image files packed into the shard.
+# Content hashes name no path or patient, so they are kept under --pseudonymise too; retclip-eval
+# benchmark --shards matches evaluation images against them (pretraining/evaluation leakage).
+SOURCE_HASHES_FIELD = "source_sha256"
 PSEUDONYMISED_FIELD = "pseudonymised"  # manifest.json: true when ids are keyed hashes and paths left out
 
 EYES = ("left", "right")

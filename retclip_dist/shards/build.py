@@ -143,6 +143,7 @@ class Sample:
     split: str
     key: str
     members: dict[str, bytes]
+    source_sha256: tuple[str, ...] = ()  # sha256 of each eye's source file bytes (SOURCE_HASHES_FIELD)
 
 
 def _read_image(store: ImageStore, ref: str) -> bytes:
@@ -156,10 +157,13 @@ def process_record(store: ImageStore, opts: ImageOptions, rec: PatientRecord) ->
     """Read and convert both eyes of one patient; any bad image rejects the whole patient."""
     members: dict[str, bytes] = {}
     sizes: dict[str, list[int]] = {}
+    digests = []
     for eye in EYES:
         ref = getattr(rec, eye)
         try:
-            members[IMAGE_MEMBER[eye]], size = process_image(_read_image(store, ref), opts)
+            raw = _read_image(store, ref)
+            digests.append(hashlib.sha256(raw).hexdigest())
+            members[IMAGE_MEMBER[eye]], size = process_image(raw, opts)
         except RejectError as exc:
             return Reject(rec.order, rec.patient_id, rec.source, exc.reason, f"{eye} eye: {exc.detail}")
         sizes[eye] = list(size)
@@ -172,7 +176,7 @@ def process_record(store: ImageStore, opts: ImageOptions, rec: PatientRecord) ->
         # Image paths often hold names, dates or record numbers, so a pseudonymised sample has none.
         meta["source"] = {"left": store.describe(rec.left), "right": store.describe(rec.right)}
     members[META_MEMBER] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return Sample(str(rec.split), rec.key, members)
+    return Sample(str(rec.split), rec.key, members, tuple(digests))
 
 
 _worker_state: tuple[ImageStore, ImageOptions] | None = None
@@ -254,7 +258,7 @@ class _Packer:
         if isinstance(result, Reject):
             self.pending.append(self.scrub(result))
         else:
-            self.writer.add(result.split, result.key, result.members)
+            self.writer.add(result.split, result.key, result.members, result.source_sha256)
         self.position += 1
 
     def finish(self) -> None:

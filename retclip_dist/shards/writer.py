@@ -18,7 +18,7 @@ from webdataset import TarWriter
 
 from retclip_dist.io.files import OutputDir
 from retclip_dist.shards.records import Reject
-from retclip_dist.shardset import shard_name
+from retclip_dist.shardset import SOURCE_HASHES_FIELD, shard_name
 
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tarfile pads every archive to a multiple of this
@@ -60,6 +60,7 @@ class _OpenShard:
         )
         self.count = 0
         self.content = 0
+        self.digests: list[str] = []
 
     def close(self) -> dict[str, Any]:
         self.tar.close()
@@ -70,6 +71,7 @@ class _OpenShard:
             "count": self.count,
             "bytes": self.hashing.bytes,
             "sha256": self.hashing.sha.hexdigest(),
+            SOURCE_HASHES_FIELD: sorted(self.digests),
         }
 
 
@@ -99,7 +101,7 @@ class ShardWriter:
         over = tar_file_bytes(cur.content + size) > self.max_size
         return cur.split != split or cur.count >= self.max_count or over
 
-    def add(self, split: str, key: str, members: dict[str, bytes]) -> None:
+    def add(self, split: str, key: str, members: dict[str, bytes], digests: tuple[str, ...] = ()) -> None:
         size = member_bytes(members)
         if self._full(split, size):
             self.close()
@@ -110,6 +112,7 @@ class ShardWriter:
         self.current.tar.write({"__key__": key, **members})
         self.current.count += 1
         self.current.content += size
+        self.current.digests.extend(digests)
 
     def close(self) -> None:
         """Publish the open shard (if any) and report it to ``on_close``."""
