@@ -125,7 +125,9 @@ def test_zero_shot_uses_the_laterality_heads(setup):
         probs.append(np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum())
     expected = compute_metrics(arrays["labels"], np.stack(probs), metrics["classes"], False)
     for name, values in expected["per_class"].items():
-        assert metrics["per_class"][name]["auroc"] == pytest.approx(values["auroc"], abs=1e-9), name
+        # A random tiny model scores some photos almost alike, so float32 rounding in numpy (here) and
+        # torch (the command) can swap one near-tie: 0.0015 with numpy 1.26, 0 with the pinned set.
+        assert metrics["per_class"][name]["auroc"] == pytest.approx(values["auroc"], abs=2e-3), name
     assert metrics["overall"]["accuracy"] == pytest.approx(expected["overall"]["accuracy"])
 
 

@@ -112,7 +112,11 @@ def vision_input_size(cfg: ModelConfig) -> int | None:
     Built on the meta device (no memory, no weights): the tower itself knows its input, whatever mix of
     architecture name and ``vision_kwargs`` set it.
     """
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            tower = timm.create_model(cfg.vision_name, pretrained=False, num_classes=0, **cfg.vision_kwargs)
+    except RuntimeError:
+        # timm 1.0.3 reads a drop-path schedule with .item(), which meta tensors cannot give: build it.
         tower = timm.create_model(cfg.vision_name, pretrained=False, num_classes=0, **cfg.vision_kwargs)
     patch_embed = getattr(tower, "patch_embed", None)
     size = getattr(patch_embed, "img_size", None)

@@ -7,7 +7,6 @@ silently skipping them would train from a half-random tower).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import pickle
 import re
@@ -51,14 +50,14 @@ class LoadReport:
 def _numpy_scalar_globals() -> list:
     """Exactly what pickling a numpy scalar (np.float64(3e-5), np.int64(7)) refers to: numpy's scalar
     constructor, np.dtype and the dtype classes of the numeric and bool scalar types."""
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    # numpy 2 has numpy._core.multiarray; numpy 1.26 has a numpy._core stub without it.
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
     kinds = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
     kinds += ("float16", "float32", "float64")
     allowed: list = [multiarray.scalar, np.dtype, *{type(np.dtype(kind)) for kind in kinds}]
     # numpy 1.x (which wrote the release's checkpoints) names the constructor numpy.core.multiarray.scalar,
-    # numpy 2 numpy._core.multiarray.scalar; torch >= 2.6 can allow one object under both names.
-    if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6):
-        allowed += [(multiarray.scalar, f"{m}.multiarray.scalar") for m in ("numpy.core", "numpy._core")]
+    # numpy 2 numpy._core.multiarray.scalar; torch (>= 2.6) allows one object under both names.
+    allowed += [(multiarray.scalar, f"{m}.multiarray.scalar") for m in ("numpy.core", "numpy._core")]
     return allowed
 
 
@@ -68,14 +67,8 @@ def _torch_load(path: Path) -> object:
     The release's training checkpoints ({"epoch", "step", "name", "state_dict", "optimizer"}) keep the
     scheduler's learning rate as a numpy float in the optimizer's param_groups.
     """
-    # torch 2.4 has only the process-wide add_safe_globals; the scoped safe_globals came in 2.5.
-    scoped = getattr(torch.serialization, "safe_globals", None)
-    allowed = _numpy_scalar_globals()
-    if scoped is None:
-        torch.serialization.add_safe_globals(allowed)
-        scoped = lambda _: contextlib.nullcontext()  # noqa: E731
     try:
-        with scoped(allowed):
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"(?:Unsupported global|unsupported)[^\n]*?GLOBAL ([\w.]+)", str(exc))
