@@ -33,6 +33,7 @@ from retclip_dist.launch.lifetime import exit_with_parent
 from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.retclip import RetClip, RetClipOutput
 from retclip_dist.model.tokenizer import build_tokenizer
+from retclip_dist.model.weights import InitFromError
 from retclip_dist.retrieval import recall_at_k
 from retclip_dist.train.checkpoint import Checkpointer
 from retclip_dist.train.config import RunConfig, TrainSection
@@ -191,7 +192,10 @@ def train(cfg: RunConfig) -> int:
     # Same seed everywhere: every rank must start from identical weights.
     set_seed(cfg.train.seed)
 
-    model = RetClip(cfg.model)
+    try:
+        model = RetClip(cfg.model)
+    except InitFromError as exc:  # every rank finds the same mismatch; exit 2 like any config error
+        raise ConfigError(f"model.init_from: {exc}") from exc
     tokenizer = build_tokenizer(cfg.model)
     try:
         data = build_train_data(cfg.data, tokenizer, acc.process_index, acc.num_processes, cfg.train.seed)

@@ -17,6 +17,7 @@ from typing import Any
 
 from retclip_dist.config import ConfigError
 from retclip_dist.data.manifest import read_manifest
+from retclip_dist.model.retclip import WEIGHTS_FILE
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import text_model_config, vision_input_size
 from retclip_dist.train import runlock
@@ -102,6 +103,17 @@ def _layout(cfg: RunConfig, world_size: int) -> None:
 
 
 def _model_fit(cfg: RunConfig) -> None:
+    if cfg.model.init_from is not None:
+        if not (Path(cfg.model.init_from) / WEIGHTS_FILE).is_file():
+            raise _fail(
+                "model.init_from", cfg.model.init_from, f"not a save_pretrained directory (no {WEIGHTS_FILE})"
+            )
+        if cfg.model.vision_weights is not None:
+            raise _fail(
+                "model.vision_weights",
+                cfg.model.vision_weights,
+                "is set together with model.init_from, which overwrites every weight (set it to null)",
+            )
     if cfg.model.vision_weights is not None and not Path(cfg.model.vision_weights).is_file():
         raise _fail("model.vision_weights", cfg.model.vision_weights, "no such file")
     if cfg.model.text_path is not None and not (Path(cfg.model.text_path) / "config.json").is_file():
