@@ -38,7 +38,7 @@ from retclip_dist.retrieval import recall_at_k
 from retclip_dist.train.checkpoint import Checkpointer
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.metrics_log import MetricsLog
-from retclip_dist.train.optim import build_optimizer, lr_at, set_lr
+from retclip_dist.train.optim import build_optimizer, freeze_, lr_at, set_lr
 from retclip_dist.train.runlock import RunLock, RunLocked
 from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
 from retclip_dist.train.step import LossFn, forward_backward
@@ -207,6 +207,9 @@ def train(cfg: RunConfig) -> int:
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
+    # Locked parts must be set before the optimiser and DDP/DeepSpeed collect the trainable parameters.
+    if cfg.train.freeze:
+        log.info("train.freeze %s: %d parameters locked", cfg.train.freeze, freeze_(model, cfg.train.freeze))
     optimizer = build_optimizer(model, cfg.train, acc.device)
     if cfg.train.compile:
         model = torch.compile(model)
