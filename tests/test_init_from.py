@@ -15,6 +15,7 @@ import torch
 from retclip_dist import synth
 from retclip_dist.config import from_dict
 from retclip_dist.data.loader import build_train_data
+from retclip_dist.data.samples import REPORT_HASH
 from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
@@ -144,9 +145,9 @@ def _loss_on_first_batch(run: Path, model: RetClip) -> float:
     cfg = from_dict(RunConfig, json.loads((run / "config.json").read_text()))
     data = build_train_data(cfg.data, build_tokenizer(cfg.model), 0, 1, cfg.train.seed)
     batch = data.device_augment("cpu")(next(iter(data)))
-    loss_fn = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather)
+    loss_fn = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather, duplicates=cfg.loss.duplicates)
     with torch.no_grad():
-        total, _ = loss_fn(*model.train()(batch))
+        total, _ = loss_fn(*model.train()(batch), report_hash=batch[REPORT_HASH])
     return total.item()
 
 
