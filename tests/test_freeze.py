@@ -207,3 +207,14 @@ def test_frozen_vision_under_zero2_trains_the_rest(shards, tmp_path):
         "text_patient.0.weight",
         "text.encoder.layer.0.output.dense.weight",
     } <= moved
+
+
+def test_resume_with_other_param_groups_is_refused(tmp_path):
+    from retclip_dist.train.validate import _same_param_groups
+
+    cfg = load_config(RunConfig, None, ["--train.layer_decay", "0.65"])
+    _same_param_groups(cfg, tmp_path, {"layer_decay": 0.65})  # same settings (freeze, lr_scale defaults)
+    with pytest.raises(ConfigError, match=r"saved with train\.layer_decay=1\.0, now 0\.65"):
+        _same_param_groups(cfg, tmp_path, {})  # a checkpoint from before the key existed: the default
+    with pytest.raises(ConfigError, match=r"train\.freeze=\['text'\], now \[\]"):
+        _same_param_groups(cfg, tmp_path, {"freeze": ["text"], "layer_decay": 0.65})
