@@ -34,7 +34,7 @@ BASE = [
     "--data.num_workers", "0",
     "--train.warmup_steps", "2",
     "--log.every_steps", "1",
-    "--eval.every_epochs", "0",
+    "--data.val_split", "null",  # no validation (and no dependence on its section name)
     "--log.tensorboard", "false",
     "--log.progress", "false",
 ]  # fmt: skip
