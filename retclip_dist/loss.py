@@ -15,6 +15,13 @@ biases) get dL_k/ds locally and their average is dL/ds as well.
 
 ``TripartiteLoss(gather=False)`` is the public release's only distributed mode (``--skip-aggregate``):
 each rank's negatives are its own b rows, and the averaged gradient is that of mean_k L_k(local batch).
+
+Identical reports (``duplicates="mask"``). Two patients whose cleaned report texts are equal are not a
+negative pair: the text tower cannot tell their texts apart, so pushing them apart only teaches it noise.
+Each sample carries a 64-bit hash of its cleaned report per level; ``gather_report_hashes`` gathers them
+beside the features, and every row's logits against columns with its own hash are removed from the
+softmax (-inf), except the row's own column, which stays the positive. The mask depends only on the
+hashes, so each global row has the same mask on every world size and the loss stays exact across ranks.
 """
 
 from __future__ import annotations
@@ -87,6 +94,28 @@ def gather_features(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor
     return _AllGather.apply(x, group, world)
 
 
+def gather_report_hashes(hashes: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Rank-ordered concatenation of every rank's report hashes (int64, no gradient); unchanged on 1 rank.
+
+    Call it after ``gather_features`` on the same rows: that gather has already checked that every rank
+    holds the same number of rows.
+    """
+    _, world = _world(group)
+    if world == 1:
+        return hashes
+    out = hashes.new_empty((world * hashes.shape[0], *hashes.shape[1:]))
+    _all_gather_single(out, hashes.contiguous(), group=group)
+    return out
+
+
+def duplicate_mask(local_hashes: Tensor, all_hashes: Tensor, offset: int) -> Tensor:
+    """[b, B] True where column j's report equals row i's report and j is not the row's own column."""
+    same = local_hashes[:, None] == all_hashes[None, :]
+    rows = torch.arange(local_hashes.shape[0], device=same.device)
+    same[rows, rows + offset] = False
+    return same
+
+
 def _at_least_fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -103,27 +132,47 @@ def infonce_local(
     text_all: Tensor,
     logit_scale: Tensor,
     offset: int,
+    mask: Tensor | None = None,
 ) -> Tensor:
-    """Symmetric InfoNCE of the local rows (global indices offset..offset+b) against all columns."""
+    """Symmetric InfoNCE of the local rows (global indices offset..offset+b) against all columns.
+
+    ``mask`` [b, B] (``duplicate_mask``): columns left out of each row's softmax, in both directions
+    (the relation "same report" is symmetric, so the text->image rows drop the same columns).
+    """
     labels = torch.arange(image_local.shape[0], device=image_local.device) + offset
-    image_to_text = F.cross_entropy(logit_scale * image_local @ text_all.T, labels)
-    text_to_image = F.cross_entropy(logit_scale * text_local @ image_all.T, labels)
+    i2t_logits = logit_scale * image_local @ text_all.T
+    t2i_logits = logit_scale * text_local @ image_all.T
+    if mask is not None:
+        # -inf drops a column from the softmax exactly; the diagonal is never masked, so every row keeps
+        # a finite logit and the loss and its gradient stay finite (0 for a row whose batch shares one report).
+        i2t_logits = i2t_logits.masked_fill(mask, float("-inf"))
+        t2i_logits = t2i_logits.masked_fill(mask, float("-inf"))
+    image_to_text = F.cross_entropy(i2t_logits, labels)
+    text_to_image = F.cross_entropy(t2i_logits, labels)
     return (image_to_text + text_to_image) / 2
 
 
 def sigmoid_local(
-    image_local: Tensor, text_all: Tensor, logit_scale: Tensor, logit_bias: Tensor, offset: int
+    image_local: Tensor,
+    text_all: Tensor,
+    logit_scale: Tensor,
+    logit_bias: Tensor,
+    offset: int,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """SigLIP loss of the local images against all texts, summed over texts, mean over local images.
 
     Each (image, text) pair is scored once, on the rank that holds the image, so texts are the only side
-    that needs gathering.
+    that needs gathering. ``mask`` [b, B]: pairs left out of the sum (neither positive nor negative).
     """
     logits = logit_scale * image_local @ text_all.T + logit_bias
     rows = torch.arange(image_local.shape[0], device=image_local.device)
     signs = -torch.ones_like(logits)
     signs[rows, rows + offset] = 1.0
-    return -F.logsigmoid(signs * logits).sum(dim=1).mean()
+    terms = -F.logsigmoid(signs * logits)
+    if mask is not None:
+        terms = terms.masked_fill(mask, 0.0)
+    return terms.sum(dim=1).mean()
 
 
 def contrastive_loss(
@@ -161,6 +210,7 @@ class TripartiteLoss(nn.Module):
         kind: Literal["infonce", "sigmoid"] = "infonce",
         group: dist.ProcessGroup | None = None,
         gather: bool = True,
+        duplicates: Literal["mask", "keep"] = "keep",
     ):
         super().__init__()
         if kind not in ("infonce", "sigmoid"):
@@ -170,6 +220,12 @@ class TripartiteLoss(nn.Module):
         # False: each rank scores its own batch against its own negatives only (the release's
         # --skip-aggregate); DDP's gradient average then optimises the mean of the per-rank losses.
         self.gather = gather
+        if duplicates not in ("mask", "keep"):
+            raise ValueError(f"TripartiteLoss: unknown duplicates {duplicates!r}; expected 'mask' or 'keep'")
+        # "mask": same-report columns are not negatives (forward then needs report_hash); "keep": they are.
+        # The trainer passes loss.duplicates (default "mask"); "keep" here keeps this module's plain maths
+        # usable without hashes.
+        self.duplicates = duplicates
 
     def forward(
         self,
@@ -177,12 +233,18 @@ class TripartiteLoss(nn.Module):
         text: Sequence[Tensor],
         logit_scale: Sequence[Tensor],
         logit_bias: Sequence[Tensor] | None = None,
+        report_hash: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and {level: detached loss} for logging.
 
         Each argument holds one entry per level in LEVELS order, e.g. the model's PerLevel tuples, so
-        ``loss_fn(*model(batch))`` works.
+        ``loss_fn(*model(batch))`` works. ``report_hash`` [b, 3] int64: each local row's cleaned-report
+        hash per level (the batch's ``report_hash``), needed with ``duplicates="mask"``.
         """
+        if self.duplicates == "mask" and report_hash is None:
+            raise ValueError(
+                "TripartiteLoss(duplicates='mask') needs report_hash (the batch's report hashes)"
+            )
         if self.kind == "sigmoid" and logit_bias is None:
             raise ValueError(
                 "TripartiteLoss(kind='sigmoid') needs logit_bias; build the model with loss='sigmoid'"
@@ -196,15 +258,19 @@ class TripartiteLoss(nn.Module):
             image_all, text_all = stacked[:, :3], stacked[:, 3:]
         else:
             text_all = gather(torch.stack(list(text), dim=1))
+        masks: list[Tensor | None] = [None] * len(LEVELS)
+        if self.duplicates == "mask":
+            hashes_all = gather_report_hashes(report_hash, self.group) if self.gather else report_hash
+            masks = [duplicate_mask(report_hash[:, i], hashes_all[:, i], offset) for i in range(len(LEVELS))]
         per_level: dict[str, Tensor] = {}
         for i, level in enumerate(LEVELS):
             if self.kind == "infonce":
                 per_level[level] = infonce_local(
-                    image[i], text[i], image_all[:, i], text_all[:, i], logit_scale[i], offset
+                    image[i], text[i], image_all[:, i], text_all[:, i], logit_scale[i], offset, masks[i]
                 )
             else:
                 per_level[level] = sigmoid_local(
-                    image[i], text_all[:, i], logit_scale[i], logit_bias[i], offset
+                    image[i], text_all[:, i], logit_scale[i], logit_bias[i], offset, masks[i]
                 )
         total = per_level["patient"] + per_level["left"] + per_level["right"]
         return total, {level: value.detach() for level, value in per_level.items()}

@@ -14,7 +14,7 @@ from retclip_dist.train.config import RunConfig
 def test_paper_recipe_builds_the_tower_clip_weights_were_trained_with():
     cfg = load_config(RunConfig, "configs/retclip_vitb16.yaml")
     assert cfg.model.vision_name == "vit_base_patch16_clip_quickgelu_224"
-    assert cfg.loss.gather is True
+    assert cfg.loss.gather is True and cfg.loss.duplicates == "mask"
     assert (cfg.model.min_logit_scale, cfg.model.max_logit_scale) == (None, pytest.approx(math.log(100)))
     assert cfg.model.patient_scale_from_clip is False
     assert (cfg.train.precision, cfg.train.no_decay, cfg.data.hflip) == ("bf16", "1d", False)
@@ -24,6 +24,7 @@ def test_release_recipe_is_the_example_script():
     cfg = load_config(RunConfig, "configs/retclip_release.yaml")
     assert cfg.model.vision_name == "vit_base_patch16_clip_quickgelu_224"
     assert cfg.loss.gather is False  # --skip-aggregate
+    assert cfg.loss.duplicates == "keep"  # its loss pushes same-report patients apart
     assert cfg.data.context_length == 100 and cfg.data.batch_size == 256 and cfg.data.hflip
     assert (cfg.model.min_logit_scale, cfg.model.max_logit_scale) == RELEASE_LOGIT_SCALE_RANGE
     assert cfg.model.patient_scale_from_clip and cfg.model.grad_checkpointing
@@ -36,3 +37,8 @@ def test_gather_is_a_command_line_switch():
     cfg = load_config(RunConfig, "configs/retclip_vitb16.yaml", ["--loss.gather", "false"])
     assert cfg.loss.gather is False
     assert load_config(RunConfig).loss.gather is True  # the default is the exact global batch
+
+
+def test_duplicates_default_is_mask():
+    assert load_config(RunConfig).loss.duplicates == "mask"
+    assert load_config(RunConfig, None, ["--loss.duplicates", "keep"]).loss.duplicates == "keep"

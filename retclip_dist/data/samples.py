@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,19 @@ class Patient:
 def clean_report(text: str) -> str:
     """The release's text normalisation: lower case and straight double quotes."""
     return text.lower().replace("\u201c", '"').replace("\u201d", '"')
+
+
+# Batch key of the per-sample report hashes: int64 [b, 3], one column per contrastive level (LEVELS order).
+REPORT_HASH = "report_hash"
+
+
+def report_hash(text: str) -> int:
+    """Signed 64-bit hash of the cleaned report: equal cleaned texts (hence equal tokens) hash equally.
+
+    A keyed-free cryptographic digest, not Python's ``hash``: it must agree across processes and runs.
+    """
+    digest = hashlib.blake2b(clean_report(text).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def decode_draft(image: Image.Image, size: int) -> torch.Tensor:
@@ -116,6 +130,16 @@ def collate(
         for eye in EYES:
             tokens = _tokens(tokenizer, [p.reports[eye] for p in patients], cfg.context_length)
             batch.update({f"{eye}_{k}": v for k, v in tokens.items()})
+    # The loss's duplicate mask compares what each level's text head reads: the eye reports only when
+    # they are tokenised (data.eye_reports), otherwise the patient report at every level.
+    eye_key = {eye: eye if cfg.eye_reports else "patient" for eye in EYES}
+    batch[REPORT_HASH] = torch.tensor(
+        [
+            [report_hash(p.reports[k]) for k in ("patient", eye_key["left"], eye_key["right"])]
+            for p in patients
+        ],
+        dtype=torch.int64,
+    )
     if with_texts:
         batch["reports"] = [p.reports["patient"] for p in patients]
         for eye in EYES:

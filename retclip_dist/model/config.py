@@ -62,6 +62,12 @@ class ModelConfig:
     init_logit_bias: float = -10.0  # sigmoid loss only: initial learnable bias (SigLIP's value)
     loss: Literal["infonce", "sigmoid"] = "infonce"  # which contrastive objective the scales serve
     grad_checkpointing: bool = False  # recompute tower activations in backward to save memory
+    # A save_pretrained directory (a run's model/ or convert-release output) whose weights replace every
+    # initial weight: towers, heads and scales. Optimiser, schedule and data position still start fresh.
+    init_from: str | None = None
+    # true: refuse unless the directory holds exactly this model's tensors; false: load the common ones
+    # and list the missing (kept at their fresh init) and unexpected (ignored). Shapes must always match.
+    init_from_strict: bool = True
 
     def resolved_init_logit_scale(self) -> float:
         """The initial logit scale, falling back to the published value for the chosen loss."""

@@ -24,7 +24,7 @@ from retclip_dist.config import from_dict, to_dict
 from retclip_dist.model.config import LEVELS, ModelConfig
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import build_text_tower, build_vision_tower, load_vision_weights
-from retclip_dist.model.weights import LoadReport
+from retclip_dist.model.weights import InitFromError, LoadReport, load_whole_model
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -99,6 +99,15 @@ class RetClip(nn.Module):
             r.tower: r for r in (vision_report, text_report) if r is not None
         }
         self.set_grad_checkpointing(cfg.grad_checkpointing)
+        if cfg.init_from is not None:
+            self.load_reports["model"] = self.load_whole(cfg.init_from, cfg.init_from_strict)
+
+    def load_whole(self, directory: str | Path, strict: bool = True) -> LoadReport:
+        """Overwrite every weight with a save_pretrained directory's (model.init_from); see load_whole_model."""
+        path = Path(directory) / WEIGHTS_FILE
+        if not path.is_file():
+            raise InitFromError(f"{directory}: no {WEIGHTS_FILE} (not a save_pretrained directory)")
+        return load_whole_model(self, load_file(str(path)), str(directory), strict)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute both towers' activations during backward (HF only does so in training mode)."""
@@ -203,6 +212,7 @@ class RetClip(nn.Module):
             text_path=None,
             text_config={**self.text.config.to_dict(), "model_type": self.text.config.model_type},
             tokenizer_path=None,
+            init_from=None,  # the weights are in this directory now
         )
         if self.config.tokenizer_path or self.config.text_path:
             build_tokenizer(self.config).save_pretrained(str(directory / TOKENIZER_DIR))

@@ -29,7 +29,7 @@ _WRAPPER_KEYS = ("state_dict", "model", "module")
 class LoadReport:
     """What happened when a tower was initialised from a local checkpoint."""
 
-    tower: str  # "vision" or "text"
+    tower: str  # "vision", "text", or "model" (model.init_from: every weight)
     source: str  # the file or directory the weights came from
     loaded: int  # number of tensors copied into the tower
     missing: list[str]  # tower keys the checkpoint did not provide (left at random init)
@@ -125,6 +125,53 @@ def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], tower: str
         loaded=len(state_dict) - len(result.unexpected_keys),
         missing=sorted(result.missing_keys),
         unexpected=sorted(result.unexpected_keys),
+    )
+    report.log()
+    return report
+
+
+class InitFromError(ValueError):
+    """A model.init_from directory whose weights do not fit the configured model (one line, names the tensors)."""
+
+
+def load_whole_model(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], source: str, strict: bool
+) -> LoadReport:
+    """Copy a full saved model into ``module``: every tower, head and scale.
+
+    A shape mismatch is always refused (a half-copied tensor set is a different model). Missing or
+    unexpected keys are refused when ``strict``; otherwise they are listed in the report and the missing
+    ones keep their fresh initialisation.
+    """
+    own = module.state_dict()
+    mismatched = [
+        f"{k} saved {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in sorted(state_dict.items())
+        if k in own and v.shape != own[k].shape
+    ]
+    if mismatched:
+        raise InitFromError(
+            f"{source}: {len(mismatched)} tensor(s) do not fit the configured model: {'; '.join(mismatched)}"
+        )
+    missing = sorted(own.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - own.keys())
+    if strict and (missing or unexpected):
+        found = []
+        if missing:
+            found.append(f"{len(missing)} missing: {', '.join(missing)}")
+        if unexpected:
+            found.append(f"{len(unexpected)} unexpected: {', '.join(unexpected)}")
+        raise InitFromError(
+            f"{source}: does not hold exactly the configured model's weights ({'; '.join(found)}); "
+            "set model.init_from_strict false to load the rest"
+        )
+    module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    report = LoadReport(
+        tower="model",
+        source=source,
+        loaded=len(state_dict) - len(unexpected),
+        missing=missing,
+        unexpected=unexpected,
     )
     report.log()
     return report

@@ -29,6 +29,14 @@ class TrainSection:
     precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast dtype (no: float32; release: fp16 + scaler)
     compile: bool = False  # torch.compile the model (GPU recipe)
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
+    # Parts to lock (LiT): "vision" (tower + shared projection), "text" (BERT), "heads" (six heads and the
+    # scales). Locked parameters get no gradient, no update and no optimiser state.
+    freeze: list[Literal["vision", "text", "heads"]] = field(default_factory=list)
+    # lr multiplier per part, e.g. {vision: 0.1}; parts not named keep 1.0 (train/optim.py has the formula)
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    # Layer-wise lr decay inside each tower (BEiT/RETFound, e.g. 0.65): block i of d gets decay^(d - i)
+    # times the top's lr, the embeddings decay^(d + 1); 1.0 = off. Heads are not decayed.
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -38,6 +46,10 @@ class LossSection:
     # true: the global batch (exact all-gather with gradient, the paper's objective); false: each rank's own
     # batch only, as the release runs (--skip-aggregate), and DDP optimises the mean of the local losses.
     gather: bool = True
+    # "mask": patients whose cleaned reports are identical are not each other's negatives (per level: the
+    # patient report at the patient level, the eye reports at the eye levels; the own pair stays positive).
+    # "keep": they are pushed apart like any other pair, as the release and CLIP do.
+    duplicates: Literal["mask", "keep"] = "mask"
 
 
 @dataclass

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,23 +28,29 @@ from tqdm import tqdm
 from retclip_dist.config import ConfigError, load_config, to_dict
 from retclip_dist.data.evaluation import build_eval_data
 from retclip_dist.data.loader import LoaderError, TrainLoader, build_train_data
+from retclip_dist.data.samples import REPORT_HASH
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
 from retclip_dist.launch.env import accelerator_placement, world_info_from_env
 from retclip_dist.launch.lifetime import exit_with_parent
 from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.retclip import RetClip, RetClipOutput
 from retclip_dist.model.tokenizer import build_tokenizer
+from retclip_dist.model.weights import InitFromError
 from retclip_dist.retrieval import recall_at_k
 from retclip_dist.train.checkpoint import Checkpointer
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.metrics_log import MetricsLog
-from retclip_dist.train.optim import build_optimizer, lr_at, set_lr
+from retclip_dist.train.optim import build_optimizer, freeze_, lr_at, set_lr
 from retclip_dist.train.runlock import RunLock, RunLocked
 from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
-from retclip_dist.train.step import LossFn, forward_backward
+from retclip_dist.train.step import forward_backward
 from retclip_dist.train.validate import validate as validate_config
 
 log = logging.getLogger("retclip_dist.train")
+
+
+# The loss of one step given the model's output and the batch it came from (for its report hashes).
+BatchLossFn = Callable[[RetClipOutput, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -107,7 +114,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     batch: dict[str, Any],
     device_augment: Callable[[dict[str, Any]], dict[str, Any]],
-    loss_fn: LossFn,
+    loss_fn: BatchLossFn,
     acc: Accelerator,
     cfg: TrainSection,
     lr: float,
@@ -115,7 +122,8 @@ def train_step(
     """One optimiser step on one rank's batch: augment on the device, forward/backward, update, clamp."""
     batch = device_augment(_to_device(batch, acc.device))
     set_lr(optimizer, lr)
-    loss, parts = forward_backward(model, batch, loss_fn, acc, cfg.accum_steps)
+    # The loss reads the batch's report hashes; chunked steps concatenate outputs in batch order.
+    loss, parts = forward_backward(model, batch, partial(loss_fn, batch=batch), acc, cfg.accum_steps)
     if cfg.grad_clip and not _uses_deepspeed(acc):
         acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
@@ -191,7 +199,10 @@ def train(cfg: RunConfig) -> int:
     # Same seed everywhere: every rank must start from identical weights.
     set_seed(cfg.train.seed)
 
-    model = RetClip(cfg.model)
+    try:
+        model = RetClip(cfg.model)
+    except InitFromError as exc:  # every rank finds the same mismatch; exit 2 like any config error
+        raise ConfigError(f"model.init_from: {exc}") from exc
     tokenizer = build_tokenizer(cfg.model)
     try:
         data = build_train_data(cfg.data, tokenizer, acc.process_index, acc.num_processes, cfg.train.seed)
@@ -203,14 +214,17 @@ def train(cfg: RunConfig) -> int:
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
+    # Locked parts must be set before the optimiser and DDP/DeepSpeed collect the trainable parameters.
+    if cfg.train.freeze:
+        log.info("train.freeze %s: %d parameters locked", cfg.train.freeze, freeze_(model, cfg.train.freeze))
     optimizer = build_optimizer(model, cfg.train, acc.device)
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)
-    tripartite = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather)
+    tripartite = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather, duplicates=cfg.loss.duplicates)
 
-    def loss_fn(out: RetClipOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return tripartite(*out)
+    def loss_fn(out: RetClipOutput, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return tripartite(*out, report_hash=batch[REPORT_HASH])
 
     # validate() refused a fresh run over existing checkpoints, before any rank started.
     checkpointer = Checkpointer(acc, out_dir / "checkpoints", cfg.checkpoint.keep_last)

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from retclip_dist.config import ConfigError
+from retclip_dist.model.retclip import WEIGHTS_FILE
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import text_model_config, vision_input_size
 from retclip_dist.shardset import read_manifest
 from retclip_dist.train import runlock
 from retclip_dist.train.checkpoint import read_train_state, resume_path
-from retclip_dist.train.config import RunConfig
+from retclip_dist.train.config import RunConfig, TrainSection
+from retclip_dist.train.optim import TOWERS
 
 _AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
 _AT_LEAST_0 = (lambda v: v >= 0, "must be 0 or more")
@@ -75,6 +77,19 @@ def _ranges(cfg: RunConfig) -> None:
     for field, value, (ok, reason) in rules:
         if not ok(value):
             raise _fail(field, value, reason)
+    if not 0 < cfg.train.layer_decay <= 1:
+        raise _fail("train.layer_decay", cfg.train.layer_decay, "must be in (0, 1] (1: no layer-wise decay)")
+    for part, scale in cfg.train.lr_scale.items():
+        if part not in TOWERS:
+            raise _fail(f"train.lr_scale.{part}", scale, f"unknown part; expected one of {list(TOWERS)}")
+        if isinstance(scale, bool) or not (
+            isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0
+        ):
+            raise _fail(
+                f"train.lr_scale.{part}", scale, "must be a finite number above 0 (use train.freeze to lock)"
+            )
+    if set(cfg.train.freeze) >= set(TOWERS):
+        raise _fail("train.freeze", cfg.train.freeze, "locks every part: nothing would train")
     betas = cfg.train.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise _fail("train.betas", betas, "must be two numbers in [0, 1)")
@@ -102,6 +117,17 @@ def _layout(cfg: RunConfig, world_size: int) -> None:
 
 
 def _model_fit(cfg: RunConfig) -> None:
+    if cfg.model.init_from is not None:
+        if not (Path(cfg.model.init_from) / WEIGHTS_FILE).is_file():
+            raise _fail(
+                "model.init_from", cfg.model.init_from, f"not a save_pretrained directory (no {WEIGHTS_FILE})"
+            )
+        if cfg.model.vision_weights is not None:
+            raise _fail(
+                "model.vision_weights",
+                cfg.model.vision_weights,
+                "is set together with model.init_from, which overwrites every weight (set it to null)",
+            )
     if cfg.model.vision_weights is not None and not Path(cfg.model.vision_weights).is_file():
         raise _fail("model.vision_weights", cfg.model.vision_weights, "no such file")
     if cfg.model.text_path is not None and not (Path(cfg.model.text_path) / "config.json").is_file():
@@ -157,6 +183,20 @@ def _output_dir(cfg: RunConfig) -> None:
         raise _fail("output_dir", cfg.output_dir, f"not writable ({exc.strerror or exc})") from exc
 
 
+def _same_param_groups(cfg: RunConfig, path: Path, saved: dict[str, Any]) -> None:
+    # The optimiser state is saved per parameter group: other groups cannot be matched to it, and a
+    # restored group would bring back its saved lr multiplier regardless of the config.
+    defaults = TrainSection()
+    for key in ("freeze", "lr_scale", "layer_decay"):
+        then, now = saved.get(key, getattr(defaults, key)), getattr(cfg.train, key)
+        if then != now:
+            raise ConfigError(
+                f"checkpoint.resume: {path} was saved with train.{key}={then!r}, now {now!r}; the optimiser "
+                "state belongs to its parameter groups: resume with the saved value, or start a new "
+                "--output_dir with --model.init_from"
+            )
+
+
 def _resume(cfg: RunConfig, world_size: int) -> None:
     root = Path(cfg.output_dir) / "checkpoints"
     path = resume_path(root, cfg.checkpoint.resume)
@@ -170,6 +210,7 @@ def _resume(cfg: RunConfig, world_size: int) -> None:
             )
         return
     state = read_train_state(path)
+    _same_param_groups(cfg, path, state.get("config", {}).get("train", {}))
     saved = state.get("config", {}).get("data", {})
     saved_world = state.get("world_size")
     # (name, saved, now, saved as the loader sees it, now as the loader sees it): 0 workers is 1 stream.

@@ -1,0 +1,201 @@
+"""loss.duplicates: identical reports are not negatives, exactly, on any number of ranks."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from retclip_dist.data.config import DataConfig
+from retclip_dist.data.samples import REPORT_HASH, Patient, collate, report_hash
+from retclip_dist.loss import TripartiteLoss
+from retclip_dist.model.config import tiny_model_config, write_vocab
+from retclip_dist.model.tokenizer import build_tokenizer
+
+WORLD = 2
+ROWS = 4  # per rank
+DIM = 5
+TIMEOUT_S = 30
+# Per level, the global batch's report groups: duplicates inside a rank and across the two ranks.
+GROUPS = torch.tensor(
+    [
+        [1, 7, 7],
+        [2, 8, 9],
+        [3, 7, 9],
+        [1, 9, 8],  # rank 0: rows 0-3
+        [2, 7, 7],
+        [5, 8, 6],
+        [1, 9, 9],
+        [6, 6, 6],  # rank 1: rows 4-7
+    ],
+    dtype=torch.int64,
+)
+
+
+def _features(seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        F.normalize(torch.randn(WORLD * ROWS, DIM, generator=g, dtype=torch.float64), dim=-1)
+        for _ in range(3)
+    ]
+
+
+def _scales() -> list[torch.Tensor]:
+    return [torch.tensor([s], dtype=torch.float64) for s in (3.0, 5.0, 7.0)]
+
+
+def _hand_masked_infonce(image: torch.Tensor, text: torch.Tensor, scale: float, groups: list[int]) -> float:
+    """Each row's softmax over its own column and the columns with another report, written as loops."""
+    n = len(groups)
+    total = 0.0
+    for a, b in ((image, text), (text, image)):
+        for i in range(n):
+            logits = [scale * float(a[i] @ b[j]) for j in range(n)]
+            kept = [logits[j] for j in range(n) if j == i or groups[j] != groups[i]]
+            total += -logits[i] + math.log(sum(math.exp(v) for v in kept))
+    return total / (2 * n)
+
+
+def test_report_hash_follows_the_cleaned_text():
+    assert report_hash("No abnormality \u201cOD\u201d") == report_hash('no abnormality "od"')
+    assert report_hash("no abnormality") != report_hash("no abnormality.")
+    assert report_hash("x") == report_hash("x") and -(2**63) <= report_hash("x") < 2**63
+
+
+@pytest.mark.parametrize("eye_reports", [True, False])
+def test_collate_hashes_what_each_level_reads(tmp_path, eye_reports):
+    tokenizer = build_tokenizer(tiny_model_config(write_vocab(tmp_path / "v.txt", ["a", "b"])))
+    image = torch.zeros(3, 4, 4)
+    patients = [
+        Patient("p0", {"left": image, "right": image}, None, {"patient": "A b", "left": "a", "right": "b"}),
+        Patient("p1", {"left": image, "right": image}, None, {"patient": "a b", "left": "b", "right": "b"}),
+    ]
+    batch = collate(patients, tokenizer, DataConfig(context_length=8, eye_reports=eye_reports), False)
+    h = batch[REPORT_HASH]
+    assert h.dtype == torch.int64 and h.shape == (2, 3)
+    assert h[0, 0] == h[1, 0] == report_hash("a b")
+    if eye_reports:
+        assert h.tolist() == [
+            [report_hash(t) for t in ("a b", "a", "b")],
+            [report_hash(t) for t in ("a b", "b", "b")],
+        ]
+    else:  # the eye heads read the patient report
+        assert (h == report_hash("a b")).all()
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_loss_equals_hand_computed_masked_infonce(gather):
+    image, text, scales = _features(1), _features(2), _scales()
+    total, parts = TripartiteLoss("infonce", gather=gather, duplicates="mask")(
+        image, text, scales, report_hash=GROUPS
+    )
+    expected = {}
+    for i, level in enumerate(("patient", "left", "right")):
+        expected[level] = _hand_masked_infonce(image[i], text[i], scales[i].item(), GROUPS[:, i].tolist())
+        assert parts[level].item() == pytest.approx(expected[level], rel=1e-12, abs=0), level
+    assert total.item() == pytest.approx(sum(expected.values()), rel=1e-12)
+    # "keep" is the plain InfoNCE, and it differs here: the mask did something.
+    kept, _ = TripartiteLoss("infonce", gather=gather, duplicates="keep")(image, text, scales)
+    no_groups = list(range(WORLD * ROWS))
+    plain = sum(_hand_masked_infonce(image[i], text[i], scales[i].item(), no_groups) for i in range(3))
+    assert kept.item() == pytest.approx(plain, rel=1e-12)
+    assert abs(kept.item() - total.item()) > 1e-3
+
+
+def test_sigmoid_mask_leaves_duplicate_pairs_out():
+    image, text, scales = _features(3), _features(4), _scales()
+    biases = [torch.tensor([-1.0], dtype=torch.float64)] * 3
+    _, parts = TripartiteLoss("sigmoid", duplicates="mask")(image, text, scales, biases, report_hash=GROUPS)
+    for i, level in enumerate(("patient", "left", "right")):
+        groups = GROUPS[:, i].tolist()
+        n = len(groups)
+        value = 0.0
+        for r in range(n):
+            for c in range(n):
+                if c != r and groups[c] == groups[r]:
+                    continue
+                logit = scales[i].item() * float(image[i][r] @ text[i][c]) - 1.0
+                value += -math.log(1 / (1 + math.exp(-(1 if r == c else -1) * logit)))
+        assert parts[level].item() == pytest.approx(value / n, rel=1e-12), level
+
+
+def test_mask_needs_the_hashes():
+    image, text, scales = _features(1), _features(2), _scales()
+    with pytest.raises(ValueError, match="needs report_hash"):
+        TripartiteLoss(duplicates="mask")(image, text, scales)
+
+
+@pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
+def test_one_report_for_the_whole_batch_has_finite_gradients(kind):
+    image = [x.float().requires_grad_() for x in _features(5)]
+    text = [x.float().requires_grad_() for x in _features(6)]
+    scales = [torch.tensor([4.0], requires_grad=True) for _ in range(3)]
+    biases = [torch.tensor([-2.0], requires_grad=True) for _ in range(3)] if kind == "sigmoid" else None
+    same = torch.full((WORLD * ROWS, 3), 42, dtype=torch.int64)
+    total, _ = TripartiteLoss(kind, duplicates="mask")(image, text, scales, biases, report_hash=same)
+    total.backward()
+    assert torch.isfinite(total)
+    if kind == "infonce":
+        assert total.item() == 0.0  # each row's softmax holds only its own pair
+    for t in [*image, *text, *scales, *(biases or [])]:
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+def _check_two_ranks_equal_one(rank: int) -> None:
+    for kind in ("infonce", "sigmoid"):
+        image, text, scales = _features(11), _features(12), _scales()
+        biases = [torch.tensor([-1.5], dtype=torch.float64)] * 3 if kind == "sigmoid" else None
+        ref_img = [x.clone().requires_grad_() for x in image]
+        ref_txt = [x.clone().requires_grad_() for x in text]
+        # One process on the whole batch (no process group is used with gather=False).
+        ref, ref_parts = TripartiteLoss(kind, gather=False, duplicates="mask")(
+            ref_img, ref_txt, scales, biases, report_hash=GROUPS
+        )
+        ref.backward()
+        local = slice(rank * ROWS, (rank + 1) * ROWS)
+        img = [x[local].clone().requires_grad_() for x in image]
+        txt = [x[local].clone().requires_grad_() for x in text]
+        total, parts = TripartiteLoss(kind, duplicates="mask")(
+            img, txt, scales, biases, report_hash=GROUPS[local]
+        )
+        total.backward()
+        mean = torch.stack([total.detach(), *parts.values()])
+        dist.all_reduce(mean)
+        want = torch.stack([ref.detach(), *ref_parts.values()])
+        torch.testing.assert_close(mean / WORLD, want, rtol=0, atol=1e-12, msg=kind)
+        for mine, whole in zip([*img, *txt], [*ref_img, *ref_txt], strict=True):
+            if mine.grad is None:  # sigmoid: the local texts reach the loss only through the gather
+                continue
+            torch.testing.assert_close(mine.grad / WORLD, whole.grad[local], rtol=0, atol=1e-12, msg=kind)
+
+
+def _worker(rank: int, store_path: str) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, WORLD)
+    dist.init_process_group(
+        "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S)
+    )
+    try:
+        _check_two_ranks_equal_one(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_with_duplicates_across_ranks(tmp_path):
+    # Forked, not spawned: two fresh interpreters importing torch take longer than the test itself.
+    ctx = mp.start_processes(
+        _worker, args=(os.fspath(tmp_path / "store"),), nprocs=WORLD, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the two ranks did not finish within {TIMEOUT_S} s (a collective hangs?)")
