@@ -8,16 +8,23 @@ make-shards' own writer, the one tiny vocabulary as a tokenizer, and a free TCP 
 
 from __future__ import annotations
 
+import datetime
 import io
 import itertools
 import json
+import os
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 from transformers import BertTokenizerFast
 
@@ -54,6 +61,37 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _gloo_rank(
+    rank: int, world: int, store_path: str, timeout_s: float, check: Callable[[int], None]
+) -> None:
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    try:
+        check(rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(check: Callable[[int], None], world: int, tmp_path: Path, timeout_s: float = 30) -> None:
+    """Run ``check(rank)`` on ``world`` forked gloo ranks; fail the test if one fails or they hang.
+
+    Forked, not spawned: fresh interpreters importing torch take longer than these tests themselves.
+    join() re-raises the failing rank's traceback when an assertion fails in either process.
+    """
+    store = os.fspath(tmp_path / "gloo-store")
+    ctx = mp.start_processes(
+        _gloo_rank, args=(world, store, timeout_s, check), nprocs=world, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the {world} ranks did not finish within {timeout_s} s (a collective hangs?)")
 
 
 def tiny_tokenizer() -> BertTokenizerFast:

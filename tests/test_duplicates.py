@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import math
-import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_gloo_ranks
 
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.samples import REPORT_HASH, Patient, collate, report_hash
@@ -176,26 +173,5 @@ def _check_two_ranks_equal_one(rank: int) -> None:
             torch.testing.assert_close(mine.grad / WORLD, whole.grad[local], rtol=0, atol=1e-12, msg=kind)
 
 
-def _worker(rank: int, store_path: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S)
-    )
-    try:
-        _check_two_ranks_equal_one(rank)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_ranks_equal_one_with_duplicates_across_ranks(tmp_path):
-    # Forked, not spawned: two fresh interpreters importing torch take longer than the test itself.
-    ctx = mp.start_processes(
-        _worker, args=(os.fspath(tmp_path / "store"),), nprocs=WORLD, join=False, start_method="fork"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"the two ranks did not finish within {TIMEOUT_S} s (a collective hangs?)")
+    run_gloo_ranks(_check_two_ranks_equal_one, WORLD, tmp_path, TIMEOUT_S)

@@ -7,15 +7,10 @@ a file store, a few tensors of known values, a 30 s timeout, forked processes, a
 
 from __future__ import annotations
 
-import datetime
-import os
-import time
-
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import run_gloo_ranks
 
 from retclip_dist.loss import TripartiteLoss, contrastive_loss, gather_features
 
@@ -83,28 +78,10 @@ def _check_loss_offsets(rank: int) -> None:
         torch.testing.assert_close(grad, img.grad, rtol=0, atol=1e-12)
 
 
-def _worker(rank: int, store_path: str) -> None:
-    torch.set_num_threads(1)
-    store = dist.FileStore(store_path, WORLD)
-    dist.init_process_group(
-        "gloo", store=store, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S)
-    )
-    try:
-        _check_gather(rank)
-        _check_loss_offsets(rank)
-    finally:
-        dist.destroy_process_group()
+def _check_gather_and_offsets(rank: int) -> None:
+    _check_gather(rank)
+    _check_loss_offsets(rank)
 
 
 def test_gather_rows_gradient_and_offsets_on_two_ranks(tmp_path):
-    # Forked, not spawned: two fresh interpreters importing torch take longer than the test itself.
-    ctx = mp.start_processes(
-        _worker, args=(os.fspath(tmp_path / "store"),), nprocs=WORLD, join=False, start_method="fork"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    # join() raises with the failing rank's traceback when an assertion fails in either process.
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.kill()
-            pytest.fail(f"the two ranks did not finish within {TIMEOUT_S} s (a collective hangs?)")
+    run_gloo_ranks(_check_gather_and_offsets, WORLD, tmp_path, TIMEOUT_S)
