@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -12,15 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_synth_shards, free_port
 from safetensors.torch import load_file
 
-from retclip_dist import synth
 from retclip_dist.config import ConfigError, load_config
 from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
-from retclip_dist.shards.build import BuildOptions, build_shards
-from retclip_dist.shards.images import ImageOptions
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.optim import build_optimizer, freeze_, set_lr
 from retclip_dist.train.validate import validate
@@ -145,26 +142,7 @@ def test_bad_values_are_one_line_errors(override, message):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("freeze-data")
-    manifest, images = synth.write_raw_archive(root / "raw", 60, seed=4, image_size=96, layout="dir")
-    out = root / "shards"
-    build_shards(
-        BuildOptions(
-            out=str(out),
-            manifest=str(manifest),
-            images=str(images),
-            val_fraction=0.2,
-            max_count=12,
-            image=ImageOptions(size=64, min_side=64),
-            progress=False,
-        )
-    )
-    return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return build_synth_shards(root, 60, seed=4, raw_size=96, size=64, max_count=12, val_fraction=0.2)
 
 
 @pytest.mark.slow
@@ -181,7 +159,7 @@ def test_frozen_vision_under_zero2_trains_the_rest(shards, tmp_path):
         str(BIN / "accelerate"), "launch",
         "--config_file", str(ROOT / "configs/accelerate/zero2.yaml"),
         "--num_processes", "2",
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         "-m", "retclip_dist.train",
         "--config", str(ROOT / "configs/tiny.yaml"),
         "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_synth_shards
 
-from retclip_dist import synth
 from retclip_dist.config import from_dict
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.data.samples import REPORT_HASH
@@ -21,8 +21,6 @@ from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.weights import InitFromError
-from retclip_dist.shards.build import BuildOptions, build_shards
-from retclip_dist.shards.images import ImageOptions
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.metrics_log import read_metrics
 
@@ -109,20 +107,7 @@ def test_not_a_saved_model_is_refused(tmp_path):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("init-data")
-    manifest, images = synth.write_raw_archive(root / "raw", 60, seed=5, image_size=96, layout="dir")
-    out = root / "shards"
-    build_shards(
-        BuildOptions(
-            out=str(out),
-            manifest=str(manifest),
-            images=str(images),
-            val_fraction=0.2,
-            max_count=12,
-            image=ImageOptions(size=64, min_side=64),
-            progress=False,
-        )
-    )
-    return out
+    return build_synth_shards(root, 60, seed=5, raw_size=96, size=64, max_count=12, val_fraction=0.2)
 
 
 def _train(shards: Path, out: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
