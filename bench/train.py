@@ -51,10 +51,12 @@ from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.config import BERT_BASE_CHINESE, ModelConfig
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.towers import text_model_config
+from retclip_dist.train.backend import build_accelerator
 from retclip_dist.train.config import RunConfig, TrainSection
-from retclip_dist.train.loop import build_accelerator, train_step
+from retclip_dist.train.loop import train_step
 from retclip_dist.train.optim import build_optimizer, lr_at
 from retclip_dist.train.signals import any_rank
+from retclip_dist.train.step import output_loss
 
 Variant = Literal["bare", "ours-memory", "ours-loader"]
 VARIANT_NAMES: dict[Variant, str] = {
@@ -238,11 +240,8 @@ def _run_ours(case: Case) -> float:
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)
-    tripartite = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather)
+    loss_fn = output_loss(TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather))
     total = case.warmup + case.steps
-
-    def loss_fn(out: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        return tripartite(*out)
 
     def step(i: int, batch: dict[str, Any]) -> None:
         lr = lr_at(i, total, cfg.train)

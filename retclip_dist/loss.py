@@ -180,8 +180,8 @@ class TripartiteLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and {level: detached loss} for logging.
 
-        Each argument holds one entry per level in LEVELS order, e.g. the model's PerLevel tuples, so
-        ``loss_fn(*model(batch))`` works.
+        Each argument holds one entry per level in LEVELS order, e.g. the model's PerLevel tuples; the
+        argument names are RetClipOutput's field names (train/step.py ``output_loss`` passes them by name).
         """
         if self.kind == "sigmoid" and logit_bias is None:
             raise ValueError(

@@ -32,7 +32,7 @@ TOKENIZER_DIR = "tokenizer"
 
 
 class PerLevel(NamedTuple):
-    """One tensor per contrastive level: features [b, D], or scalar scales/biases."""
+    """One tensor per contrastive level: features [b, D], or scalar scales/biases (fields in LEVELS order)."""
 
     patient: Tensor
     left: Tensor
@@ -40,7 +40,9 @@ class PerLevel(NamedTuple):
 
 
 class RetClipOutput(NamedTuple):
-    """Everything the tripartite loss needs; ``loss_fn(*model(batch))`` unpacks it in order."""
+    """Everything the tripartite loss needs, by name: each field is the ``TripartiteLoss`` argument of the
+    same name (train/step.py ``output_loss`` passes them so). A NamedTuple so that GradCache's pytree
+    flattening (train/step.py) still sees its tensors."""
 
     image: PerLevel  # L2-normalised image features per level
     text: PerLevel  # L2-normalised text features per level

@@ -20,7 +20,7 @@ from retclip_dist.data.streams import read_shard
 log = logging.getLogger("retclip_dist.data")
 
 
-class EvalStream(IterableDataset):
+class ValStream(IterableDataset):
     """A worker's share of this rank's shards, in order, batched; the last batch may be short."""
 
     def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, shards: list[ShardInfo]) -> None:
@@ -32,7 +32,7 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         mine = self.shards[info.id :: info.num_workers] if info else self.shards
         counter = SkipCounter()
-        # Evaluation batches carry identity parameters: resize to the model size and normalise only.
+        # Validation batches carry identity parameters: resize to the model size and normalise only.
         decode = SampleDecoder(self.cfg, seed=0, epoch=0, train=False, counter=counter)
         patients = []
         for shard in mine:
@@ -50,7 +50,7 @@ class EvalStream(IterableDataset):
         )
 
 
-class EvalLoader:
+class ValLoader:
     """Rank ``rank`` reads shards[rank::world_size] of the split; ranks may get unequal shares."""
 
     def __init__(
@@ -63,7 +63,7 @@ class EvalLoader:
     ) -> None:
         self.cfg = cfg
         self.shards = shards[rank::world_size]
-        self.dataset = EvalStream(cfg, tokenizer, self.shards)
+        self.dataset = ValStream(cfg, tokenizer, self.shards)
         self.skip_counts: Counter[str] = Counter()
 
     @property
@@ -84,9 +84,9 @@ class EvalLoader:
                 yield batch
 
 
-def build_eval_data(
+def build_val_data(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rank: int, world_size: int
-) -> EvalLoader | None:
+) -> ValLoader | None:
     """The validation loader, or None when no validation split is configured or the shard set has none."""
     if cfg.val_split is None:
         return None
@@ -94,4 +94,4 @@ def build_eval_data(
     if not manifest.has_split(cfg.val_split):
         log.warning("%s has no %r split; training runs without validation", manifest.location, cfg.val_split)
         return None
-    return EvalLoader(cfg, tokenizer, manifest.split(cfg.val_split), rank, world_size)
+    return ValLoader(cfg, tokenizer, manifest.split(cfg.val_split), rank, world_size)
