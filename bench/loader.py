@@ -42,6 +42,7 @@ from retclip_dist.data.fixtures import fake_patients, sample_dict, tiny_tokenize
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.data.samples import SampleDecoder
 from retclip_dist.data.skips import SkipCounter
+from retclip_dist.model.config import ImageInput
 
 
 def _rate(fn: Callable[[], int], repeats: int) -> float:
@@ -70,7 +71,9 @@ def _bare_decode(raws: list[dict]) -> int:
 
 
 def _decode_with(cfg: DataConfig, raws: list[dict]) -> Callable[[], int]:
-    decoder = SampleDecoder(cfg, seed=0, epoch=0, train=True, counter=SkipCounter())
+    decoder = SampleDecoder(
+        cfg, ImageInput.clip(cfg.image_size), seed=0, epoch=0, train=True, counter=SkipCounter()
+    )
 
     def run() -> int:
         for raw in raws:
@@ -87,7 +90,7 @@ def _augment_ms(cfg: DataConfig, batch: int, device: str, repeats: int) -> float
         np.stack([sample_params(sample_rng(0, 0, str(i)), 512, 512, cfg) for i in range(batch)])
     )
     batch_dict = {"left": images, "right": images, "left_params": params, "right_params": params}
-    augment = DeviceAugment(cfg.image_size, device)
+    augment = DeviceAugment(ImageInput.clip(cfg.image_size), device)
     best = float("inf")
     for _ in range(repeats + 1):
         if device == "cuda":

@@ -48,7 +48,7 @@ from retclip_dist.data.config import DataConfig
 from retclip_dist.data.fixtures import FakePatient, fake_patients, tiny_tokenizer, write_shard_set
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.loss import TripartiteLoss
-from retclip_dist.model.config import BERT_BASE_CHINESE, ModelConfig
+from retclip_dist.model.config import BERT_BASE_CHINESE, ImageInput, ModelConfig
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.towers import text_model_config
 from retclip_dist.train.backend import build_accelerator
@@ -260,7 +260,7 @@ def _run_bare(case: Case) -> float:
     device = torch.device(case.device)
     batch = _first_batch(case.data, 0)
     on_device = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    inputs = DeviceAugment(case.data.image_size, device)(on_device)
+    inputs = DeviceAugment(ImageInput.clip(case.data.image_size), device)(on_device)
     left, right = inputs["left"], inputs["right"]
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     model = BareClip(case.model).to(device)

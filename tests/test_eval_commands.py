@@ -191,7 +191,7 @@ def test_finetune_early_stops_checkpoints_and_resumes(setup):
     net = TowerClassifier(model.visual, 2)
     net.load_state_dict(load_file(str(setup[0] / "ft_patience" / BEST_FILE)))
     val = read_labelled(cfg.data).subset("val")
-    probs = predict(net, load_images(val, image_size(model)), False, 12)
+    probs = predict(net, load_images(val, image_size(model)), False, 12, model.image_input)
     best = max(h["val_macro_auroc"] for h in history)
     assert roc_auc_score(val.labels(), probs[:, 1]) == pytest.approx(best, abs=1e-9)
 

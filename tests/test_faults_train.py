@@ -142,6 +142,8 @@ BAD = [
     (["--model.text_path", "{tmp}"], 1, "model.text_path='{tmp}': not a Hugging Face model directory"),
     (["--data.image_size", "224"], 1, "data.image_size=224: the vision tower 'vit_base_patch16_224' takes 128 px"),
     (["--data.context_length", "100"], 1, "data.context_length=100: is above the text tower's 64 positions"),
+    (["--model.image_std", "[0.2, 0.0, 0.2]"], 1, "model.image_std=[0.2, 0.0, 0.2]: must be above 0 in every channel"),
+    (["--model.image_mean", "[0.5, 0.5]"], 1, "model.image_mean=[0.5, 0.5]: must be three finite numbers (R, G, B)"),
 ]  # fmt: skip
 
 

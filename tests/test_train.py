@@ -147,10 +147,10 @@ def _recomputed_recall(out: Path) -> dict[str, float]:
     """Validation recall of a run's saved model, computed here from the val shards and the model alone."""
     cfg = from_dict(RunConfig, json.loads((out / "config.json").read_text()))
     model = RetClip.from_pretrained(out / "model").eval()
-    prepare = DeviceAugment(cfg.data.image_size, "cpu")
+    prepare = DeviceAugment(model.image_input, "cpu")
     rows = []
     with torch.no_grad():
-        for batch in build_val_data(cfg.data, build_tokenizer(cfg.model), 0, 1):
+        for batch in build_val_data(cfg.data, build_tokenizer(cfg.model), 0, 1, model.image_input):
             out = model(prepare(batch))
             for i, key in enumerate(batch["keys"]):
                 reports = (batch["reports"][i], batch["left_reports"][i], batch["right_reports"][i])

@@ -16,6 +16,7 @@ from retclip_dist.data.manifest import ShardInfo, read_manifest
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import read_shard
+from retclip_dist.model.config import ImageInput
 
 log = logging.getLogger("retclip_dist.data")
 
@@ -23,8 +24,11 @@ log = logging.getLogger("retclip_dist.data")
 class ValStream(IterableDataset):
     """A worker's share of this rank's shards, in order, batched; the last batch may be short."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, shards: list[ShardInfo]) -> None:
+    def __init__(
+        self, cfg: DataConfig, image: ImageInput, tokenizer: PreTrainedTokenizerBase, shards: list[ShardInfo]
+    ) -> None:
         self.cfg = cfg
+        self.image = image
         self.tokenizer = tokenizer
         self.shards = shards
 
@@ -33,7 +37,7 @@ class ValStream(IterableDataset):
         mine = self.shards[info.id :: info.num_workers] if info else self.shards
         counter = SkipCounter()
         # Validation batches carry identity parameters: resize to the model size and normalise only.
-        decode = SampleDecoder(self.cfg, seed=0, epoch=0, train=False, counter=counter)
+        decode = SampleDecoder(self.cfg, self.image, seed=0, epoch=0, train=False, counter=counter)
         patients = []
         for shard in mine:
             for raw in read_shard(shard, self.cfg.storage_options, counter):
@@ -60,10 +64,11 @@ class ValLoader:
         shards: list[ShardInfo],
         rank: int,
         world_size: int,
+        image: ImageInput,
     ) -> None:
         self.cfg = cfg
         self.shards = shards[rank::world_size]
-        self.dataset = ValStream(cfg, tokenizer, self.shards)
+        self.dataset = ValStream(cfg, image, tokenizer, self.shards)
         self.skip_counts: Counter[str] = Counter()
 
     @property
@@ -85,13 +90,21 @@ class ValLoader:
 
 
 def build_val_data(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rank: int, world_size: int
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    rank: int,
+    world_size: int,
+    image: ImageInput | None = None,
 ) -> ValLoader | None:
-    """The validation loader, or None when no validation split is configured or the shard set has none."""
+    """The validation loader, or None when no validation split is configured or the shard set has none.
+
+    ``image`` as for ``build_train_data``: the model's input, or CLIP normalisation at ``data.image_size``.
+    """
     if cfg.val_split is None:
         return None
     manifest = read_manifest(cfg.shards, cfg.storage_options)
     if not manifest.has_split(cfg.val_split):
         log.warning("%s has no %r split; training runs without validation", manifest.location, cfg.val_split)
         return None
-    return ValLoader(cfg, tokenizer, manifest.split(cfg.val_split), rank, world_size)
+    image = image or ImageInput.clip(cfg.image_size)
+    return ValLoader(cfg, tokenizer, manifest.split(cfg.val_split), rank, world_size, image)

@@ -167,8 +167,9 @@ def run_finetune(cfg: EvalConfig) -> dict[str, Any]:
         lset.multilabel,
         cfg.finetune,
         cfg.out_dir,
+        model.image_input,
     )
-    probs = predict(net, load_images(test, size), lset.multilabel, cfg.finetune.batch_size)
+    probs = predict(net, load_images(test, size), lset.multilabel, cfg.finetune.batch_size, model.image_input)
     labels = test.labels()
     heads = ["tower"] * len(lset)
     result = _result(

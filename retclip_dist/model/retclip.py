@@ -21,9 +21,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from retclip_dist.config import from_dict, to_dict
-from retclip_dist.model.config import LEVELS, ModelConfig
+from retclip_dist.model.config import LEVELS, ImageInput, ModelConfig
 from retclip_dist.model.tokenizer import build_tokenizer
-from retclip_dist.model.towers import build_text_tower, build_vision_tower, load_vision_weights
+from retclip_dist.model.towers import (
+    build_text_tower,
+    build_vision_tower,
+    image_input,
+    load_vision_weights,
+    tower_input_size,
+)
 from retclip_dist.model.weights import LoadReport
 
 WEIGHTS_FILE = "model.safetensors"
@@ -101,6 +107,12 @@ class RetClip(nn.Module):
             r.tower: r for r in (vision_report, text_report) if r is not None
         }
         self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    @property
+    def image_input(self) -> ImageInput:
+        """The input the vision tower takes (size, mean, std, interpolation): the one place the data paths
+        and retclip-eval learn it from."""
+        return image_input(self.config, tower_input_size(self.visual))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute both towers' activations during backward (HF only does so in training mode)."""

@@ -98,11 +98,13 @@ def train(cfg: RunConfig) -> int:
 
     model = RetClip(cfg.model)
     tokenizer = build_tokenizer(cfg.model)
+    image = model.image_input  # both augmentation paths resize and normalise as the model states
+    rank, world = acc.process_index, acc.num_processes
     try:
-        data = build_train_data(cfg.data, tokenizer, acc.process_index, acc.num_processes, cfg.train.seed)
+        data = build_train_data(cfg.data, tokenizer, rank, world, cfg.train.seed, image)
     except ValueError as exc:  # a split too small for one step, a layout the plan refuses
         raise ConfigError(f"data: {exc}") from exc
-    val_data = build_val_data(cfg.data, tokenizer, acc.process_index, acc.num_processes)
+    val_data = build_val_data(cfg.data, tokenizer, rank, world, image)
     device_augment = data.device_augment(acc.device)
     total_steps = sum(data.steps_in_epoch(e) for e in range(cfg.train.epochs))
     if cfg.train.max_steps is not None:

@@ -18,7 +18,7 @@ from typing import Any
 from retclip_dist.config import ConfigError
 from retclip_dist.data.manifest import read_manifest
 from retclip_dist.model.tokenizer import build_tokenizer
-from retclip_dist.model.towers import text_model_config, vision_input_size
+from retclip_dist.model.towers import image_input, text_model_config, vision_input_size
 from retclip_dist.train import runlock
 from retclip_dist.train.checkpoint import read_train_state, resume_path
 from retclip_dist.train.config import RunConfig
@@ -128,13 +128,23 @@ def _model_fit(cfg: RunConfig) -> None:
         side = vision_input_size(cfg.model)
     except Exception as exc:  # timm raises whatever its constructors raise for bad kwargs
         raise ConfigError(f"model.vision_kwargs: cannot build {cfg.model.vision_name!r}: {exc}") from exc
-    if side is not None and side != cfg.data.image_size:
+    try:
+        image_input(cfg.model, side)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if side != cfg.data.image_size:
         raise _fail(
             "data.image_size",
             cfg.data.image_size,
             f"the vision tower {cfg.model.vision_name!r} takes {side} px images "
             "(set model.vision_kwargs.img_size or data.image_size to match)",
         )
+    for name in ("image_mean", "image_std"):
+        value = getattr(cfg.model, name)
+        if len(value) != 3 or not all(math.isfinite(v) for v in value):
+            raise _fail(f"model.{name}", value, "must be three finite numbers (R, G, B)")
+    if min(cfg.model.image_std) <= 0:
+        raise _fail("model.image_std", cfg.model.image_std, "must be above 0 in every channel")
 
 
 def _shards(cfg: RunConfig) -> None:
