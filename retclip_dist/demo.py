@@ -1,8 +1,10 @@
 """``make demo``: the whole story on CPU in a few minutes, starting where a user starts.
 
-synthetic raw archive (zip + CSV) -> ``make-shards build`` -> ``make-shards verify`` -> ``accelerate
-launch`` of configs/tiny.yaml on 2 CPU processes -> validation recall -> saved model -> linear probe.
-Each stage is the same command a user would type; they are printed before they run.
+synthetic raw archive (zip + CSV) -> ``make-shards build`` -> ``make-shards verify`` -> ``retclip-train
+--launch`` (checks the config once, then ``accelerate launch``) of configs/tiny.yaml on 2 CPU processes ->
+validation recall -> saved model -> linear probe. Each stage is the same command a user would type; they
+are printed before they run. A failed stage ends the demo with that stage's exit code (2: bad usage or
+config) and one line saying which.
 """
 
 from __future__ import annotations
@@ -16,15 +18,27 @@ import sys
 from pathlib import Path
 
 from retclip_dist import synth
+from retclip_dist.cli_args import add_output_dir
 from retclip_dist.eval import demo_probe
+from retclip_dist.exit_codes import EXIT_OK
 from retclip_dist.train.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class StageFailed(RuntimeError):
+    """A demo stage (one command) exited with ``code``; its own output said why."""
+
+    def __init__(self, cmd: list[str], code: int) -> None:
+        super().__init__(f"{Path(cmd[0]).name} {cmd[1]} exited with code {code}; see its output above")
+        self.code = code
+
+
 def run(cmd: list[str]) -> None:
     print("\n$ " + shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    if code != EXIT_OK:
+        raise StageFailed(cmd, code)
 
 
 def bin_path(name: str) -> str:
@@ -54,17 +68,25 @@ def recall_table(metrics_path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retclip_dist.demo", description=__doc__)
-    parser.add_argument("--out", default="demo", help="working directory for every demo artefact")
+    add_output_dir(parser, help="working directory for every demo artefact", default="demo")
     parser.add_argument("--patients", type=int, default=1200, help="synthetic patients to generate")
     parser.add_argument("--processes", type=int, default=2, help="CPU training processes")
     args, overrides = parser.parse_known_args(argv)
-    out = Path(args.out).resolve()
+    try:
+        return _demo(Path(args.output_dir).resolve(), args.patients, args.processes, overrides)
+    except StageFailed as exc:
+        # The stage's own code: 2 (a bad override or config) stays 2, as the tool said.
+        print(f"demo: {exc}", file=sys.stderr)
+        return exc.code
 
-    print(f"1. synthetic hospital export: {args.patients} patients -> {out / 'raw'}", flush=True)
+
+def _demo(out: Path, patients: int, processes: int, overrides: list[str]) -> int:
+
+    print(f"1. synthetic hospital export: {patients} patients -> {out / 'raw'}", flush=True)
     # With per-eye reports (configs/tiny.yaml reads them) the left and right levels each learn their own
     # eye's findings instead of picking them out of the patient report.
     manifest, images = synth.write_raw_archive(
-        out / "raw", args.patients, seed=0, image_size=256, layout="zip", eye_reports=True
+        out / "raw", patients, seed=0, image_size=256, layout="zip", eye_reports=True
     )
 
     shards = out / "shards"
@@ -83,10 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     run(
         [
-            bin_path("accelerate"), "launch",
-            "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
-            "--num_processes", str(args.processes),
-            "-m", "retclip_dist.train",
+            bin_path("retclip-train"),
+            "--launch", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+            "--num_processes", str(processes),
             "--config", str(ROOT / "configs/tiny.yaml"),
             "--data.shards", str(shards),
             "--output_dir", str(run_dir),
@@ -100,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "\n5. downstream: linear probe of hard exudates on the trained model's image features (retclip-eval)"
     )
     print(demo_probe(run_dir / "model", out / "eval"))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

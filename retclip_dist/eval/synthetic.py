@@ -67,7 +67,7 @@ def demo_probe(
     table = write_labelled_set(out / "data", max(n_images // 2, 5), seed=seed)
     cfg = EvalConfig(
         model=str(model_dir),
-        out_dir=str(out / "linear_probe"),
+        output_dir=str(out / "linear_probe"),
         data=DataConfig(table=str(table), images=str(out / "data" / "images"), label_column=label),
     )
     return markdown_table(run_linear_probe(cfg))
