@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from retclip_dist.data.validation import ValLoader
 from retclip_dist.model.config import LEVELS
 from retclip_dist.train.backend import to_device
 from retclip_dist.train.metrics_log import MetricsLog
@@ -124,7 +125,7 @@ def retrieval_scores(
 
 def validate(
     model: torch.nn.Module,
-    loader: Any | None,
+    loader: ValLoader | None,
     acc: Accelerator,
     prepare: Callable[[dict[str, Any]], dict[str, Any]],
     max_samples: int | None,
