@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from retclip_dist import synth
-from retclip_dist.eval import demo_probe
-from retclip_dist.model.config import tiny_model_config, write_vocab
+from retclip_dist.demo import demo_probe
+from retclip_dist.model.config import tiny_model_config
 from retclip_dist.model.retclip import RetClip
 
 
@@ -59,7 +59,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        vocab = write_vocab(root / "vocab.txt", synth.vocabulary())
+        vocab = Path(__file__).resolve().parent.parent / "configs/tiny_vocab.txt"  # synth.vocabulary()
         torch.manual_seed(0)
         model = RetClip(tiny_model_config(vocab, image_size=64)).save_pretrained(root / "model")
         start = time.perf_counter()

@@ -38,11 +38,14 @@ from PIL import Image
 
 from retclip_dist.data.augment import DeviceAugment, sample_params, sample_rng
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.fixtures import fake_patients, sample_dict, tiny_tokenizer, write_shard_set
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.data.samples import SampleDecoder
 from retclip_dist.data.skips import SkipCounter
 from retclip_dist.model.config import ImageInput
+from retclip_dist.model.tokenizer import wordpiece_tokenizer
+from retclip_dist.model.vocab import read_vocab
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _rate(fn: Callable[[], int], repeats: int) -> float:
@@ -56,10 +59,11 @@ def _rate(fn: Callable[[], int], repeats: int) -> float:
 
 
 def _raw_samples(patients: list) -> list[dict]:
+    from conftest import sample_members
+
     raws = []
     for p in patients:
-        d = sample_dict(p, "train")
-        raws.append({k: v.encode() if isinstance(v, str) else v for k, v in d.items()} | {"__key__": p.key})
+        raws.append(sample_members(p, "train") | {"__key__": p.key})
     return raws
 
 
@@ -113,13 +117,15 @@ def _loader_rate(root: Path, batch: int, partitions: int | None = None) -> tuple
         val_split=None,
         partitions=partitions,
     )
-    loader = build_train_data(cfg, tiny_tokenizer(), 0, 1, 0)
+    # The tokenizer is built here rather than taken from tests/conftest.py, whose imports a --baseline
+    # tree of another version may lack.
+    tokenizer = wordpiece_tokenizer(read_vocab(ROOT / "configs/tiny_vocab.txt"))
+    loader = build_train_data(cfg, tokenizer, 0, 1, 0)
     start = time.perf_counter()
     steps = sum(1 for _ in loader)
     return steps * batch / (time.perf_counter() - start), steps * batch
 
 
-ROOT = Path(__file__).resolve().parent.parent
 # The comparison layout: 4 partitions of 16 patients per batch of 64, shards of 48, so stream boundaries
 # mostly fall inside shards (the range plan reads partial shards; the shard plan leaves patients unused).
 COMPARE_PARTITIONS = 4
@@ -135,6 +141,8 @@ def _tree_rate(tree: Path, root: Path, batch: int) -> dict:
 
 
 def _compare(baseline: Path, patients: list, batch: int, rounds: int) -> None:
+    from conftest import write_shard_set
+
     with tempfile.TemporaryDirectory() as tmp:
         write_shard_set(Path(tmp), {"train": patients}, per_shard=COMPARE_SHARD)
         best: dict[str, dict] = {}
@@ -181,6 +189,9 @@ def main() -> None:
         print(json.dumps({"rate": rate, "used": used, "module": str(Path(retclip_dist.__file__).parent)}))
         return
 
+    sys.path.insert(0, str(ROOT / "tests"))  # the fake patients and shard sets of the tests
+    from conftest import fake_patients
+
     patients = fake_patients(args.patients, size=512, seed=0)
     raws = _raw_samples(patients)
     cfg = DataConfig()
@@ -206,6 +217,8 @@ def main() -> None:
                 f"{ms:.1f} ms/batch of {args.batch}",
             )
         )
+    from conftest import write_shard_set
+
     with tempfile.TemporaryDirectory() as tmp:
         write_shard_set(Path(tmp), {"train": patients}, per_shard=64)
         rows.append(

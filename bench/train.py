@@ -29,6 +29,7 @@ import multiprocessing as mp
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +46,6 @@ from transformers import AutoModel
 
 from retclip_dist.data.augment import DeviceAugment
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.fixtures import FakePatient, fake_patients, tiny_tokenizer, write_shard_set
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.config import BERT_BASE_CHINESE, ImageInput, ModelConfig
@@ -57,6 +57,10 @@ from retclip_dist.train.loop import train_step
 from retclip_dist.train.optim import build_optimizer, lr_at
 from retclip_dist.train.signals import any_rank
 from retclip_dist.train.step import output_loss
+
+# The fake patients and shard sets are the tests' (tests/conftest.py), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import FakePatient, fake_patients, tiny_tokenizer, write_shard_set
 
 Variant = Literal["bare", "ours-memory", "ours-loader"]
 VARIANT_NAMES: dict[Variant, str] = {

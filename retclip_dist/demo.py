@@ -19,7 +19,9 @@ from pathlib import Path
 
 from retclip_dist import synth
 from retclip_dist.cli_args import add_output_dir
-from retclip_dist.eval import demo_probe
+from retclip_dist.eval.commands import run_linear_probe
+from retclip_dist.eval.config import DataConfig, EvalConfig
+from retclip_dist.eval.report import markdown_table
 from retclip_dist.exit_codes import EXIT_OK
 from retclip_dist.train.metrics_log import read_metrics
 
@@ -64,6 +66,29 @@ def recall_table(metrics_path: Path) -> str:
             + "".join(f"  {v:10.3f}" for v in values[4:])
         )
     return "\n".join(lines)
+
+
+def demo_probe(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    n_images: int = 400,
+    seed: int = 0,
+    label: str = "hard_exudates",
+) -> str:
+    """Linear probe for one lesion's presence on a trained model's image features (the default feature:
+    the shared projection, as the release's probes); a Markdown table.
+
+    Writes ``n_images`` synthetic eye photos (two per patient) and the probe's metrics.json, metrics.md
+    and roc.png under ``out_dir``. ``label`` is a column of synth.write_labelled_set: a lesion or ``grade``.
+    """
+    out = Path(out_dir)
+    table = synth.write_labelled_set(out / "data", max(n_images // 2, 5), seed=seed)
+    cfg = EvalConfig(
+        model=str(model_dir),
+        output_dir=str(out / "linear_probe"),
+        data=DataConfig(table=str(table), images=str(out / "data" / "images"), label_column=label),
+    )
+    return markdown_table(run_linear_probe(cfg))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +146,18 @@ def _demo(out: Path, patients: int, processes: int, overrides: list[str]) -> int
         "\n5. downstream: linear probe of hard exudates on the trained model's image features (retclip-eval)"
     )
     print(demo_probe(run_dir / "model", out / "eval"))
+
+    print("\n6. the downstream table: retclip-eval benchmark, one dataset (the synthetic grades), two seeds")
+    suite = out / "bench_suite.yaml"
+    # A rerun trains a new model, and benchmark refuses an output_dir made with another one.
+    shutil.rmtree(out / "bench", ignore_errors=True)
+    suite.write_text(
+        "seeds: [0, 1]\nprotocols: [zero_shot, linear_probe]\n"
+        f"datasets:\n  - {{name: synthetic, layout: table, root: {out / 'eval' / 'data'}, "
+        f"prompts: {ROOT / 'configs/prompts/dr_grade.yaml'}, options: {{label_column: grade}}}}\n"
+    )
+    run([bin_path("retclip-eval"), "benchmark", "--suite", str(suite), "--model", str(run_dir / "model"),
+         "--output_dir", str(out / "bench")])  # fmt: skip
     return EXIT_OK
 
 

@@ -1,6 +1,8 @@
 """Seeded synthetic fundus patients: two eye photographs plus a report that names what was drawn.
 
-Real retinal data cannot ship with the repository, so demos and tests train on these. Each eye is drawn
+Real retinal data cannot ship with the repository, so demos and tests train on these; the writers lay
+them out as a hospital export (write_raw_archive), the RET-CLIP release (write_retclip_dir) or a labelled
+single-eye set for retclip-eval (write_labelled_set). Each eye is drawn
 independently (orange-red fundus, optic disc on the nasal side, vessels, macula, lesions) and the report
 is built from the same lesion flags, so image-text agreement is learnable and retrieval beats chance.
 """
@@ -38,6 +40,8 @@ _IMPRESSION = (
     "moderate non-proliferative diabetic retinopathy",
     "severe non-proliferative diabetic retinopathy",
 )
+# Image roots write_raw_archive can lay the export out as (make-shards reads all of them).
+Layout = Literal["zip", "dir", "tar"]
 _EXTRA_WORDS = ("left", "right", "eye", "impression", "and")
 _PUNCTUATION = (".", ",", ":", "-")
 
@@ -206,7 +210,7 @@ def write_raw_archive(
     n_patients: int,
     seed: int = 0,
     image_size: int = 320,
-    layout: Literal["zip", "dir", "tar"] = "zip",
+    layout: Layout = "zip",
     eye_reports: bool = False,
 ) -> tuple[Path, Path]:
     """Write JPEG eye images under an image root plus ``patients.csv``; returns (manifest, image root).
@@ -268,3 +272,39 @@ def write_retclip_dir(
         for text_id, (pid, p) in enumerate(patients):
             fh.write(json.dumps({"text_id": text_id, "text": p.report, "image_ids": [pid]}) + "\n")
     return out
+
+
+# Patient i of a labelled set goes to _SPLITS[i % 5]: a 60/20/20 train/val/test split that any n keeps.
+_SPLITS = ("train", "train", "train", "val", "test")
+
+
+def write_labelled_set(out_dir: str | Path, n_patients: int, seed: int = 0, image_size: int = 96) -> Path:
+    """A labelled single-eye set for retclip-eval: JPEGs under ``out_dir/images`` and ``out_dir/labels.csv``
+    (returned). Each patient gives two rows (left and right photo) sharing a split, so no patient straddles
+    train and test; labels per eye are one 0/1 column per lesion kind and the DR-like ``grade`` 0-3."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    columns = ["id", "image", "split", "laterality", "grade", *LESIONS]
+    rows = []
+    for i in range(n_patients):
+        patient = make_patient(np.random.default_rng([seed, i]), image_size)
+        for eye in ("left", "right"):
+            name = f"p{i:05d}_{eye}.jpg"
+            getattr(patient, eye).save(out / "images" / name, "JPEG", quality=95)
+            labels = patient.labels[eye]
+            rows.append(
+                {
+                    "id": f"p{i:05d}-{eye}",
+                    "image": name,
+                    "split": _SPLITS[i % len(_SPLITS)],
+                    "laterality": eye,
+                    "grade": eye_grade(labels),
+                    **{k: int(labels[k]) for k in LESIONS},
+                }
+            )
+    table = out / "labels.csv"
+    with table.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return table

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import fake_patients
 from PIL import Image
 
 from retclip_dist.data.augment import (
@@ -19,7 +20,6 @@ from retclip_dist.data.augment import (
     sample_rng,
 )
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.fixtures import fake_patients
 from retclip_dist.data.samples import decode_draft
 from retclip_dist.model.config import CLIP_MEAN, CLIP_STD, ImageInput
 

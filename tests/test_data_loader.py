@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import tarfile
 from pathlib import Path
 
@@ -16,14 +15,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import fake_patients, free_port, tiny_tokenizer, write_shard_set
 
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.fixtures import fake_patients, tiny_tokenizer, write_shard_set
 from retclip_dist.data.loader import build_train_data, data_loader
-from retclip_dist.data.manifest import read_manifest
 from retclip_dist.data.skips import SkipCounter
 from retclip_dist.data.streams import read_shard
 from retclip_dist.data.validation import build_val_data
+from retclip_dist.shardset import read_manifest
 
 TOKENIZER = tiny_tokenizer()
 # Small images keep the tests fast: 96 px sources, drafts of 48 px, 40 px model inputs.
@@ -62,8 +61,9 @@ def test_device_path_batch_shapes_dtypes_and_tokens(shard_set: Path) -> None:
         assert batch[f"{prefix}input_ids"].shape == (4, 100)
         assert batch[f"{prefix}input_ids"].dtype == torch.int64
     ids = batch["input_ids"][0].tolist()
-    # [CLS] patient <number pieces> : " mild " ..., padded with [PAD] (0) to 100.
-    assert ids[:2] == [2, 5] and ids[-1] == 0
+    # "Left eye: ..." lower-cased: [CLS] left eye : ..., padded with [PAD] (0) to 100.
+    assert ids[:4] == TOKENIZER.convert_tokens_to_ids(["[CLS]", "left", "eye", ":"]) and ids[-1] == 0
+    assert TOKENIZER.unk_token_id not in ids  # the fake reports use the tiny vocabulary only
     assert batch["attention_mask"][0].sum() == ids.index(3) + 1
 
 
@@ -255,12 +255,6 @@ def test_resume_refuses_a_mid_epoch_position_of_the_old_plan(shard_set: Path) ->
     _assert_same(list(fresh), list(build_train_data(cfg, TOKENIZER, 0, 1, 0)))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_epoch(rank: int, world: int, port: int, root: str, out: str) -> None:
     """One rank of a gloo job: read an epoch with 2 loader workers; rank 0 writes every rank's keys."""
     torch.set_num_threads(1)
@@ -286,7 +280,7 @@ def test_two_gloo_ranks_with_two_workers_use_every_patient_once(tmp_path: Path, 
     write_shard_set(tmp_path / "shards", {"train": patients}, per_shard=[9, 1, 5, 2])
     out = tmp_path / "keys.json"
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    mp.spawn(_rank_epoch, args=(2, _free_port(), str(tmp_path / "shards"), str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_epoch, args=(2, free_port(), str(tmp_path / "shards"), str(out)), nprocs=2, join=True)
     result = json.loads(out.read_text())
     ranks = result["ranks"]
     assert [len(r["steps"]) for r in ranks] == [r["planned"] for r in ranks] == [7, 7]
@@ -301,11 +295,13 @@ def test_eval_loader_reads_every_patient_once_across_ranks(shard_set: Path) -> N
     seen = []
     for rank in (0, 1):
         loader = build_val_data(dataclasses.replace(cfg, num_workers=2 - rank), TOKENIZER, rank, 2)
-        assert loader.samples == (7, 4)[rank]
+        mine = []
         for batch in loader:
             assert batch["left"].shape[1:] == (3, 40, 40)
             assert len(batch["reports"]) == len(batch["left_reports"]) == len(batch["keys"])
-            seen += batch["keys"]
+            mine += batch["keys"]
+        assert len(mine) == (7, 4)[rank]  # val shards hold 4, 4, 3: rank 0 reads the 1st and 3rd
+        seen += mine
     assert sorted(seen) == [f"p{i:05d}" for i in range(40, 51)]
 
 

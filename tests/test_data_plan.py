@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from retclip_dist.data.manifest import ShardInfo
 from retclip_dist.data.plan import EpochPlan, Layout, ShardRange, cut_ranges, plan_epoch, round_robin
+from retclip_dist.shardset import ShardInfo
 
 
 def _shards(counts: list[int]) -> list[ShardInfo]:

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import fake_patients, tiny_tokenizer, write_shard_set
 
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.fixtures import fake_patients, tiny_tokenizer, write_shard_set
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.data.validation import build_val_data
 

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VOCAB
 from safetensors import safe_open
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
 
 from retclip_dist import synth
-from retclip_dist.eval import write_labelled_set
 from retclip_dist.eval.cli import main
 from retclip_dist.eval.commands import run_features, run_finetune, run_linear_probe, run_zero_shot
 from retclip_dist.eval.config import DataConfig, EvalConfig
@@ -23,6 +23,7 @@ from retclip_dist.eval.metrics import compute_metrics
 from retclip_dist.eval.zeroshot import class_embeddings
 from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
+from retclip_dist.synth import write_labelled_set
 
 PROMPTS = "configs/prompts_synth.yaml"
 
@@ -31,9 +32,8 @@ PROMPTS = "configs/prompts_synth.yaml"
 def setup(tmp_path_factory):
     """A random tiny model (64 px, W = 32, D = 16) and 30 synthetic patients = 60 eye photos."""
     root = tmp_path_factory.mktemp("eval")
-    vocab = write_vocab(root / "vocab.txt", synth.vocabulary())
     torch.manual_seed(0)
-    RetClip(tiny_model_config(vocab, image_size=64)).save_pretrained(root / "model")
+    RetClip(tiny_model_config(TINY_VOCAB, image_size=64)).save_pretrained(root / "model")
     table = write_labelled_set(root / "data", n_patients=30, seed=0, image_size=64)
     return root, table
 

@@ -87,6 +87,18 @@ def test_shard_set_members_carry_their_laterality(tmp_path):
     lset = read_labelled(DataConfig(table=str(table), images=str(shards)))
     assert [r.laterality for r in lset.rows] == ["left", "right"]
     assert load_images(lset, 4)[1, :, 2, 2].tolist() == pytest.approx([0, 255, 255], abs=3)
+    # A table row naming no member of the set is the row's error, in eval's words.
+    missing = _write(tmp_path / "m.csv", "image,label\npat1.left.jpg,healthy\npat2.left.jpg,glaucoma\n")
+    with pytest.raises(LabelError, match=r"m\.csv:3: image 'pat2\.left\.jpg': .* not a member of shard set"):
+        load_images(read_labelled(DataConfig(table=str(missing), images=str(shards))), 4)
+
+
+def test_unusable_image_root_is_a_label_error_naming_data_images(tmp_path):
+    (tmp_path / "bad.zip").write_bytes(b"PK\x03\x04 not really")
+    table = _write(tmp_path / "t.csv", "image,label\na.jpg,x\n")
+    for root, why in ((tmp_path / "bad.zip", "not a readable zip"), (tmp_path / "none.tar", "no such file")):
+        with pytest.raises(LabelError, match=f"data.images: image root .*{root.name}: {why}"):
+            read_labelled(DataConfig(table=str(table), images=str(root)))
 
 
 @pytest.mark.parametrize(

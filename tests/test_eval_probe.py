@@ -6,21 +6,21 @@ import pytest
 import sklearn
 import timm
 import torch
+from conftest import TINY_VOCAB
 
-from retclip_dist import synth
-from retclip_dist.eval import demo_probe, write_labelled_set
+from retclip_dist.demo import demo_probe
 from retclip_dist.eval.commands import run_linear_probe
 from retclip_dist.eval.config import DataConfig, EvalConfig
-from retclip_dist.model.config import tiny_model_config, write_vocab
+from retclip_dist.model.config import tiny_model_config
 from retclip_dist.model.retclip import RetClip
+from retclip_dist.synth import write_labelled_set
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("probe")
-    vocab = write_vocab(root / "vocab.txt", synth.vocabulary())
     torch.manual_seed(0)
-    return RetClip(tiny_model_config(vocab, image_size=64)).save_pretrained(root / "model")
+    return RetClip(tiny_model_config(TINY_VOCAB, image_size=64)).save_pretrained(root / "model")
 
 
 def test_probe_on_random_tower_features_beats_chance(model_dir, tmp_path):

@@ -6,13 +6,13 @@ fails the spawn and so the test. float64 throughout, so agreement is checked to 
 """
 
 import copy
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -21,12 +21,6 @@ from retclip_dist.loss import TripartiteLoss, gather_features
 LOCAL_ROWS = 3
 DIM = 8
 ATOL = 1e-10
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _randn(*shape: int, seed: int) -> torch.Tensor:
@@ -174,7 +168,7 @@ def _spawn(world: int, vocab: str | None, monkeypatch: pytest.MonkeyPatch) -> No
     # Children read these at start-up; one thread each keeps N processes from oversubscribing the CPU.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    mp.spawn(_worker, args=(world, _free_port(), vocab), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), vocab), nprocs=world, join=True)
 
 
 @pytest.mark.dist

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from retclip_dist import synth
+from retclip_dist.io.errors import AmbiguousName, ImageNotFound, ImageRootError, UnsafePath
+from retclip_dist.io.roots import DirStore, ZipStore, open_image_root
 from retclip_dist.shards import records as records_module
 from retclip_dist.shards.build import BuildOptions, build_shards
 from retclip_dist.shards.images import ImageOptions
@@ -22,10 +24,10 @@ from retclip_dist.shards.records import (
     ShardInputError,
     assign_keys,
     normalise_relpath,
+    read_reject,
     shard_key,
 )
-from retclip_dist.shards.roots import DirStore, ZipStore, open_image_root
-from retclip_dist.shards.sources import read_manifest, read_retclip
+from retclip_dist.shards.sources import read_patient_table, read_retclip
 
 HEADER = "patient_id,left_image,right_image,report"
 
@@ -50,6 +52,25 @@ def test_normalise_relpath_rules():
         with pytest.raises(RejectError) as info:
             normalise_relpath(empty)
         assert info.value.reason == "empty_path", empty
+
+
+def test_every_image_read_error_of_io_maps_to_one_reject_reason():
+    from retclip_dist.io import errors
+
+    kinds = [
+        c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.ImageReadError) and c is not errors.ImageReadError
+    ]
+    reasons = {kind.__name__: read_reject(kind("x.jpg not found under r")).reason for kind in kinds}
+    assert reasons == {
+        "EmptyPath": "empty_path",
+        "UnsafePath": "unsafe_path",
+        "ImageNotFound": "missing_file",
+        "AmbiguousName": "ambiguous_name",
+        "CorruptData": "undecodable",
+    }
+    assert read_reject(ImageNotFound("x.jpg not found under r")).detail == "x.jpg not found under r"
 
 
 def test_shard_key_sanitises_only_when_needed():
@@ -78,7 +99,7 @@ def test_csv_manifest_every_row_problem_names_its_line(tmp_path):
             "p10,a.jpg,b.jpg,r,val,",
         ]
     )
-    records, rejects = read_manifest(write(tmp_path / "m.csv", text + "\n"))
+    records, rejects = read_patient_table(write(tmp_path / "m.csv", text + "\n"))
     assert rejects_by_line(rejects) == {
         "m.csv:3": ("missing_eye", "p2"),
         "m.csv:4": ("empty_path", "p3"),
@@ -106,7 +127,7 @@ def test_jsonl_manifest_rows(tmp_path):
         "",
         json.dumps({"patient_id": "q", "left_image": None, "right_image": "r.png", "report": "x"}),
     ]
-    records, rejects = read_manifest(write(tmp_path / "m.jsonl", "\n".join(lines)))
+    records, rejects = read_patient_table(write(tmp_path / "m.jsonl", "\n".join(lines)))
     assert [r.patient_id for r in records] == ["17"]
     assert rejects_by_line(rejects) == {
         "m.jsonl:2": ("bad_row", ""),
@@ -133,20 +154,20 @@ def test_unusable_manifest_is_one_clear_error(tmp_path, name, content, message):
     elif content is not None:
         path.write_text(content)
     with pytest.raises(ShardInputError) as info:
-        read_manifest(str(path))
+        read_patient_table(str(path))
     assert message in str(info.value) and name in str(info.value)
 
 
 def test_duplicates_keep_first_and_plan_is_order_independent(tmp_path):
     rows = [f"p{i},a.jpg,b.jpg,r" for i in range(40)] + ["p3,c.jpg,d.jpg,second copy"]
-    records, _ = read_manifest(write(tmp_path / "a.csv", "\n".join([HEADER, *rows])))
+    records, _ = read_patient_table(write(tmp_path / "a.csv", "\n".join([HEADER, *rows])))
     kept, dups = drop_duplicates(records)
     assert len(kept) == 40 and [(d.patient_id, d.source, d.reason) for d in dups] == [
         ("p3", "a.csv:42", "duplicate_id")
     ]
     assert "a.csv:5" in dups[0].detail
     planned, _ = plan(records, "train", 0.25, seed=3)
-    shuffled, _ = read_manifest(write(tmp_path / "b.csv", "\n".join([HEADER, *reversed(rows[:40])])))
+    shuffled, _ = read_patient_table(write(tmp_path / "b.csv", "\n".join([HEADER, *reversed(rows[:40])])))
     planned_rev, _ = plan(shuffled, "train", 0.25, seed=3)
     order = [(r.split, r.patient_id) for r in planned]
     assert order == [(r.split, r.patient_id) for r in planned_rev]
@@ -219,9 +240,8 @@ def test_zip_tar_and_targz_roots_read_by_normalised_name(tmp_path):
             assert store.read("a/left.jpg") == b"L" * 10
             assert store.read("a/right.jpg") == b"R" * 7
             for missing in ("evil.jpg", "abs.jpg", "a/link.jpg", "nope.jpg"):
-                with pytest.raises(RejectError) as info:
+                with pytest.raises(ImageNotFound, match="not found in"):
                     store.read(missing)
-                assert info.value.reason == "missing_file", (name, missing)
         finally:
             store.cleanup()
     assert not (tmp_path / "evil.jpg").exists()
@@ -251,7 +271,7 @@ def test_targz_is_decompressed_once_to_a_temp_tar_that_cleanup_removes(tmp_path)
 )
 def test_bad_archive_is_one_clear_error(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(ShardInputError) as info:
+    with pytest.raises(ImageRootError) as info:
         open_image_root(str(tmp_path / name))
     assert message in str(info.value) and name in str(info.value)
 
@@ -268,13 +288,12 @@ def test_dir_root_refuses_symlinks_leaving_the_root(tmp_path):
     assert store.read("sub/ok.jpg") == b"ok"
     assert store.read("inside.jpg") == b"ok"
     for ref, why in (
-        ("escape.jpg", "unsafe_path"),
-        ("subdir-link/secret.jpg", "unsafe_path"),
-        ("no.jpg", "missing_file"),
+        ("escape.jpg", UnsafePath),
+        ("subdir-link/secret.jpg", UnsafePath),
+        ("no.jpg", ImageNotFound),
     ):
-        with pytest.raises(RejectError) as info:
+        with pytest.raises(why):
             store.read(ref)
-        assert info.value.reason == why, ref
 
 
 def test_zip_store_pickles_without_handles_and_reopens_in_worker(tmp_path):
@@ -354,12 +373,11 @@ def test_two_entries_with_one_unicode_form_are_ambiguous_naming_both(tmp_path):
         store = open_image_root(url)
         try:
             for asked in (composed, decomposed):
-                with pytest.raises(RejectError) as info:
+                with pytest.raises(AmbiguousName) as info:
                     store.read(asked)
-                assert info.value.reason == "ambiguous_name", url
                 # Both spellings, escaped so that they do not look the same (dirs name the component).
                 for name in (decomposed, composed):
-                    assert ascii(name.split("/")[-1])[1:-1] + "'" in info.value.detail, url
+                    assert ascii(name.split("/")[-1])[1:-1] + "'" in str(info.value), url
         finally:
             store.cleanup()
 

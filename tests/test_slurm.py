@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from slurm_helpers import (
     CPU_2PROC,
     REPO,
@@ -20,7 +21,6 @@ from slurm_helpers import (
     TOTAL_STEPS,
     assert_same_weights,
     cancel,
-    free_port,
     job_env,
     latest_step,
     load_weights,

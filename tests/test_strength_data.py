@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fake_patients, tiny_tokenizer, write_shard_set
 
 from retclip_dist.data.augment import augment_batch
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.fixtures import fake_patients, tiny_tokenizer, write_shard_set
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.model.config import ImageInput
 

@@ -17,11 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import build_synth_shards
 from safetensors.torch import load_file
 
-from retclip_dist import synth
-from retclip_dist.shards.build import BuildOptions, build_shards
-from retclip_dist.shards.images import ImageOptions
 from retclip_dist.train.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,19 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("resume-rng")
-    manifest, images = synth.write_raw_archive(root / "raw", 24, seed=1, image_size=48, layout="dir")
-    shards = root / "shards"
-    build_shards(
-        BuildOptions(
-            out=str(shards),
-            manifest=str(manifest),
-            images=str(images),
-            val_fraction=0.0,
-            max_count=8,
-            image=ImageOptions(size=48, min_side=48),
-            progress=False,
-        )
-    )
+    shards = build_synth_shards(root, 24, seed=1, raw_size=48, size=48, max_count=8, val_fraction=0.0)
     cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
     cfg["model"]["tokenizer_path"] = str(ROOT / "configs/tiny_vocab.txt")
     # Smaller towers for speed; dropout on, as in the paper recipe's BERT.

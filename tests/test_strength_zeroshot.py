@@ -10,19 +10,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_VOCAB
 
-from retclip_dist import synth
 from retclip_dist.eval.zeroshot import class_embeddings, zero_shot_probs
-from retclip_dist.model.config import tiny_model_config, write_vocab
+from retclip_dist.model.config import tiny_model_config
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> RetClip:
-    vocab = write_vocab(tmp_path_factory.mktemp("zs") / "vocab.txt", synth.vocabulary())
     torch.manual_seed(0)
-    return RetClip(tiny_model_config(vocab, image_size=16)).eval()
+    return RetClip(tiny_model_config(TINY_VOCAB, image_size=16)).eval()
 
 
 def _set_scales(model: RetClip, **scales: float) -> None:

@@ -8,9 +8,11 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import TINY_VOCAB
 from PIL import Image
 
 from retclip_dist import synth
+from retclip_dist.model.vocab import SPECIAL_TOKENS, vocab_lines
 
 
 def _region_mean(img: Image.Image, x0: float, x1: float) -> float:
@@ -75,6 +77,12 @@ def test_vocabulary_covers_every_report_token():
         p = synth.make_patient(seed, 32)
         for text in (p.report, p.left_report, p.right_report):
             assert set(re.findall(r"[a-z]+|[^\sa-z]", text)) <= vocab, text
+
+
+def test_the_tiny_vocabulary_file_is_synths_vocabulary():
+    # configs/tiny_vocab.txt is the one tiny vocabulary (configs/tiny.yaml, the tests' tokenizer): BERT's
+    # special tokens, then every word a synthetic report can contain, so none of them is [UNK].
+    assert vocab_lines(TINY_VOCAB) == [*SPECIAL_TOKENS, *synth.vocabulary()]
 
 
 @pytest.mark.parametrize("layout", ["zip", "dir", "tar"])

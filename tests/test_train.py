@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_synth_shards, free_port
 from safetensors.torch import load_file
 
-from retclip_dist import synth
 from retclip_dist.config import from_dict
 from retclip_dist.data.augment import DeviceAugment
 from retclip_dist.data.validation import build_val_data
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
-from retclip_dist.shards.build import BuildOptions, build_shards
-from retclip_dist.shards.images import ImageOptions
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.metrics_log import read_metrics
 from retclip_dist.train.validate import recall_at_k
@@ -50,26 +47,7 @@ BASE = [
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train-data")
-    manifest, images = synth.write_raw_archive(root / "raw", 100, seed=3, image_size=96, layout="dir")
-    out = root / "shards"
-    build_shards(
-        BuildOptions(
-            out=str(out),
-            manifest=str(manifest),
-            images=str(images),
-            val_fraction=0.2,
-            max_count=12,
-            image=ImageOptions(size=64, min_side=64),
-            progress=False,
-        )
-    )
-    return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return build_synth_shards(root, 100, seed=3, raw_size=96, size=64, max_count=12, val_fraction=0.2)
 
 
 def _command(shards: Path, out: Path, processes: int, extra: list[str], accelerate_config: str) -> list[str]:
@@ -80,7 +58,7 @@ def _command(shards: Path, out: Path, processes: int, extra: list[str], accelera
         str(BIN / "accelerate"), "launch",
         "--config_file", str(ROOT / accelerate_config),
         "--num_processes", str(processes),
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         "-m", "retclip_dist.train", *args,
     ]  # fmt: skip
 

@@ -21,13 +21,13 @@ from transformers import PreTrainedTokenizerBase
 
 from retclip_dist.data.augment import DeviceAugment
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.manifest import Manifest, read_manifest
 from retclip_dist.data.plan import LEGACY_PLAN_FORMAT, PLAN_FORMAT, EpochPlan, Layout, derive_seed, plan_epoch
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import stream_samples
 from retclip_dist.launch.lifetime import exit_with_parent
 from retclip_dist.model.config import ImageInput
+from retclip_dist.shardset import Manifest, read_manifest
 
 log = logging.getLogger("retclip_dist.data")
 
@@ -279,9 +279,6 @@ class TrainLoader:
 
     def epoch_done(self) -> bool:
         return self.step >= self.plan.steps
-
-    def at_epoch_start(self) -> bool:
-        return self.step == 0
 
     def device_augment(self, device: torch.device | str) -> DeviceAugment:
         """The batched augmentation the trainer applies on ``device`` (a no-op on CPU-path batches)."""

@@ -19,7 +19,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from retclip_dist.data.manifest import ShardInfo
+from retclip_dist.shardset import ShardInfo
 
 # Recorded with a loader's position: a checkpoint's stream positions only mean something under the plan
 # that wrote them. The shard-per-stream plan before this one wrote no record.

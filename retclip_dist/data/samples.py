@@ -15,9 +15,8 @@ from retclip_dist.data.augment import augment_cpu, identity_params, sample_param
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.skips import SkipCounter
 from retclip_dist.model.config import ImageInput
+from retclip_dist.shardset import EYE_REPORT_MEMBER, EYES, IMAGE_MEMBER, REPORT_MEMBER, TRAINING_MEMBERS
 
-EYES = ("left", "right")
-REQUIRED = ("left.jpg", "right.jpg", "report.txt")
 # What PIL raises on bytes that are not a complete image (UnidentifiedImageError is an OSError).
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -67,20 +66,21 @@ class SampleDecoder:
     def __call__(self, raw: dict[str, Any]) -> Patient | None:
         key = raw["__key__"]
         where = f"{raw.get('__url__')}: sample {key}"
-        missing = [m for m in REQUIRED if m not in raw]
+        missing = [m for m in TRAINING_MEMBERS if m not in raw]
         if missing:
             self.counter.add("missing_member", 1, f"{where} lacks {missing}")
             return None
         try:
-            report = raw["report.txt"].decode("utf-8")
+            report = raw[REPORT_MEMBER].decode("utf-8")
             reports = {"patient": report}
             for eye in EYES:
-                reports[eye] = raw[f"{eye}.txt"].decode("utf-8") if f"{eye}.txt" in raw else report
+                own = raw.get(EYE_REPORT_MEMBER[eye])
+                reports[eye] = own.decode("utf-8") if own is not None else report
         except UnicodeDecodeError as exc:
             self.counter.add("bad_text", 1, f"{where}: report is not UTF-8 ({exc})")
             return None
         try:
-            opened = {eye: Image.open(io.BytesIO(raw[f"{eye}.jpg"])) for eye in EYES}
+            opened = {eye: Image.open(io.BytesIO(raw[IMAGE_MEMBER[eye]])) for eye in EYES}
             params = self._params(key, {eye: img.size for eye, img in opened.items()})
             if self.cfg.augment_on == "cpu":
                 images = {

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import fsspec
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from retclip_dist.data.manifest import ShardInfo
 from retclip_dist.data.plan import ShardRange
 from retclip_dist.data.skips import SkipCounter
+from retclip_dist.shardset import ShardInfo
 
 log = logging.getLogger("retclip_dist.data")
 T = TypeVar("T")

@@ -12,11 +12,11 @@ from transformers import PreTrainedTokenizerBase
 
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.loader import data_loader, guarded
-from retclip_dist.data.manifest import ShardInfo, read_manifest
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import read_shard
 from retclip_dist.model.config import ImageInput
+from retclip_dist.shardset import ShardInfo, read_manifest
 
 log = logging.getLogger("retclip_dist.data")
 
@@ -70,11 +70,6 @@ class ValLoader:
         self.shards = shards[rank::world_size]
         self.dataset = ValStream(cfg, image, tokenizer, self.shards)
         self.skip_counts: Counter[str] = Counter()
-
-    @property
-    def samples(self) -> int:
-        """Patients the manifest lists for this rank."""
-        return sum(s.count for s in self.shards)
 
     @property
     def skipped(self) -> int:

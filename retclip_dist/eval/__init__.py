@@ -1,5 +1,3 @@
-"""Downstream evaluation of a trained RetClip: features, zero-shot, linear probe, fine-tuning."""
-
-from retclip_dist.eval.synthetic import demo_probe, write_labelled_set
-
-__all__ = ["demo_probe", "write_labelled_set"]
+"""Downstream evaluation of a trained RetClip (``retclip-eval``): features, zero-shot, linear probe,
+fine-tuning. Import the submodules themselves; this package imports nothing, so importing one command's
+module does not load the others."""

@@ -3,6 +3,7 @@
     retclip-eval linear-probe --model runs/x/model --data.table labels.csv --data.images imgs.zip \\
         --output_dir results/probe [--config eval.yaml] [--section.key value ...]
     retclip-eval convert-release epoch_latest.pt --vocab vocab.txt --output_dir converted/
+    retclip-eval benchmark --suite suite.yaml --model runs/x/model --output_dir results/bench [--shards DIR]
 
 Every evaluation subcommand takes the same options: an optional YAML preset (``--config``) and
 ``--section.key value`` overrides of retclip_dist.eval.config.EvalConfig. Exit codes: 0 success; 2 bad
@@ -49,7 +50,7 @@ def _convert(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = [*COMMANDS, "convert-release"]
+    commands = [*COMMANDS, "convert-release", "benchmark"]
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         print(f"subcommands: {', '.join(commands)}")
@@ -61,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv[0] == "convert-release":
         return _convert(argv[1:])
+    if argv[0] == "benchmark":
+        from retclip_dist.eval.benchmark.run import main as benchmark_main
+
+        return benchmark_main(argv[1:])
     parser = argparse.ArgumentParser(prog=f"retclip-eval {argv[0]}")
     parser.add_argument("--config", help="YAML preset of EvalConfig")
     parser.add_argument("--print-config", action="store_true", help="print the final config and exit")

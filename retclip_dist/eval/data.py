@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from retclip_dist.data.manifest import MANIFEST_NAME, read_manifest
 from retclip_dist.eval.config import DataConfig
-from retclip_dist.shards import storage
-from retclip_dist.shards.records import RejectError
-from retclip_dist.shards.roots import ImageStore, TarStore, open_image_root
+from retclip_dist.io import files
+from retclip_dist.io.errors import ImageNotFound, ImageReadError, ImageRootError
+from retclip_dist.io.roots import ImageStore, TarStore, open_image_root
+from retclip_dist.shardset import EYES, IMAGE_MEMBER, MANIFEST_NAME, is_eye_image, read_manifest
 
 # Ophthalmology writes laterality several ways; OD (oculus dexter) is the right eye.
 _LATERALITY = {"left": "left", "l": "left", "os": "left", "right": "right", "r": "right", "od": "right"}
@@ -121,21 +121,24 @@ class ShardSetStore(ImageStore):
         for shard in read_manifest(location).shards:
             store = TarStore(shard.url)
             for name in store.index.names():
-                if name.endswith((".left.jpg", ".right.jpg")):
+                if is_eye_image(name):
                     self.members[name] = store
 
     def read(self, ref: str) -> bytes:
         store = self.members.get(ref)
         if store is None:
-            raise RejectError("missing_file", f"{ref} is not a member of shard set {self.location}")
+            raise ImageNotFound(f"{ref} is not a member of shard set {self.location}")
         return store.read(ref)
 
 
 def open_images(location: str) -> ImageStore:
-    """A shard set when ``location`` holds a manifest.json, else a make-shards image root."""
-    if location.endswith(MANIFEST_NAME) or storage.exists(storage.join(location, MANIFEST_NAME)):
-        return ShardSetStore(location)
-    return open_image_root(location)
+    """A shard set when ``location`` holds a manifest.json, else an image root (directory, archive, s3://)."""
+    try:
+        if location.endswith(MANIFEST_NAME) or files.exists(files.join(location, MANIFEST_NAME)):
+            return ShardSetStore(location)
+        return open_image_root(location)
+    except ImageRootError as exc:
+        raise LabelError(f"data.images: {exc}") from None
 
 
 def _read_table(path: str) -> list[tuple[str, dict[str, Any]]]:
@@ -201,8 +204,8 @@ def _laterality(source: str, value: str, image: str) -> str | None:
         except KeyError:
             raise LabelError(f"{source}: laterality {value!r} is not left/right (L/R, OS/OD)") from None
     # Shard-set members say which eye they are.
-    for eye in ("left", "right"):
-        if image.endswith(f".{eye}.jpg"):
+    for eye in EYES:
+        if image.endswith("." + IMAGE_MEMBER[eye]):
             return eye
     return None
 
@@ -286,8 +289,8 @@ def load_images(lset: LabelledSet, size: int) -> torch.Tensor:
             data = lset.store.read(row.image)
             with Image.open(io.BytesIO(data)) as img:
                 rgb = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        except RejectError as exc:
-            raise LabelError(f"{row.source}: image {row.image!r}: {exc.detail}") from None
+        except ImageReadError as exc:
+            raise LabelError(f"{row.source}: image {row.image!r}: {exc}") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise LabelError(f"{row.source}: image {row.image!r} cannot be decoded ({exc})") from None
         out[i] = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)

@@ -20,6 +20,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from retclip_dist.io.errors import ImageReadError, ImageRootError
+from retclip_dist.io.files import OutputDir
+from retclip_dist.io.roots import ImageStore, open_image_root
 from retclip_dist.shards.images import ImageOptions, process_image
 from retclip_dist.shards.journal import JOURNAL_NAME, Journal, Progress
 from retclip_dist.shards.plan import plan
@@ -30,17 +33,24 @@ from retclip_dist.shards.records import (
     RejectError,
     ShardInputError,
     count_rejects,
+    read_reject,
     valid_split,
 )
-from retclip_dist.shards.roots import ImageStore, open_image_root
-from retclip_dist.shards.sources import read_manifest, read_retclip
-from retclip_dist.shards.storage import OutputDir
-from retclip_dist.shards.writer import ShardWriter, manifest_json, rejects_jsonl
+from retclip_dist.shards.sources import read_patient_table, read_retclip
+from retclip_dist.shards.writer import ShardWriter, rejects_jsonl
+from retclip_dist.shardset import (
+    EYE_REPORT_MEMBER,
+    EYES,
+    IMAGE_MEMBER,
+    MANIFEST_NAME,
+    META_MEMBER,
+    REJECTS_NAME,
+    REPORT_MEMBER,
+    manifest_json,
+)
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-REJECTS_NAME = "rejects.jsonl"
 # Options that cannot change the output bytes; kept out of manifest.json and the resume fingerprint.
 _RUNTIME_ONLY = ("out", "workers", "progress")
 # Input locations; under --pseudonymise manifest.json holds only keyed digests of them.
@@ -49,10 +59,14 @@ _INPUT_PATHS = ("manifest", "images", "retclip_dir")
 
 @dataclass
 class BuildOptions:
-    """Everything ``make-shards build`` takes; the CLI flags map one-to-one onto these fields."""
+    """Everything ``make-shards build`` takes; its flags are generated from these fields (shards/cli.py):
+    ``--field-name`` (or metadata "flag"), the comment as help, a True bool as ``--no-field-name``."""
 
-    out: str = "shards/default"  # output directory, local path or s3://bucket/prefix
-    manifest: str | None = None  # CSV/JSONL manifest (patient_id,left_image,right_image,report,...)
+    out: str = field(
+        default="shards/default", metadata={"required": True}
+    )  # output directory (local or s3://)
+    # CSV or JSONL patient table: patient_id,left_image,right_image,report[,left_report,right_report,split]
+    manifest: str | None = None
     images: str | None = None  # image root of the manifest: directory, .zip, .tar or .tar.gz
     retclip_dir: str | None = None  # directory with the RET-CLIP release's {split}_imgs.tsv/_texts.jsonl
     split: str = "train"  # split of patients without one (and which RET-CLIP files to read)
@@ -63,8 +77,10 @@ class BuildOptions:
     seed: int = 0  # seed of the patient shuffle and of the val assignment
     workers: int = 1  # image-processing processes
     strict: bool = False  # any reject is an error: stop, write no manifest
-    progress: bool = True  # show a tqdm progress bar on stderr
-    pseudonymise: str | None = None  # key file of the data owner: ids become keyed hashes, paths left out
+    progress: bool = True  # a tqdm progress bar on stderr (--no-progress: none)
+    # secret key file of the data owner (keep it in the hospital): patient ids become HMAC-SHA256
+    # pseudonyms and image paths are left out, so the output directory may leave the hospital
+    pseudonymise: str | None = field(default=None, metadata={"metavar": "KEYFILE"})
 
     def validate(self) -> None:
         if (self.retclip_dir is None) == (self.manifest is None):
@@ -127,29 +143,40 @@ class Sample:
     split: str
     key: str
     members: dict[str, bytes]
+    source_sha256: tuple[str, ...] = ()  # sha256 of each eye's source file bytes (SOURCE_HASHES_FIELD)
+
+
+def _read_image(store: ImageStore, ref: str) -> bytes:
+    try:
+        return store.read(ref)
+    except ImageReadError as exc:
+        raise read_reject(exc) from None
 
 
 def process_record(store: ImageStore, opts: ImageOptions, rec: PatientRecord) -> Sample | Reject:
     """Read and convert both eyes of one patient; any bad image rejects the whole patient."""
     members: dict[str, bytes] = {}
     sizes: dict[str, list[int]] = {}
-    for eye in ("left", "right"):
+    digests = []
+    for eye in EYES:
         ref = getattr(rec, eye)
         try:
-            members[f"{eye}.jpg"], size = process_image(store.read(ref), opts)
+            raw = _read_image(store, ref)
+            digests.append(hashlib.sha256(raw).hexdigest())
+            members[IMAGE_MEMBER[eye]], size = process_image(raw, opts)
         except RejectError as exc:
             return Reject(rec.order, rec.patient_id, rec.source, exc.reason, f"{eye} eye: {exc.detail}")
         sizes[eye] = list(size)
-    members["report.txt"] = rec.report.encode("utf-8")
-    for eye, text in (("left", rec.left_report), ("right", rec.right_report)):
+    members[REPORT_MEMBER] = rec.report.encode("utf-8")
+    for eye, text in zip(EYES, (rec.left_report, rec.right_report), strict=True):
         if text is not None:
-            members[f"{eye}.txt"] = text.encode("utf-8")
+            members[EYE_REPORT_MEMBER[eye]] = text.encode("utf-8")
     meta: dict[str, Any] = {"patient_id": rec.published_id, "split": rec.split, "orig_size": sizes}
     if rec.pseudonym is None:
         # Image paths often hold names, dates or record numbers, so a pseudonymised sample has none.
         meta["source"] = {"left": store.describe(rec.left), "right": store.describe(rec.right)}
-    members["json"] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return Sample(str(rec.split), rec.key, members)
+    members[META_MEMBER] = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return Sample(str(rec.split), rec.key, members, tuple(digests))
 
 
 _worker_state: tuple[ImageStore, ImageOptions] | None = None
@@ -188,8 +215,11 @@ def _read_inputs(opts: BuildOptions) -> tuple[list[PatientRecord], list[Reject],
     if opts.retclip_dir is not None:
         return read_retclip(opts.retclip_dir, opts.split)
     assert opts.manifest is not None and opts.images is not None  # validate() guarantees both
-    records, rejects = read_manifest(opts.manifest)
-    return records, rejects, open_image_root(opts.images)
+    records, rejects = read_patient_table(opts.manifest)
+    try:
+        return records, rejects, open_image_root(opts.images)
+    except ImageRootError as exc:
+        raise ShardInputError(str(exc)) from exc
 
 
 def _strict_error(r: Reject) -> StrictRejectError:
@@ -228,7 +258,7 @@ class _Packer:
         if isinstance(result, Reject):
             self.pending.append(self.scrub(result))
         else:
-            self.writer.add(result.split, result.key, result.members)
+            self.writer.add(result.split, result.key, result.members, result.source_sha256)
         self.position += 1
 
     def finish(self) -> None:
@@ -308,7 +338,8 @@ def build_shards(opts: BuildOptions) -> BuildResult:
         all_rejects = early + packer.rejects
         out.write_text(REJECTS_NAME, rejects_jsonl(all_rejects))
         out.write_text(
-            MANIFEST_NAME, manifest_json(recorded, packer.shards, all_rejects, pseudonymiser is not None)
+            MANIFEST_NAME,
+            manifest_json(recorded, packer.shards, count_rejects(all_rejects), pseudonymiser is not None),
         )
         journal.remove()
     finally:

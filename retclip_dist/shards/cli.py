@@ -1,5 +1,8 @@
 """``make-shards build|verify``: argument parsing, the summary table and exit codes.
 
+The build flags are generated from BuildOptions (and its nested ImageOptions): one flag per field, its
+comment as the help text, so an option is declared once.
+
 Exit codes: 0 success; 1 verify found problems or --strict met a reject; 2 unusable input or options
 (one line on stderr, no traceback).
 """
@@ -7,18 +10,102 @@ Exit codes: 0 success; 1 verify found problems or --strict met a reject; 2 unusa
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import io
 import logging
 import sys
+import tokenize
+import types
+import typing
+from typing import Any, TypeVar
 
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from retclip_dist.shards.build import BuildOptions, BuildResult, StrictRejectError, build_shards
-from retclip_dist.shards.images import ImageOptions
 from retclip_dist.shards.records import ShardInputError
 from retclip_dist.shards.verify import verify_shards
 
+T = TypeVar("T")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment in ``cls``'s source: the comment ending the declaration, else the comment
+    lines right above it. This is how the fields' one-line comments become flag help."""
+    tokens = list(tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline))
+    names = {f.name for f in dataclasses.fields(cls)}
+    found: dict[str, str] = {}
+    above: list[str] = []  # comment lines since the last statement
+    field_name = None  # the field whose declaration is being read
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if field_name is not None:
+                found[field_name] = text
+            else:
+                above.append(text)
+        elif tok.type == tokenize.NEWLINE:
+            field_name, above = None, []
+        elif (
+            tok.type == tokenize.NAME
+            and tok.string in names
+            and tokens[i + 1].string == ":"
+            and not found.get(tok.string)
+        ):
+            field_name = tok.string
+            found[field_name] = " ".join(above)
+    return found
+
+
+def _add_flags(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, prefix: str = ""
+) -> None:
+    """One flag per field of ``cls`` (nested dataclasses flattened, their fields under their own names);
+    the argparse dest is the dotted field path, which _from_flags reads back."""
+    hints, comments = typing.get_type_hints(cls), field_comments(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp, dest = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            _add_flags(parser.add_argument_group(comments[f.name]), tp, dest + ".")
+            continue
+        default = getattr(defaults, f.name)
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        help_text = comments[f.name].replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": dest, "default": default}
+        if tp is bool:
+            if default:
+                flag = "--no-" + f.name.replace("_", "-")
+            kwargs["action"] = "store_false" if default else "store_true"
+        else:
+            optional = [a for a in typing.get_args(tp) if a is not type(None)]
+            base = optional[0] if isinstance(tp, types.UnionType) and len(optional) == 1 else tp
+            if typing.get_origin(base) is typing.Literal:
+                kwargs["choices"] = list(typing.get_args(base))
+            elif base in (int, float):
+                kwargs["type"] = base
+            elif base is not str:
+                raise TypeError(f"{cls.__name__}.{f.name}: no command-line flag for type {tp}")
+            if f.metadata.get("required"):
+                kwargs.update(required=True, default=None)
+            elif default is not None:
+                help_text += " (default %(default)s)"
+            if "choices" not in kwargs:
+                kwargs["metavar"] = f.metadata.get("metavar", flag[2:].upper().replace("-", "_"))
+        parser.add_argument(flag, help=help_text, **kwargs)
+
+
+def _from_flags(cls: type[T], args: argparse.Namespace, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    values = {
+        f.name: _from_flags(hints[f.name], args, f"{prefix}{f.name}.")
+        if dataclasses.is_dataclass(hints[f.name])
+        else getattr(args, prefix + f.name)
+        for f in dataclasses.fields(cls)
+    }
+    return cls(**values)
+
 
 def _parser() -> argparse.ArgumentParser:
-    d, di = BuildOptions(), ImageOptions()
     parser = argparse.ArgumentParser(
         prog="make-shards",
         description="Pack retinal patients (two eyes + report) into WebDataset shards, or verify a shard set. "
@@ -26,69 +113,10 @@ def _parser() -> argparse.ArgumentParser:
         "FSSPEC_S3_KEY / FSSPEC_S3_SECRET or the AWS_* variables.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="build a shard set")
-    b.add_argument(
-        "--manifest",
-        help="CSV or JSONL: patient_id,left_image,right_image,report[,left_report,right_report,split]",
-    )
-    b.add_argument("--images", help="image root of --manifest: directory, .zip, .tar or .tar.gz")
-    b.add_argument("--retclip-dir", help="directory with RET-CLIP's {split}_imgs.tsv and {split}_texts.jsonl")
-    b.add_argument("--out", required=True, help="output directory (local or s3://)")
-    b.add_argument("--split", default=d.split, help="split of patients without one (default %(default)s)")
-    b.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share sent to val by id hash")
-    b.add_argument("--image-size", type=int, default=di.size, help="target side (default %(default)s)")
-    b.add_argument(
-        "--resize", choices=["square", "shorter"], default=di.resize, help="square squashes (paper)"
-    )
-    b.add_argument("--jpeg-quality", type=int, default=di.quality, help="default %(default)s")
-    b.add_argument(
-        "--min-side", type=int, default=di.min_side, help="reject smaller images (default %(default)s)"
-    )
-    b.add_argument(
-        "--max-pixels", type=int, default=di.max_pixels, help="reject larger images, from the header"
-    )
-    b.add_argument(
-        "--max-count", type=int, default=d.max_count, help="patients per shard (default %(default)s)"
-    )
-    b.add_argument("--max-size", type=int, default=d.max_size, help="bytes per shard (default %(default)s)")
-    b.add_argument("--seed", type=int, default=d.seed, help="shuffle and val-assignment seed")
-    b.add_argument("--workers", type=int, default=d.workers, help="image-processing processes")
-    b.add_argument("--strict", action="store_true", help="any reject is an error (exit 1, no manifest)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b.add_argument(
-        "--pseudonymise",
-        metavar="KEYFILE",
-        help="replace patient ids by HMAC-SHA256 pseudonyms keyed by this secret file (keep it in the "
-        "hospital) and leave image paths out, so the output directory may leave the hospital",
-    )
+    _add_flags(sub.add_parser("build", help="build a shard set"), BuildOptions)
     v = sub.add_parser("verify", help="check a shard set against its manifest.json")
     v.add_argument("directory", help="shard-set directory (local or s3://)")
     return parser
-
-
-def _options(args: argparse.Namespace) -> BuildOptions:
-    return BuildOptions(
-        out=args.out,
-        manifest=args.manifest,
-        images=args.images,
-        retclip_dir=args.retclip_dir,
-        split=args.split,
-        val_fraction=args.val_fraction,
-        image=ImageOptions(
-            size=args.image_size,
-            resize=args.resize,
-            quality=args.jpeg_quality,
-            min_side=args.min_side,
-            max_pixels=args.max_pixels,
-        ),
-        max_count=args.max_count,
-        max_size=args.max_size,
-        seed=args.seed,
-        workers=args.workers,
-        strict=args.strict,
-        progress=not args.no_progress,
-        pseudonymise=args.pseudonymise,
-    )
 
 
 def summary(result: BuildResult) -> str:
@@ -120,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result.shards} shards, {result.samples} samples checked: {'OK' if result.ok else 'FAILED'}"
             )
             return EXIT_OK if result.ok else EXIT_FAILED
-        print(summary(build_shards(_options(args))))
+        print(summary(build_shards(_from_flags(BuildOptions, args))))
         return EXIT_OK
     except ShardInputError as exc:
         print(f"make-shards: error: {exc}", file=sys.stderr)

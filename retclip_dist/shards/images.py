@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -17,11 +17,13 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 @dataclass(frozen=True)
 class ImageOptions:
-    """How each eye image is checked and re-encoded."""
+    """How each eye image is checked and re-encoded (make-shards flags: field name, or metadata "flag")."""
 
-    size: int = 512  # target side in pixels (the paper resizes offline to 512x512)
+    size: int = field(
+        default=512, metadata={"flag": "--image-size"}
+    )  # target side in pixels (the paper: 512)
     resize: Literal["square", "shorter"] = "square"  # square: squash to size x size; shorter: keep aspect
-    quality: int = 95  # JPEG quality of the stored images
+    quality: int = field(default=95, metadata={"flag": "--jpeg-quality"})  # JPEG quality of the stored images
     min_side: int = 224  # reject images whose shorter side is below this (model input is 224)
     max_pixels: int = 50_000_000  # reject larger images from their header, before decoding (bombs)
 

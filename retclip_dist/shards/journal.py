@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from retclip_dist.io.files import OutputDir
 from retclip_dist.shards.records import Reject, ShardInputError
-from retclip_dist.shards.storage import OutputDir
 
 JOURNAL_NAME = "make-shards.journal.jsonl"
 

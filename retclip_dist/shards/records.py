@@ -1,13 +1,22 @@
-"""What flows through make-shards: patient records, rejects with a fixed reason vocabulary, and the
-two path rules (shard keys, paths inside image roots) every reader must share."""
+"""What flows through make-shards: patient records, rejects with a fixed reason vocabulary (and how
+image-read errors of retclip_dist.io map onto it), and the shard-key rule."""
 
 from __future__ import annotations
 
 import hashlib
 import re
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from retclip_dist.io import paths
+from retclip_dist.io.errors import (
+    AmbiguousName,
+    CorruptData,
+    EmptyPath,
+    ImageNotFound,
+    ImageReadError,
+    UnsafePath,
+)
 
 # The only reasons a patient can be rejected for; rejects.jsonl and the summary table use these names.
 REJECT_REASONS: dict[str, str] = {
@@ -24,6 +33,15 @@ REJECT_REASONS: dict[str, str] = {
     "blank_report": "report is empty or whitespace",
     "missing_report": "no report exists for the patient",
     "duplicate_id": "patient id was already used by an earlier row",
+}
+
+# How each image-read failure of retclip_dist.io is named in rejects.jsonl.
+_READ_REASONS: dict[type[ImageReadError], str] = {
+    EmptyPath: "empty_path",
+    UnsafePath: "unsafe_path",
+    ImageNotFound: "missing_file",
+    AmbiguousName: "ambiguous_name",
+    CorruptData: "undecodable",
 }
 
 _KEY_OK = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -135,25 +153,14 @@ def valid_split(name: str) -> bool:
     return bool(_SPLIT_OK.fullmatch(name))
 
 
-def unicode_form(name: str) -> str:
-    """The form names are compared in: NFC, so a manifest in NFC finds a member macOS wrote in NFD (and the
-    reverse). Compatibility forms (NFKC) are not folded: they would merge genuinely different characters."""
-    return unicodedata.normalize("NFC", name)
+def read_reject(exc: ImageReadError) -> RejectError:
+    """The reject for an image that retclip_dist.io could not read (its message becomes the detail)."""
+    return RejectError(_READ_REASONS[type(exc)], str(exc))
 
 
 def normalise_relpath(path: str) -> str:
-    """Relative POSIX path inside a root, or RejectError(empty_path / unsafe_path).
-
-    Backslashes count as separators so Windows-made manifests and archives cannot smuggle ``..\\``.
-    """
-    if not path.strip():
-        raise RejectError("empty_path", f"image path {path!r} is blank")
-    unified = path.replace("\\", "/")
-    if unified.startswith("/") or re.match(r"[A-Za-z]:", unified):
-        raise RejectError("unsafe_path", f"absolute path {path!r}")
-    parts = [p for p in unified.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise RejectError("unsafe_path", f"path {path!r} contains '..'")
-    if not parts:
-        raise RejectError("empty_path", f"image path {path!r} names no file")
-    return "/".join(parts)
+    """retclip_dist.io's path rule for a path from an input row; a bad one is a reject of that row."""
+    try:
+        return paths.normalise_relpath(path)
+    except ImageReadError as exc:
+        raise read_reject(exc) from None

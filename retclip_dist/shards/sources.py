@@ -1,19 +1,23 @@
-"""Input readers: a CSV/JSONL patient manifest, or the original RET-CLIP ``{split}_imgs.tsv`` +
+"""Input readers: a CSV/JSONL patient table (``--manifest``), or the original RET-CLIP ``{split}_imgs.tsv`` +
 ``{split}_texts.jsonl``. Both yield PatientRecords (images not read yet) plus per-row rejects; only an
 input that cannot be read at all raises ShardInputError."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import io
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import IO, Any
 
 import fsspec
 
-from retclip_dist.shards import storage
+from retclip_dist.io import files
+from retclip_dist.io.errors import CorruptData
+from retclip_dist.io.roots import ImageStore
 from retclip_dist.shards.records import (
     PatientRecord,
     Reject,
@@ -22,7 +26,6 @@ from retclip_dist.shards.records import (
     normalise_relpath,
     valid_split,
 )
-from retclip_dist.shards.roots import RetclipTsvStore
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ def record_from_row(row: Mapping[str, Any], order: int, source: str) -> PatientR
 
 def _read_text(url: str) -> str:
     try:
-        data = storage.read_bytes(url)
+        data = files.read_bytes(url)
     except FileNotFoundError:
         raise ShardInputError(f"manifest {url}: no such file") from None
     except OSError as exc:
@@ -137,10 +140,11 @@ def _jsonl_rows(text: str, url: str) -> Iterator[tuple[int, Mapping[str, Any] | 
         raise ShardInputError(f"manifest {url}: no line is a JSON object; is this really JSONL?")
 
 
-def read_manifest(url: str) -> tuple[list[PatientRecord], list[Reject]]:
-    """CSV (``.csv``; ``.tsv`` tab-separated) or JSONL (``.jsonl``/``.ndjson``, or content starting ``{``)."""
+def read_patient_table(url: str) -> tuple[list[PatientRecord], list[Reject]]:
+    """The patient table given as ``--manifest`` (one row per patient; not a shard set's manifest.json):
+    CSV (``.csv``; ``.tsv`` tab-separated) or JSONL (``.jsonl``/``.ndjson``, or content starting ``{``)."""
     text = _read_text(url)
-    name = storage.basename(url)
+    name = files.basename(url)
     lower = name.lower()
     if lower.endswith((".jsonl", ".ndjson")) or (
         not lower.endswith((".csv", ".tsv")) and text.lstrip()[:1] == "{"
@@ -172,22 +176,52 @@ def _retclip_texts(url: str) -> dict[str, str]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             # A text line names no single patient, so it cannot become a reject; its patients will be
             # rejected as missing_report instead.
-            log.warning("%s:%d: skipping unreadable text line (%s)", storage.basename(url), line_no, exc)
+            log.warning("%s:%d: skipping unreadable text line (%s)", files.basename(url), line_no, exc)
             continue
         for pid in ids:
             texts.setdefault(str(pid), text if isinstance(text, str) else "")
     return texts
 
 
+class RetclipTsvStore(ImageStore):
+    """The RET-CLIP ``{split}_imgs.tsv`` as an image store; a ref (made by read_retclip) is
+    ``line:offset:length:column`` of one base64 image."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.name = files.basename(url)
+
+    def _line(self, offset: int, length: int) -> bytes:
+        # Both eyes live on one line, so keep the last one read rather than fetching it twice.
+        if getattr(self, "_fh_last", (None,))[0] != offset:
+            if getattr(self, "_fh", None) is None:
+                self._fh: IO[bytes] = fsspec.open(self.url, "rb").open()
+            self._fh.seek(offset)
+            self._fh_last = (offset, self._fh.read(length))
+        return self._fh_last[1]
+
+    def read(self, ref: str) -> bytes:
+        line_no, offset, length, column = (int(x) for x in ref.split(":"))
+        field = self._line(offset, length).rstrip(b"\r\n").split(b"\t")[column]
+        try:
+            return base64.b64decode(field, validate=True)
+        except binascii.Error as exc:
+            raise CorruptData(f"{self.name}:{line_no}: column {column + 1} is not base64 ({exc})") from None
+
+    def describe(self, ref: str) -> str:
+        line_no, _, _, column = ref.split(":")
+        return f"{self.name}:{line_no}:{'left' if column == '1' else 'right'}"
+
+
 def read_retclip(directory: str, split: str) -> tuple[list[PatientRecord], list[Reject], RetclipTsvStore]:
     """Index ``{split}_imgs.tsv`` by byte offset (images stay on disk) and join ``{split}_texts.jsonl``."""
-    tsv_url = storage.join(directory, f"{split}_imgs.tsv")
-    texts_url = storage.join(directory, f"{split}_texts.jsonl")
+    tsv_url = files.join(directory, f"{split}_imgs.tsv")
+    texts_url = files.join(directory, f"{split}_texts.jsonl")
     for url in (tsv_url, texts_url):
-        if not storage.exists(url):
-            raise ShardInputError(f"RET-CLIP dir {directory}: {storage.basename(url)} not found")
+        if not files.exists(url):
+            raise ShardInputError(f"RET-CLIP dir {directory}: {files.basename(url)} not found")
     texts = _retclip_texts(texts_url)
-    name = storage.basename(tsv_url)
+    name = files.basename(tsv_url)
     records, rejects = [], []
     offset = 0
     with fsspec.open(tsv_url, "rb") as fh:
@@ -204,9 +238,7 @@ def read_retclip(directory: str, split: str) -> tuple[list[PatientRecord], list[
                     if not fields[column].strip():
                         raise RejectError("missing_eye", f"no {eye} image")
                 if pid not in texts:
-                    raise RejectError(
-                        "missing_report", f"{pid} is in no line of {storage.basename(texts_url)}"
-                    )
+                    raise RejectError("missing_report", f"{pid} is in no line of {files.basename(texts_url)}")
                 if not texts[pid].strip():
                     raise RejectError("blank_report", "report is blank")
             except RejectError as exc:

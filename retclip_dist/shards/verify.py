@@ -13,12 +13,17 @@ from typing import IO, Any
 import fsspec
 from PIL import Image
 
-from retclip_dist.shards import storage
+from retclip_dist.io import files
 from retclip_dist.shards.pseudonym import PSEUDONYM_PREFIX
-from retclip_dist.shards.writer import FORMAT, PSEUDONYMISED_FIELD
-
-REQUIRED_MEMBERS = frozenset({"json", "left.jpg", "right.jpg", "report.txt"})
-OPTIONAL_MEMBERS = frozenset({"left.txt", "right.txt"})
+from retclip_dist.shardset import (
+    FORMAT,
+    MANIFEST_NAME,
+    META_MEMBER,
+    OPTIONAL_MEMBERS,
+    PSEUDONYMISED_FIELD,
+    REQUIRED_MEMBERS,
+    SHARD_SUFFIX,
+)
 
 
 @dataclass
@@ -80,7 +85,7 @@ def _check_sample(key: str, members: dict[str, bytes], pseudonymised: bool) -> l
                     img.load()
                     if img.mode != "RGB":
                         problems.append(f"sample {key}: {name} is {img.mode}, not RGB")
-            elif name == "json":
+            elif name == META_MEMBER:
                 json.loads(data)
                 if pseudonymised:
                     problems += _check_pseudonymised(key, data)
@@ -94,7 +99,7 @@ def _check_sample(key: str, members: dict[str, bytes], pseudonymised: bool) -> l
 
 def _check_shard(url: str, entry: dict[str, Any], pseudonymised: bool) -> tuple[int, list[str]]:
     name = entry["name"]
-    if not storage.exists(url):
+    if not files.exists(url):
         return 0, [f"{name}: missing"]
     problems: list[str] = []
     samples: dict[str, dict[str, bytes]] = {}
@@ -126,9 +131,9 @@ def _check_shard(url: str, entry: dict[str, Any], pseudonymised: bool) -> tuple[
 def verify_shards(directory: str) -> VerifyResult:
     """Check the shard set in ``directory`` (local or s3://); never raises for bad content."""
     result = VerifyResult()
-    manifest_url = storage.join(directory, "manifest.json")
+    manifest_url = files.join(directory, MANIFEST_NAME)
     try:
-        manifest = json.loads(storage.read_bytes(manifest_url))
+        manifest = json.loads(files.read_bytes(manifest_url))
         shards = manifest["shards"]
     except FileNotFoundError:
         result.problems.append(f"{manifest_url}: missing")
@@ -141,11 +146,11 @@ def verify_shards(directory: str) -> VerifyResult:
     result.shards = len(shards)
     result.pseudonymised = manifest.get(PSEUDONYMISED_FIELD) is True
     for entry in shards:
-        count, problems = _check_shard(storage.join(directory, entry["name"]), entry, result.pseudonymised)
+        count, problems = _check_shard(files.join(directory, entry["name"]), entry, result.pseudonymised)
         result.samples += count
         result.problems += problems
     fs, path = fsspec.core.url_to_fs(directory)
     listed = {entry["name"] for entry in shards}
-    on_disk = {storage.basename(p) for p in fs.glob(storage.join(path, "*.tar"))}
-    result.problems += [f"{name}: not listed in manifest.json" for name in sorted(on_disk - listed)]
+    on_disk = {files.basename(p) for p in fs.glob(files.join(path, "*" + SHARD_SUFFIX))}
+    result.problems += [f"{name}: not listed in {MANIFEST_NAME}" for name in sorted(on_disk - listed)]
     return result

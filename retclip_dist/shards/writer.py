@@ -1,5 +1,5 @@
-"""Deterministic shard packing: ``{split}-{index:06d}.tar`` written under a temporary name, then
-published whole, plus the final manifest.json and rejects.jsonl.
+"""Deterministic shard packing: each shard (named by shardset.shard_name) is written under a temporary
+name, then published whole; rejects.jsonl text. The manifest.json text is shardset.manifest_json.
 
 Tars are written with webdataset's own TarWriter: in webdataset 1.0.2 it takes ``mtime``, ``user``,
 ``group`` and ``mode`` arguments (uid/gid stay 0) and writes members in sorted order, so with fixed
@@ -16,18 +16,12 @@ from typing import IO, Any
 
 from webdataset import TarWriter
 
-import retclip_dist
-from retclip_dist.shards.records import Reject, count_rejects
-from retclip_dist.shards.storage import OutputDir
+from retclip_dist.io.files import OutputDir
+from retclip_dist.shards.records import Reject
+from retclip_dist.shardset import SOURCE_HASHES_FIELD, shard_name
 
-FORMAT = "retclip-shards/1"
-PSEUDONYMISED_FIELD = "pseudonymised"  # manifest.json: true when ids are keyed hashes and paths left out
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # tarfile pads every archive to a multiple of this
-
-
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
 
 
 def member_bytes(members: dict[str, bytes]) -> int:
@@ -66,6 +60,7 @@ class _OpenShard:
         )
         self.count = 0
         self.content = 0
+        self.digests: list[str] = []
 
     def close(self) -> dict[str, Any]:
         self.tar.close()
@@ -76,6 +71,7 @@ class _OpenShard:
             "count": self.count,
             "bytes": self.hashing.bytes,
             "sha256": self.hashing.sha.hexdigest(),
+            SOURCE_HASHES_FIELD: sorted(self.digests),
         }
 
 
@@ -105,7 +101,7 @@ class ShardWriter:
         over = tar_file_bytes(cur.content + size) > self.max_size
         return cur.split != split or cur.count >= self.max_count or over
 
-    def add(self, split: str, key: str, members: dict[str, bytes]) -> None:
+    def add(self, split: str, key: str, members: dict[str, bytes], digests: tuple[str, ...] = ()) -> None:
         size = member_bytes(members)
         if self._full(split, size):
             self.close()
@@ -116,6 +112,7 @@ class ShardWriter:
         self.current.tar.write({"__key__": key, **members})
         self.current.count += 1
         self.current.content += size
+        self.current.digests.extend(digests)
 
     def close(self) -> None:
         """Publish the open shard (if any) and report it to ``on_close``."""
@@ -139,29 +136,3 @@ def rejects_jsonl(rejects: list[Reject]) -> str:
     return "".join(
         json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in sorted(rejects, key=lambda r: r.order)
     )
-
-
-def manifest_json(
-    options: dict[str, Any], shards: list[dict[str, Any]], rejects: list[Reject], pseudonymised: bool
-) -> str:
-    """The manifest.json text; no timestamps or paths of the output, so equal inputs give equal bytes.
-
-    ``pseudonymised`` (never the key) tells readers and ``make-shards verify`` that ids are keyed hashes
-    and samples carry no source paths.
-    """
-    splits: dict[str, dict[str, int]] = {}
-    for shard in shards:
-        totals = splits.setdefault(shard["split"], {"shards": 0, "samples": 0, "bytes": 0})
-        totals["shards"] += 1
-        totals["samples"] += shard["count"]
-        totals["bytes"] += shard["bytes"]
-    manifest = {
-        "format": FORMAT,
-        "tool_version": retclip_dist.__version__,
-        PSEUDONYMISED_FIELD: pseudonymised,
-        "options": options,
-        "splits": dict(sorted(splits.items())),
-        "shards": shards,
-        "rejected": count_rejects(rejects),
-    }
-    return json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"

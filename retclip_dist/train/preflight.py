@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from retclip_dist.config import ConfigError
-from retclip_dist.data.manifest import read_manifest
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import image_input, text_model_config, vision_input_size
+from retclip_dist.shardset import read_manifest
 from retclip_dist.train import runlock
 from retclip_dist.train.checkpoint import read_train_state, resume_path
 from retclip_dist.train.config import RunConfig

@@ -38,7 +38,7 @@ def exists(url: str) -> bool:
 
 
 class OutputDir:
-    """A shard-set directory; every file appears complete or not at all (rename locally, one PUT on S3)."""
+    """An output directory; every file appears complete or not at all (rename locally, one PUT on S3)."""
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")

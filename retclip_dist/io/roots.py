@@ -5,16 +5,13 @@ its own file handles lazily, because zip/tar/S3 handles cannot be shared across 
 members are looked up by normalised name in an index and read from memory: nothing is ever extracted
 to disk under a name taken from the archive.
 
-Names are matched in Unicode NFC form (records.unicode_form): macOS writes NFD names into zips and onto
+Names are matched in Unicode NFC form (paths.unicode_form): macOS writes NFD names into zips and onto
 disk while manifests are usually NFC. When two entries of one directory or archive share a form, a
-reference to that name is rejected as ``ambiguous_name`` naming both, since which one was meant cannot
-be known.
+reference to that name raises AmbiguousName naming both, since which one was meant cannot be known.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import gzip
 import logging
 import os
@@ -28,14 +25,22 @@ from typing import IO, Any
 
 import fsspec
 
-from retclip_dist.shards import storage
-from retclip_dist.shards.records import RejectError, ShardInputError, normalise_relpath, unicode_form
+from retclip_dist.io import files
+from retclip_dist.io.errors import (
+    AmbiguousName,
+    CorruptData,
+    ImageNotFound,
+    ImageReadError,
+    ImageRootError,
+    UnsafePath,
+)
+from retclip_dist.io.paths import normalise_relpath, unicode_form
 
 log = logging.getLogger(__name__)
 
 
 class ImageStore(ABC):
-    """Reads image bytes by reference; raises RejectError for anything a single patient can fail on."""
+    """Reads image bytes by reference; raises ImageReadError (a subclass) for anything one image can fail on."""
 
     @abstractmethod
     def read(self, ref: str) -> bytes: ...
@@ -60,18 +65,16 @@ class ImageStore(ABC):
 
 
 def _one_of(candidates: list[str], ref: str, where: str) -> str:
-    """The single entry whose NFC form matches ``ref``, or missing_file / ambiguous_name.
+    """The single entry whose NFC form matches ``ref``, or ImageNotFound / AmbiguousName.
 
     ``where`` completes "not found ..." (``under DIR`` or ``in ARCHIVE``); names are shown with ascii() so
     two spellings that look the same read differently in the message.
     """
     if not candidates:
-        raise RejectError("missing_file", f"{ref} not found {where}")
+        raise ImageNotFound(f"{ref} not found {where}")
     if len(candidates) > 1:
         shown = ", ".join(ascii(c) for c in candidates)
-        raise RejectError(
-            "ambiguous_name", f"{ref!a} {where} is any of {shown} (they differ only in Unicode form)"
-        )
+        raise AmbiguousName(f"{ref!a} {where} is any of {shown} (they differ only in Unicode form)")
     return candidates[0]
 
 
@@ -87,10 +90,10 @@ class DirStore(ImageStore):
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
-        self.local = storage.is_local(url)
+        self.local = files.is_local(url)
         if self.local:
             if not os.path.isdir(url):
-                raise ShardInputError(f"image root {url}: not a directory, .zip, .tar or .tar.gz")
+                raise ImageRootError(f"image root {url}: not a directory, .zip, .tar or .tar.gz")
             self.real_root = os.path.realpath(url)
 
     def _listing(self, directory: str) -> dict[str, list[str]]:
@@ -115,32 +118,32 @@ class DirStore(ImageStore):
         # Object stores have no directories to list cheaply level by level: try the name as written,
         # then the file names under its prefix by NFC form.
         try:
-            return storage.read_bytes(storage.join(self.url, ref))
+            return files.read_bytes(files.join(self.url, ref))
         except FileNotFoundError:
             pass
         parent, _, name = ref.rpartition("/")
-        prefix = storage.join(self.url, parent) if parent else self.url
+        prefix = files.join(self.url, parent) if parent else self.url
         cache: dict[str, dict[str, list[str]]] = self.__dict__.setdefault("_fh_listings", {})
         if prefix not in cache:
             fs, path = fsspec.core.url_to_fs(prefix)
             try:
-                cache[prefix] = _by_form([storage.basename(p) for p in fs.ls(path, detail=False)])
+                cache[prefix] = _by_form([files.basename(p) for p in fs.ls(path, detail=False)])
             except FileNotFoundError:
                 cache[prefix] = {}
         found = _one_of(cache[prefix].get(unicode_form(name), []), ref, f"under {self.url}")
         try:
-            return storage.read_bytes(storage.join(prefix, found))
+            return files.read_bytes(files.join(prefix, found))
         except FileNotFoundError:
-            raise RejectError("missing_file", f"{ref} not found under {self.url}") from None
+            raise ImageNotFound(f"{ref} not found under {self.url}") from None
 
     def read(self, ref: str) -> bytes:
         if not self.local:
             return self._read_remote(ref)
         real = os.path.realpath(os.path.join(self.real_root, self._local_name(ref)))
         if os.path.commonpath([real, self.real_root]) != self.real_root:
-            raise RejectError("unsafe_path", f"{ref} resolves outside {self.url}")
+            raise UnsafePath(f"{ref} resolves outside {self.url}")
         if not os.path.isfile(real):
-            raise RejectError("missing_file", f"{ref} not found under {self.url}")
+            raise ImageNotFound(f"{ref} not found under {self.url}")
         with open(real, "rb") as fh:
             return fh.read()
 
@@ -154,8 +157,8 @@ class MemberIndex:
         for name, locator in names:
             try:
                 norm = normalise_relpath(name)
-            except RejectError as exc:
-                log.warning("%s: ignoring member %r (%s)", archive, name, exc.reason)
+            except ImageReadError as exc:
+                log.warning("%s: ignoring member %r (%s)", archive, name, exc)
                 continue
             self.locators.setdefault(norm, locator)
         self.forms = _by_form(list(self.locators))  # NFC form -> member paths with that form
@@ -164,7 +167,7 @@ class MemberIndex:
         return list(self.locators)
 
     def find(self, ref: str) -> Any:
-        """Locator of ``ref`` (matched by NFC form), or RejectError missing_file / ambiguous_name."""
+        """Locator of ``ref`` (matched by NFC form), or ImageNotFound / AmbiguousName."""
         return self.locators[_one_of(self.forms.get(unicode_form(ref), []), ref, f"in {self.archive}")]
 
 
@@ -175,7 +178,7 @@ class ZipStore(ImageStore):
             with fsspec.open(url, "rb") as fh, zipfile.ZipFile(fh) as zf:
                 members = [(i.filename, i.filename) for i in zf.infolist() if not i.is_dir()]
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise ShardInputError(f"image root {url}: not a readable zip archive ({exc})") from exc
+            raise ImageRootError(f"image root {url}: not a readable zip archive ({exc})") from exc
         self.index = MemberIndex(members, url)
 
     def read(self, ref: str) -> bytes:
@@ -186,7 +189,7 @@ class ZipStore(ImageStore):
         try:
             return self._fh_zip.read(name)
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-            raise RejectError("undecodable", f"{ref} in {self.url}: corrupt zip member ({exc})") from None
+            raise CorruptData(f"{ref} in {self.url}: corrupt zip member ({exc})") from None
 
 
 class TarStore(ImageStore):
@@ -200,7 +203,7 @@ class TarStore(ImageStore):
             with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
                 members = [(m.name, (m.offset_data, m.size)) for m in tf if m.isreg()]
         except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ShardInputError(f"image root {self.shown_as}: not a readable tar archive ({exc})") from exc
+            raise ImageRootError(f"image root {self.shown_as}: not a readable tar archive ({exc})") from exc
         self.index = MemberIndex(members, self.shown_as)
 
     def read(self, ref: str) -> bytes:
@@ -221,10 +224,10 @@ def _decompressed_tar(url: str) -> TarStore:
             shutil.copyfileobj(gz, out, 1 << 20)
     except (OSError, EOFError, zlib.error) as exc:
         shutil.rmtree(temp_dir, ignore_errors=True)
-        raise ShardInputError(f"image root {url}: not a readable tar.gz archive ({exc})") from exc
+        raise ImageRootError(f"image root {url}: not a readable tar.gz archive ({exc})") from exc
     try:
         return TarStore(target, shown_as=url, temp_dir=temp_dir)
-    except ShardInputError:
+    except ImageRootError:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
 
@@ -232,8 +235,8 @@ def _decompressed_tar(url: str) -> TarStore:
 def open_image_root(url: str) -> ImageStore:
     """Pick the store by name: ``.zip``, ``.tar``, ``.tar.gz``/``.tgz``, else a directory."""
     lower = url.lower()
-    if lower.endswith((".zip", ".tar", ".tar.gz", ".tgz")) and not storage.exists(url):
-        raise ShardInputError(f"image root {url}: no such file")
+    if lower.endswith((".zip", ".tar", ".tar.gz", ".tgz")) and not files.exists(url):
+        raise ImageRootError(f"image root {url}: no such file")
     if lower.endswith(".zip"):
         return ZipStore(url)
     if lower.endswith((".tar.gz", ".tgz")):
@@ -241,34 +244,3 @@ def open_image_root(url: str) -> ImageStore:
     if lower.endswith(".tar"):
         return TarStore(url)
     return DirStore(url)
-
-
-class RetclipTsvStore(ImageStore):
-    """The RET-CLIP ``{split}_imgs.tsv``; a ref is ``line:offset:length:column`` of one base64 image."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.name = storage.basename(url)
-
-    def _line(self, offset: int, length: int) -> bytes:
-        # Both eyes live on one line, so keep the last one read rather than fetching it twice.
-        if getattr(self, "_fh_last", (None,))[0] != offset:
-            if getattr(self, "_fh", None) is None:
-                self._fh: IO[bytes] = fsspec.open(self.url, "rb").open()
-            self._fh.seek(offset)
-            self._fh_last = (offset, self._fh.read(length))
-        return self._fh_last[1]
-
-    def read(self, ref: str) -> bytes:
-        line_no, offset, length, column = (int(x) for x in ref.split(":"))
-        field = self._line(offset, length).rstrip(b"\r\n").split(b"\t")[column]
-        try:
-            return base64.b64decode(field, validate=True)
-        except binascii.Error as exc:
-            raise RejectError(
-                "undecodable", f"{self.name}:{line_no}: column {column + 1} is not base64 ({exc})"
-            ) from None
-
-    def describe(self, ref: str) -> str:
-        line_no, _, _, column = ref.split(":")
-        return f"{self.name}:{line_no}:{'left' if column == '1' else 'right'}"
