@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m retclip_dist.demo --out demo
+	$(BIN)/python -m retclip_dist.demo --output_dir demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -41,6 +41,7 @@ from retclip_dist.data.config import DataConfig
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.data.samples import SampleDecoder
 from retclip_dist.data.skips import SkipCounter
+from retclip_dist.model.config import ImageInput
 from retclip_dist.model.tokenizer import wordpiece_tokenizer
 from retclip_dist.model.vocab import read_vocab
 
@@ -74,7 +75,9 @@ def _bare_decode(raws: list[dict]) -> int:
 
 
 def _decode_with(cfg: DataConfig, raws: list[dict]) -> Callable[[], int]:
-    decoder = SampleDecoder(cfg, seed=0, epoch=0, train=True, counter=SkipCounter())
+    decoder = SampleDecoder(
+        cfg, ImageInput.clip(cfg.image_size), seed=0, epoch=0, train=True, counter=SkipCounter()
+    )
 
     def run() -> int:
         for raw in raws:
@@ -91,7 +94,7 @@ def _augment_ms(cfg: DataConfig, batch: int, device: str, repeats: int) -> float
         np.stack([sample_params(sample_rng(0, 0, str(i)), 512, 512, cfg) for i in range(batch)])
     )
     batch_dict = {"left": images, "right": images, "left_params": params, "right_params": params}
-    augment = DeviceAugment(cfg.image_size, device)
+    augment = DeviceAugment(ImageInput.clip(cfg.image_size), device)
     best = float("inf")
     for _ in range(repeats + 1):
         if device == "cuda":

@@ -48,13 +48,15 @@ from retclip_dist.data.augment import DeviceAugment
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.loss import TripartiteLoss
-from retclip_dist.model.config import BERT_BASE_CHINESE, ModelConfig
+from retclip_dist.model.config import BERT_BASE_CHINESE, ImageInput, ModelConfig
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.towers import text_model_config
+from retclip_dist.train.backend import build_accelerator
 from retclip_dist.train.config import RunConfig, TrainSection
-from retclip_dist.train.loop import build_accelerator, train_step
+from retclip_dist.train.loop import train_step
 from retclip_dist.train.optim import build_optimizer, lr_at
 from retclip_dist.train.signals import any_rank
+from retclip_dist.train.step import output_loss
 
 # The fake patients and shard sets are the tests' (tests/conftest.py), not part of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -242,11 +244,10 @@ def _run_ours(case: Case) -> float:
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)
-    tripartite = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather)
+    loss_fn = output_loss(
+        TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather, duplicates=cfg.loss.duplicates)
+    )
     total = case.warmup + case.steps
-
-    def loss_fn(out: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        return tripartite(*out)
 
     def step(i: int, batch: dict[str, Any]) -> None:
         lr = lr_at(i, total, cfg.train)
@@ -265,7 +266,7 @@ def _run_bare(case: Case) -> float:
     device = torch.device(case.device)
     batch = _first_batch(case.data, 0)
     on_device = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-    inputs = DeviceAugment(case.data.image_size, device)(on_device)
+    inputs = DeviceAugment(ImageInput.clip(case.data.image_size), device)(on_device)
     left, right = inputs["left"], inputs["right"]
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     model = BareClip(case.model).to(device)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -194,8 +195,30 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _renamed(data: dict[str, Any], renames: dict[str, str], source: str) -> dict[str, Any]:
+    """``data`` with each old top-level key of ``renames`` moved to its new name, one warning line each.
+
+    Old spellings keep working for a while (a preset written before the rename, a launcher passing the
+    old flag); writing both the old and the new name is an error, since one would silently win.
+    """
+    out = dict(data)
+    for old, new in renames.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{source}: both {old!r} and its new name {new!r} given; keep only {new!r}")
+        out[new] = out.pop(old)
+        print(f"warning: {source}: {old!r} is now {new!r}; the old name will be removed", file=sys.stderr)
+    return out
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of ``cls``, updated by the YAML file at ``path``, updated by command-line overrides."""
+    """Defaults of ``cls``, updated by the YAML file at ``path``, updated by command-line overrides.
+
+    A class may list renamed top-level keys as ``RENAMED = {"old": "new"}`` (a ClassVar): the old
+    spelling is then read as the new one, with a warning.
+    """
+    renames: dict[str, str] = getattr(cls, "RENAMED", {})
     data: dict[str, Any] = to_dict(cls())
     if path is not None:
         try:
@@ -204,6 +227,6 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping at the top level")
-        data = _merge(data, loaded)
-    data = _merge(data, parse_overrides(overrides or []))
+        data = _merge(data, _renamed(loaded, renames, f"config {path}"))
+    data = _merge(data, _renamed(parse_overrides(overrides or []), renames, "command line"))
     return from_dict(cls, data)

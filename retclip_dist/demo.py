@@ -1,8 +1,10 @@
 """``make demo``: the whole story on CPU in a few minutes, starting where a user starts.
 
-synthetic raw archive (zip + CSV) -> ``make-shards build`` -> ``make-shards verify`` -> ``accelerate
-launch`` of configs/tiny.yaml on 2 CPU processes -> validation recall -> saved model -> linear probe.
-Each stage is the same command a user would type; they are printed before they run.
+synthetic raw archive (zip + CSV) -> ``make-shards build`` -> ``make-shards verify`` -> ``retclip-train
+--launch`` (checks the config once, then ``accelerate launch``) of configs/tiny.yaml on 2 CPU processes ->
+validation recall -> saved model -> linear probe. Each stage is the same command a user would type; they
+are printed before they run. A failed stage ends the demo with that stage's exit code (2: bad usage or
+config) and one line saying which.
 """
 
 from __future__ import annotations
@@ -16,17 +18,29 @@ import sys
 from pathlib import Path
 
 from retclip_dist import synth
+from retclip_dist.cli_args import add_output_dir
 from retclip_dist.eval.commands import run_linear_probe
 from retclip_dist.eval.config import DataConfig, EvalConfig
 from retclip_dist.eval.report import markdown_table
+from retclip_dist.exit_codes import EXIT_OK
 from retclip_dist.train.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class StageFailed(RuntimeError):
+    """A demo stage (one command) exited with ``code``; its own output said why."""
+
+    def __init__(self, cmd: list[str], code: int) -> None:
+        super().__init__(f"{Path(cmd[0]).name} {cmd[1]} exited with code {code}; see its output above")
+        self.code = code
+
+
 def run(cmd: list[str]) -> None:
     print("\n$ " + shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    if code != EXIT_OK:
+        raise StageFailed(cmd, code)
 
 
 def bin_path(name: str) -> str:
@@ -71,7 +85,7 @@ def demo_probe(
     table = synth.write_labelled_set(out / "data", max(n_images // 2, 5), seed=seed)
     cfg = EvalConfig(
         model=str(model_dir),
-        out_dir=str(out / "linear_probe"),
+        output_dir=str(out / "linear_probe"),
         data=DataConfig(table=str(table), images=str(out / "data" / "images"), label_column=label),
     )
     return markdown_table(run_linear_probe(cfg))
@@ -79,17 +93,25 @@ def demo_probe(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retclip_dist.demo", description=__doc__)
-    parser.add_argument("--out", default="demo", help="working directory for every demo artefact")
+    add_output_dir(parser, help="working directory for every demo artefact", default="demo")
     parser.add_argument("--patients", type=int, default=1200, help="synthetic patients to generate")
     parser.add_argument("--processes", type=int, default=2, help="CPU training processes")
     args, overrides = parser.parse_known_args(argv)
-    out = Path(args.out).resolve()
+    try:
+        return _demo(Path(args.output_dir).resolve(), args.patients, args.processes, overrides)
+    except StageFailed as exc:
+        # The stage's own code: 2 (a bad override or config) stays 2, as the tool said.
+        print(f"demo: {exc}", file=sys.stderr)
+        return exc.code
 
-    print(f"1. synthetic hospital export: {args.patients} patients -> {out / 'raw'}", flush=True)
+
+def _demo(out: Path, patients: int, processes: int, overrides: list[str]) -> int:
+
+    print(f"1. synthetic hospital export: {patients} patients -> {out / 'raw'}", flush=True)
     # With per-eye reports (configs/tiny.yaml reads them) the left and right levels each learn their own
     # eye's findings instead of picking them out of the patient report.
     manifest, images = synth.write_raw_archive(
-        out / "raw", args.patients, seed=0, image_size=256, layout="zip", eye_reports=True
+        out / "raw", patients, seed=0, image_size=256, layout="zip", eye_reports=True
     )
 
     shards = out / "shards"
@@ -108,10 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     run(
         [
-            bin_path("accelerate"), "launch",
-            "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
-            "--num_processes", str(args.processes),
-            "-m", "retclip_dist.train",
+            bin_path("retclip-train"),
+            "--launch", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+            "--num_processes", str(processes),
             "--config", str(ROOT / "configs/tiny.yaml"),
             "--data.shards", str(shards),
             "--output_dir", str(run_dir),
@@ -128,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n6. the downstream table: retclip-eval benchmark, one dataset (the synthetic grades), two seeds")
     suite = out / "bench_suite.yaml"
-    # A rerun trains a new model, and benchmark refuses an out_dir made with another one.
+    # A rerun trains a new model, and benchmark refuses an output_dir made with another one.
     shutil.rmtree(out / "bench", ignore_errors=True)
     suite.write_text(
         "seeds: [0, 1]\nprotocols: [zero_shot, linear_probe]\n"
@@ -136,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         f"prompts: {ROOT / 'configs/prompts/dr_grade.yaml'}, options: {{label_column: grade}}}}\n"
     )
     run([bin_path("retclip-eval"), "benchmark", "--suite", str(suite), "--model", str(run_dir / "model"),
-         "--out_dir", str(out / "bench")])  # fmt: skip
-    return 0
+         "--output_dir", str(out / "bench")])  # fmt: skip
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -237,9 +237,10 @@ class TripartiteLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss and {level: detached loss} for logging.
 
-        Each argument holds one entry per level in LEVELS order, e.g. the model's PerLevel tuples, so
-        ``loss_fn(*model(batch))`` works. ``report_hash`` [b, 3] int64: each local row's cleaned-report
-        hash per level (the batch's ``report_hash``), needed with ``duplicates="mask"``.
+        Each argument holds one entry per level in LEVELS order, e.g. the model's PerLevel tuples; the
+        argument names are RetClipOutput's field names (train/step.py ``output_loss`` passes them by name).
+        ``report_hash`` [b, 3] int64: each local row's cleaned-report hash per level (the batch's
+        ``report_hash``), needed with ``duplicates="mask"``.
         """
         if self.duplicates == "mask" and report_hash is None:
             raise ValueError(

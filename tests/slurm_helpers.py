@@ -103,7 +103,7 @@ def run_overrides(shards: Path, out_dir: Path) -> list[str]:
         # Only the signal and the end save: a resume must come from the signal's checkpoint.
         "--checkpoint.every_steps", "0",
         "--log.every_steps", "1",
-        "--eval.every_epochs", "1",
+        "--val.every_epochs", "1",
         "--log.progress", "false",
         "--log.tensorboard", "false",
     ]  # fmt: skip

@@ -84,3 +84,19 @@ def test_a_key_inside_a_free_form_mapping_takes_the_yaml_value():
     cfg = load_config(Words, None, ["--extra.p", "0.1", "--extra.depth", "2", "--extra.name", "no"])
     assert cfg.extra == {"p": 0.1, "name": "no", "depth": 2}  # YAML 1.2: "no" is a word
     assert type(cfg.extra["p"]) is float and type(cfg.extra["depth"]) is int
+
+
+def test_renamed_section_reads_the_old_spelling_with_a_warning(tmp_path, capsys):
+    from retclip_dist.train.config import RunConfig
+
+    preset = tmp_path / "old.yaml"
+    preset.write_text("eval:\n  every_epochs: 3\n")
+    cfg = load_config(RunConfig, preset, ["--eval.max_samples", "7"])
+    assert (cfg.val.every_epochs, cfg.val.max_samples) == (3, 7)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"warning: config {preset}: 'eval' is now 'val'; the old name will be removed",
+        "warning: command line: 'eval' is now 'val'; the old name will be removed",
+    ]
+    with pytest.raises(ConfigError, match="both 'eval' and its new name 'val'"):
+        load_config(RunConfig, None, ["--eval.every_epochs", "1", "--val.every_epochs", "2"])

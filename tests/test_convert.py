@@ -167,7 +167,7 @@ def test_bad_vocab_fails_before_anything_is_written(release, tmp_path, capsys):
     bad = tmp_path / "bad_vocab.txt"
     bad.write_text("[PAD]\n\n[UNK]\n", encoding="utf-8")
     out = tmp_path / "out"
-    code = eval_main(["convert-release", str(checkpoint), "--vocab", str(bad), "--out", str(out)])
+    code = eval_main(["convert-release", str(checkpoint), "--vocab", str(bad), "--output_dir", str(out)])
     assert code == 2
     assert capsys.readouterr().err.strip().endswith("bad_vocab.txt: line 2 is empty")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [

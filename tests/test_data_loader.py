@@ -18,10 +18,10 @@ import torch.multiprocessing as mp
 from conftest import fake_patients, free_port, tiny_tokenizer, write_shard_set
 
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.evaluation import build_eval_data
 from retclip_dist.data.loader import build_train_data, data_loader
 from retclip_dist.data.skips import SkipCounter
 from retclip_dist.data.streams import read_shard
+from retclip_dist.data.validation import build_val_data
 from retclip_dist.shardset import read_manifest
 
 TOKENIZER = tiny_tokenizer()
@@ -294,7 +294,7 @@ def test_eval_loader_reads_every_patient_once_across_ranks(shard_set: Path) -> N
     cfg = _cfg(shard_set, batch_size=3, augment_on="cpu")
     seen = []
     for rank in (0, 1):
-        loader = build_eval_data(dataclasses.replace(cfg, num_workers=2 - rank), TOKENIZER, rank, 2)
+        loader = build_val_data(dataclasses.replace(cfg, num_workers=2 - rank), TOKENIZER, rank, 2)
         mine = []
         for batch in loader:
             assert batch["left"].shape[1:] == (3, 40, 40)
@@ -306,7 +306,7 @@ def test_eval_loader_reads_every_patient_once_across_ranks(shard_set: Path) -> N
 
 
 def test_eval_batches_carry_identity_params(shard_set: Path) -> None:
-    batch = next(iter(build_eval_data(_cfg(shard_set, batch_size=2), TOKENIZER, 0, 1)))
+    batch = next(iter(build_val_data(_cfg(shard_set, batch_size=2), TOKENIZER, 0, 1)))
     rows = batch["left_params"]
     assert rows[:, 2:4].eq(1).all() and rows[:, 4].eq(0).all() and rows[:, 5:8].eq(1).all()
     assert rows[:, 8:].eq(0).all()
@@ -324,8 +324,8 @@ def test_manifest_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_missing_val_split_disables_validation(tmp_path: Path) -> None:
     write_shard_set(tmp_path, {"train": fake_patients(4, size=32)}, per_shard=4)
-    assert build_eval_data(_cfg(tmp_path), TOKENIZER, 0, 1) is None
-    assert build_eval_data(_cfg(tmp_path, val_split=None), TOKENIZER, 0, 1) is None
+    assert build_val_data(_cfg(tmp_path), TOKENIZER, 0, 1) is None
+    assert build_val_data(_cfg(tmp_path, val_split=None), TOKENIZER, 0, 1) is None
 
 
 def test_loader_workers_ignore_stop_signals(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 from conftest import fake_patients, tiny_tokenizer, write_shard_set
 
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.evaluation import build_eval_data
 from retclip_dist.data.loader import build_train_data
+from retclip_dist.data.validation import build_val_data
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -59,6 +59,6 @@ def test_train_and_eval_loaders_read_s3(tmp_path: Path, s3_options: dict) -> Non
     assert sorted(keys) == [f"p{i:05d}" for i in range(10)]
     assert train.skipped == 0
 
-    val = build_eval_data(dataclasses.replace(cfg, num_workers=0), tokenizer, 0, 1)
+    val = build_val_data(dataclasses.replace(cfg, num_workers=0), tokenizer, 0, 1)
     seen = [k for batch in val for k in batch["keys"]]
     assert seen == ["p00010", "p00011", "p00012", "p00013"]

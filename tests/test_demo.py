@@ -13,7 +13,7 @@ from retclip_dist.train.metrics_log import read_metrics
 @pytest.mark.dist
 def test_demo_learns_beyond_chance(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "retclip_dist.demo", "--out", str(tmp_path), "--log.progress", "false"],
+        [sys.executable, "-m", "retclip_dist.demo", "--output_dir", str(tmp_path), "--log.progress", "false"],
         capture_output=True,
         text=True,
         timeout=1200,

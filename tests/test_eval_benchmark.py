@@ -48,7 +48,7 @@ def spec(layout: str, root: Path, **options) -> DatasetSpec:
 
 
 def test_strict_without_shards_is_refused(capsys):
-    assert eval_main(["benchmark", "--suite", "s", "--model", "m", "--out_dir", "o", "--strict"]) == 2
+    assert eval_main(["benchmark", "--suite", "s", "--model", "m", "--output_dir", "o", "--strict"]) == 2
     assert "--strict refuses leaked images, so it needs --shards" in capsys.readouterr().err
 
 
@@ -74,7 +74,7 @@ def test_strict_without_shards_is_refused(capsys):
 def test_suite_errors_are_one_line_naming_the_field(tmp_path, capsys, suite, field):
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(suite))
-    code = eval_main(["benchmark", "--suite", str(path), "--model", "m", "--out_dir", str(tmp_path / "o")])
+    code = eval_main(["benchmark", "--suite", str(path), "--model", "m", "--output_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and field in err, err
 
@@ -98,7 +98,15 @@ def test_bad_dataset_options_and_pack_name_the_dataset(tmp_path, capsys):
     suite = {"datasets": [{"name": "A", "layout": "aptos2019", "root": "aptos", "options": {"tabel": "x"}}]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
     code = eval_main(
-        ["benchmark", "--suite", str(tmp_path / "s.yaml"), "--model", "m", "--out_dir", str(tmp_path / "o")]
+        [
+            "benchmark",
+            "--suite",
+            str(tmp_path / "s.yaml"),
+            "--model",
+            "m",
+            "--output_dir",
+            str(tmp_path / "o"),
+        ]
     )
     assert code == 2 and "dataset A: options: unknown key(s) ['tabel']" in capsys.readouterr().err
 
@@ -403,10 +411,10 @@ def test_benchmark_strict_refuses_a_leaking_suite_before_any_cell(tmp_path, tiny
         "--shards",
         str(tmp_path / "shards"),
     ]
-    assert eval_main([*base, "--out_dir", str(tmp_path / "strict"), "--strict"]) == 2
+    assert eval_main([*base, "--output_dir", str(tmp_path / "strict"), "--strict"]) == 2
     assert "1 evaluation rows" in capsys.readouterr().err
     assert not (tmp_path / "strict" / "predictions").exists()
-    assert eval_main([*base, "--out_dir", str(tmp_path / "lenient")]) == 0
+    assert eval_main([*base, "--output_dir", str(tmp_path / "lenient")]) == 0
     assert (
         "R: 1 evaluation images were in the pretraining shards (first val/bmilddr/img015.jpg)"
         in (tmp_path / "lenient" / "results.md").read_text()

@@ -71,7 +71,9 @@ def test_every_layout_every_protocol_end_to_end(model_dir, tmp_path):
     suite_path = write_suite(tmp_path)
     out = tmp_path / "out"
     assert (
-        eval_main(["benchmark", "--suite", str(suite_path), "--model", str(model_dir), "--out_dir", str(out)])
+        eval_main(
+            ["benchmark", "--suite", str(suite_path), "--model", str(model_dir), "--output_dir", str(out)]
+        )
         == 0
     )
     with (out / "results.csv").open() as fh:
@@ -150,7 +152,7 @@ def test_finetune_under_accelerate_launch_two_cpu_processes(model_dir, tmp_path)
         str(suite_path),
         "--model",
         str(model_dir),
-        "--out_dir",
+        "--output_dir",
         str(out),
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)

@@ -42,7 +42,7 @@ def _cfg(setup, out: str, label: str = "haemorrhages", **features) -> EvalConfig
     root, table = setup
     cfg = EvalConfig(
         model=str(root / "model"),
-        out_dir=str(root / out),
+        output_dir=str(root / out),
         data=DataConfig(table=str(table), images=str(root / "data" / "images"), label_column=label),
     )
     for key, value in features.items():
@@ -180,7 +180,7 @@ def test_finetune_early_stops_checkpoints_and_resumes(setup):
     assert resumed["features_from"] == "vision tower (60)"
 
     cfg.finetune.epochs, cfg.finetune.patience, cfg.finetune.resume = 10, 1, False
-    cfg.out_dir = str(setup[0] / "ft_patience")
+    cfg.output_dir = str(setup[0] / "ft_patience")
     stopped = run_finetune(cfg)
     history = stopped["finetune"]["history"]
     # Patience 1: training stops at the first epoch that does not beat the best so far.
@@ -193,7 +193,7 @@ def test_finetune_early_stops_checkpoints_and_resumes(setup):
     net = TowerClassifier(model.visual, 2)
     net.load_state_dict(load_file(str(setup[0] / "ft_patience" / BEST_FILE)))
     val = read_labelled(cfg.data).subset("val")
-    probs = predict(net, load_images(val, image_size(model)), False, 12)
+    probs = predict(net, load_images(val, image_size(model)), False, 12, model.image_input)
     best = max(h["val_macro_auroc"] for h in history)
     assert roc_auc_score(val.labels(), probs[:, 1]) == pytest.approx(best, abs=1e-9)
 
@@ -202,15 +202,22 @@ def test_cli_runs_and_reports_bad_rows(setup, capsys, tmp_path):
     root, table = setup
     args = ["--model", str(root / "model"), "--data.images", str(root / "data" / "images")]
     args += ["--data.label_column", "drusen"]
-    code = main(["linear-probe", *args, "--data.table", str(table), "--out_dir", str(tmp_path / "cli")])
+    code = main(["linear-probe", *args, "--data.table", str(table), "--output_dir", str(tmp_path / "cli")])
     assert code == 0
     assert "**linear-probe** on 12 images" in capsys.readouterr().out
     broken = tmp_path / "broken.csv"
     broken.write_text(table.read_text().replace("p00003_left.jpg", "missing.jpg"))
-    code = main(["linear-probe", *args, "--data.table", str(broken), "--out_dir", str(tmp_path / "cli2")])
+    code = main(["linear-probe", *args, "--data.table", str(broken), "--output_dir", str(tmp_path / "cli2")])
     assert code == 2
     assert "broken.csv:8: image 'missing.jpg'" in capsys.readouterr().err
     assert main(["nonsense"]) == 2
+    capsys.readouterr()
+    # An output_dir that is a file: one line and exit code 2, as for every other bad path.
+    (tmp_path / "a-file").write_text("")
+    code = main(["features", *args, "--data.table", str(table), "--output_dir", str(tmp_path / "a-file")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("retclip-eval features: error: ") and err.count("\n") == 1
 
 
 def test_cli_drops_and_reports_missing_labels_or_refuses_them(setup, capsys, tmp_path):
@@ -225,7 +232,7 @@ def test_cli_drops_and_reports_missing_labels_or_refuses_them(setup, capsys, tmp
     gappy.write_text("\n".join(lines) + "\n")
     args = ["--model", str(root / "model"), "--data.images", str(root / "data" / "images")]
     args += ["--data.label_column", "drusen", "--data.table", str(gappy)]
-    assert main(["linear-probe", *args, "--out_dir", str(tmp_path / "gappy")]) == 0
+    assert main(["linear-probe", *args, "--output_dir", str(tmp_path / "gappy")]) == 0
     printed = capsys.readouterr().out
     assert (
         "3 rows of " in printed
@@ -234,7 +241,7 @@ def test_cli_drops_and_reports_missing_labels_or_refuses_them(setup, capsys, tmp
     result = json.loads((tmp_path / "gappy" / "metrics.json").read_text())
     assert result["missing_labels"] == {"dropped": 3, "rows": ["gappy.csv:6", "gappy.csv:10", "gappy.csv:15"]}
     assert result["metrics"]["classes"] == ["0", "1"]
-    assert main(["linear-probe", *args, "--out_dir", str(tmp_path / "strict"), "--strict"]) == 2
+    assert main(["linear-probe", *args, "--output_dir", str(tmp_path / "strict"), "--strict"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == (
         "retclip-eval linear-probe: error: gappy.csv:6: no label in column 'drusen' ('NaN'); "

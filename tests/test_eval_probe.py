@@ -29,7 +29,7 @@ def test_probe_on_random_tower_features_beats_chance(model_dir, tmp_path):
     table = write_labelled_set(tmp_path / "data", n_patients=200, seed=0)
     cfg = EvalConfig(
         model=str(model_dir),
-        out_dir=str(tmp_path / "probe"),
+        output_dir=str(tmp_path / "probe"),
         data=DataConfig(
             table=str(table), images=str(tmp_path / "data" / "images"), label_column="hard_exudates"
         ),

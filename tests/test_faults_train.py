@@ -1,6 +1,6 @@
 """Training faults: bad configs are one line and exit 2, worker errors end the run, one run per output_dir.
 
-Unit tests call ``validate`` and the run lock directly; the end-to-end ones start real processes
+Unit tests call ``check_run_config`` and the run lock directly; the end-to-end ones start real processes
 (``accelerate launch`` on 2 CPU processes, the sbatch script without Slurm) with timeouts, so a hang
 fails the test instead of stalling the suite.
 """
@@ -30,8 +30,8 @@ from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_STOPPED
 from retclip_dist.train import runlock
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.metrics_log import read_metrics
+from retclip_dist.train.preflight import check_run_config
 from retclip_dist.train.runlock import RunLock, RunLocked
-from retclip_dist.train.validate import validate
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -85,7 +85,7 @@ def _cfg(shards: Path, out: Path, *extra: str) -> RunConfig:
     return load_config(RunConfig, args[1], args[2:])
 
 
-# --- validate(): every bad field is one line naming it -------------------------------------------------
+# --- check_run_config(): every bad field is one line naming it -------------------------------------------------
 
 
 def _bad_manifest(d: Path, text: str) -> Path:
@@ -121,11 +121,13 @@ BAD = [
     (["--model.text_path", "{tmp}"], 1, "model.text_path='{tmp}': not a Hugging Face model directory"),
     (["--data.image_size", "224"], 1, "data.image_size=224: the vision tower 'vit_base_patch16_224' takes 128 px"),
     (["--data.context_length", "100"], 1, "data.context_length=100: is above the text tower's 64 positions"),
+    (["--model.image_std", "[0.2, 0.0, 0.2]"], 1, "model.image_std=[0.2, 0.0, 0.2]: must be above 0 in every channel"),
+    (["--model.image_mean", "[0.5, 0.5]"], 1, "model.image_mean=[0.5, 0.5]: must be three finite numbers (R, G, B)"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("overrides", "world_size", "message"), BAD, ids=[" ".join(c[0]) for c in BAD])
-def test_validate_names_the_field_and_the_reason(shards, tmp_path, overrides, world_size, message):
+def test_preflight_names_the_field_and_the_reason(shards, tmp_path, overrides, world_size, message):
     places = {
         "tmp": str(tmp_path),
         "notjson": str(_bad_manifest(tmp_path / "notjson", "{not json")),
@@ -135,14 +137,14 @@ def test_validate_names_the_field_and_the_reason(shards, tmp_path, overrides, wo
     (tmp_path / "a-file").write_text("")
     overrides = [o.format(**places) for o in overrides]
     with pytest.raises(ConfigError) as info:
-        validate(_cfg(shards, tmp_path / "run", *overrides), world_size)
+        check_run_config(_cfg(shards, tmp_path / "run", *overrides), world_size)
     text = str(info.value)
     assert message.format(**places) in text
     assert "\n" not in text
 
 
-def test_validate_accepts_the_tiny_config(shards, tmp_path):
-    validate(_cfg(shards, tmp_path / "run"), 2, check_lock=True)
+def test_preflight_accepts_the_tiny_config(shards, tmp_path):
+    check_run_config(_cfg(shards, tmp_path / "run"), 2, check_lock=True)
     assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").iterdir())
 
 
@@ -154,11 +156,11 @@ def _fake_checkpoint(out: Path, world_size: int, **data: object) -> Path:
     return path
 
 
-def test_validate_refuses_a_resume_with_another_data_layout(shards, tmp_path):
+def test_preflight_refuses_a_resume_with_another_data_layout(shards, tmp_path):
     out = tmp_path / "run"
     path = _fake_checkpoint(out, 2, batch_size=8, partitions=2, num_workers=0)
-    validate(_cfg(shards, out, "--checkpoint.resume", "auto"), 2)  # the same layout resumes
-    validate(
+    check_run_config(_cfg(shards, out, "--checkpoint.resume", "auto"), 2)  # the same layout resumes
+    check_run_config(
         _cfg(shards, out, "--checkpoint.resume", "auto", "--data.num_workers", "1"), 2
     )  # 0 and 1: one stream
     with pytest.raises(ConfigError) as info:
@@ -172,7 +174,7 @@ def test_validate_refuses_a_resume_with_another_data_layout(shards, tmp_path):
             "--data.num_workers",
             "2",
         )
-        validate(cfg, 1)
+        check_run_config(cfg, 1)
     assert str(info.value) == (
         f"checkpoint.resume: {path} was saved with another data layout (processes saved 2, now 1; "
         "data.batch_size saved 8, now 16; data.num_workers saved 0, now 2); resume with the layout it was "
@@ -180,13 +182,13 @@ def test_validate_refuses_a_resume_with_another_data_layout(shards, tmp_path):
     )
 
 
-def test_validate_refuses_a_fresh_run_over_checkpoints(shards, tmp_path):
+def test_preflight_refuses_a_fresh_run_over_checkpoints(shards, tmp_path):
     out = tmp_path / "run"
     _fake_checkpoint(out, 1, batch_size=8, partitions=2, num_workers=0)
     with pytest.raises(
         ConfigError, match=r"already holds checkpoints .newest step_00000004.: pass --checkpoint"
     ):
-        validate(_cfg(shards, out), 1)
+        check_run_config(_cfg(shards, out), 1)
 
 
 # --- loader workers: an error ends them, at once --------------------------------------------------------
@@ -509,7 +511,7 @@ def test_end_and_val_records_sum_skipped_samples_over_ranks(shards, tmp_path):
     out = tmp_path / "run"
     cmd = _trainer("--launch", CPU_2PROC, "--main_process_port", str(free_port()))
     done = _run(
-        [*cmd, *_args(damaged, out, "--train.max_steps", "3", "--eval.every_epochs", "1")], timeout=300
+        [*cmd, *_args(damaged, out, "--train.max_steps", "3", "--val.every_epochs", "1")], timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
     warnings = [line for line in done.stderr.splitlines() if "skipped 1 sample(s), corrupt_image" in line]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from retclip_dist.retrieval import recall_at_k
+from retclip_dist.train.validate import recall_at_k
 
 
 def test_recall_hand_computed():

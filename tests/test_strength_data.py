@@ -16,6 +16,7 @@ from conftest import fake_patients, tiny_tokenizer, write_shard_set
 from retclip_dist.data.augment import augment_batch
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.loader import build_train_data
+from retclip_dist.model.config import ImageInput
 
 TOKENIZER = tiny_tokenizer()
 EYES = ("left", "right")
@@ -62,7 +63,7 @@ def test_device_path_applies_each_eyes_own_parameters_like_the_cpu_path(eye_set:
             assert torch.equal((device[eye] == 0).all(dim=1), (cpu_batch[eye] == 0).all(dim=1)), eye
             # ... and is far from this photo under the other eye's parameters (measured: 0.7-0.9 against
             # a gap of 0.003), or from the other photo.
-            swapped = augment_batch(raw_batch[eye], raw_batch[f"{other}_params"], 64)
+            swapped = augment_batch(raw_batch[eye], raw_batch[f"{other}_params"], ImageInput.clip(64))
             assert (swapped - cpu_batch[eye]).abs().mean().item() > 0.2, eye
             assert (device[eye] - cpu_batch[other]).abs().mean().item() > 0.2, eye
 

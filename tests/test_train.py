@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 
 from retclip_dist.config import from_dict
 from retclip_dist.data.augment import DeviceAugment
-from retclip_dist.data.evaluation import build_eval_data
+from retclip_dist.data.validation import build_val_data
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
-from retclip_dist.retrieval import recall_at_k
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.metrics_log import read_metrics
+from retclip_dist.train.validate import recall_at_k
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -36,7 +36,7 @@ BASE = [
     "--train.epochs", "2",
     "--train.warmup_steps", "2",
     "--log.every_steps", "1",
-    "--eval.every_epochs", "1",
+    "--val.every_epochs", "1",
     "--log.tensorboard", "false",
     "--log.progress", "false",
     "--checkpoint.every_steps", "2",
@@ -125,14 +125,14 @@ def _recomputed_recall(out: Path) -> dict[str, float]:
     """Validation recall of a run's saved model, computed here from the val shards and the model alone."""
     cfg = from_dict(RunConfig, json.loads((out / "config.json").read_text()))
     model = RetClip.from_pretrained(out / "model").eval()
-    prepare = DeviceAugment(cfg.data.image_size, "cpu")
+    prepare = DeviceAugment(model.image_input, "cpu")
     rows = []
     with torch.no_grad():
-        for batch in build_eval_data(cfg.data, build_tokenizer(cfg.model), 0, 1):
-            image, text, _, _ = model(prepare(batch))
+        for batch in build_val_data(cfg.data, build_tokenizer(cfg.model), 0, 1, model.image_input):
+            out = model(prepare(batch))
             for i, key in enumerate(batch["keys"]):
                 reports = (batch["reports"][i], batch["left_reports"][i], batch["right_reports"][i])
-                rows.append((key, reports, [f[i] for f in image], [f[i] for f in text]))
+                rows.append((key, reports, [f[i] for f in out.image], [f[i] for f in out.text]))
     rows.sort(key=lambda r: r[0])
     scores = {}
     for level, name in enumerate(("patient", "left", "right")):
@@ -288,7 +288,7 @@ def test_bad_override_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_compiled_model_trains_and_saves_plain_weights(shards, tmp_path):
-    train(shards, tmp_path, "--train.compile", "true", "--train.max_steps", "2", "--eval.every_epochs", "0")
+    train(shards, tmp_path, "--train.compile", "true", "--train.max_steps", "2", "--val.every_epochs", "0")
     assert losses(tmp_path) and all(torch.isfinite(torch.tensor(losses(tmp_path))))
     # save_pretrained unwraps torch.compile: the final model has the plain parameter names.
     assert not [k for k in weights(tmp_path) if "_orig_mod" in k]

@@ -1,12 +1,14 @@
 """The chunked (GradCache-style) step must give the gradient of one big batch."""
 
+import inspect
+
 import torch
 from accelerate import Accelerator
 
 from retclip_dist.loss import TripartiteLoss
-from retclip_dist.model.config import tiny_model_config, write_vocab
-from retclip_dist.model.retclip import RetClip
-from retclip_dist.train.step import forward_backward, split_batch
+from retclip_dist.model.config import LEVELS, tiny_model_config, write_vocab
+from retclip_dist.model.retclip import PerLevel, RetClip, RetClipOutput
+from retclip_dist.train.step import forward_backward, output_loss, split_batch
 
 WORDS = ["left", "right", "eye", "normal", "haemorrhage", "exudate", "drusen", "disc", "macula"]
 
@@ -38,7 +40,7 @@ def _grads(tmp_path, chunks: int, dropout: float) -> tuple[float, dict[str, torc
         for k, v in _batch(8).items()
     }
     torch.manual_seed(123)
-    loss, _ = forward_backward(model, batch, lambda out: loss_fn(*out), Accelerator(cpu=True), chunks)
+    loss, _ = forward_backward(model, batch, output_loss(loss_fn), Accelerator(cpu=True), chunks)
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -76,10 +78,28 @@ def test_chunked_step_replays_dropout(tmp_path):
 
     model.forward = recording_forward
     loss_fn = TripartiteLoss("infonce")
-    forward_backward(model, _batch(8), lambda out: loss_fn(*out), Accelerator(cpu=True), chunks=2)
+    forward_backward(model, _batch(8), output_loss(loss_fn), Accelerator(cpu=True), chunks=2)
     first_pass, second_pass = seen[:2], seen[2:]
     assert len(second_pass) == 2
     for a, b in zip(first_pass, second_pass, strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     # The masks really are random: the two chunks' passes are not all the same function of the input.
     assert not torch.equal(seen[0], original({k: v[:4] for k, v in _batch(8).items()}).image.left.detach())
+
+
+def test_model_to_loss_contract_is_by_name():
+    """Every RetClipOutput field is a TripartiteLoss argument of the same name, and PerLevel lists LEVELS."""
+    assert PerLevel._fields == LEVELS
+    params = list(inspect.signature(TripartiteLoss.forward).parameters)[1:]
+    assert params == list(RetClipOutput._fields)
+    torch.manual_seed(0)
+    feats = [torch.nn.functional.normalize(torch.randn(4, 8, dtype=torch.float64), dim=-1) for _ in range(6)]
+    scales = [torch.tensor([10.0 + i], dtype=torch.float64) for i in range(3)]
+    out = RetClipOutput(PerLevel(*feats[:3]), PerLevel(*feats[3:]), PerLevel(*scales), None)
+    total, parts = output_loss(TripartiteLoss("infonce"))(out)
+    expected, expected_parts = TripartiteLoss("infonce")(feats[:3], feats[3:], scales)
+    assert total.item() == expected.item()
+    assert {k: v.item() for k, v in parts.items()} == {k: v.item() for k, v in expected_parts.items()}
+    # Text and image swapped gives another number: the fields are not interchangeable by accident.
+    swapped, _ = TripartiteLoss("infonce")(feats[3:], feats[:3], scales[::-1])
+    assert swapped.item() != total.item()

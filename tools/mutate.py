@@ -79,8 +79,8 @@ MUTANTS = [
     Mutant(
         "augment-eyes-swapped-on-device",
         AUG,
-        'augment_batch(images, batch[f"{eye}_params"], self.image_size)',
-        """augment_batch(images, batch[f"{'right' if eye == 'left' else 'left'}_params"], self.image_size)""",
+        'augment_batch(images, batch[f"{eye}_params"], self.image)',
+        """augment_batch(images, batch[f"{'right' if eye == 'left' else 'left'}_params"], self.image)""",
         (T_EYES,),
     ),
     Mutant(

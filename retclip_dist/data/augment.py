@@ -26,9 +26,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from retclip_dist.data.config import DataConfig
+from retclip_dist.model.config import ImageInput
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # torchvision's rgb_to_grayscale weights: contrast and saturation are defined against this grey.
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 PARAM_COLUMNS = 12
@@ -97,8 +96,10 @@ def erase_pixels(row: np.ndarray, size: int) -> tuple[int, int, int, int]:
     return top, left, h, w
 
 
-def augment_cpu(image: Image.Image, row: np.ndarray, size: int) -> torch.Tensor:
-    """Apply one parameter row to a decoded RGB image: normalised float tensor [3, size, size]."""
+def augment_cpu(image: Image.Image, row: np.ndarray, spec: ImageInput) -> torch.Tensor:
+    """Apply one parameter row to a decoded RGB image: float tensor [3, size, size], normalised as ``spec``
+    (the model's ImageInput) says."""
+    size = spec.size
     x0, y0, w, h = (float(v) for v in row[0:4])
     width, height = image.size
     box = (x0 * width, y0 * height, (x0 + w) * width, (y0 + h) * height)
@@ -109,7 +110,7 @@ def augment_cpu(image: Image.Image, row: np.ndarray, size: int) -> torch.Tensor:
     x = TF.adjust_brightness(x, float(row[5]))
     x = TF.adjust_contrast(x, float(row[6]))
     x = TF.adjust_saturation(x, float(row[7]))
-    x = TF.normalize(x, CLIP_MEAN, CLIP_STD)
+    x = TF.normalize(x, spec.mean, spec.std)
     top, left, eh, ew = erase_pixels(row, size)
     if eh > 0 and ew > 0:
         x = TF.erase(x, top, left, eh, ew, torch.zeros(()))
@@ -135,8 +136,9 @@ def _erase_mask(params: torch.Tensor, size: int) -> torch.Tensor:
     return (rows[:, :, None] & cols[:, None, :])[:, None]
 
 
-def augment_batch(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, params: torch.Tensor, spec: ImageInput) -> torch.Tensor:
     """Batched ``augment_cpu``: uint8 [B, 3, S, S] and parameter rows [B, 12] -> normalised [B, 3, size, size]."""
+    size = spec.size
     params = params.to(device=images.device, dtype=torch.float32)
     x = images.float().div_(255.0)
     x = F.grid_sample(
@@ -150,8 +152,8 @@ def augment_batch(images: torch.Tensor, params: torch.Tensor, size: int) -> torc
     x = (contrast * x + (1.0 - contrast) * mean_gray).clamp_(0.0, 1.0)
     gray = (x * gray_w).sum(1, keepdim=True)
     x = (saturation * x + (1.0 - saturation) * gray).clamp_(0.0, 1.0)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
     return x.masked_fill_(_erase_mask(params, size), 0.0)
 
@@ -163,8 +165,8 @@ class DeviceAugment:
     this on every batch (training and evaluation alike: evaluation batches carry identity parameters).
     """
 
-    def __init__(self, image_size: int, device: torch.device | str) -> None:
-        self.image_size = image_size
+    def __init__(self, image: ImageInput, device: torch.device | str) -> None:
+        self.image = image
         self.device = torch.device(device)
 
     def __call__(self, batch: dict) -> dict:
@@ -173,5 +175,5 @@ class DeviceAugment:
         out = {k: v for k, v in batch.items() if not k.endswith("_params")}
         for eye in ("left", "right"):
             images = batch[eye].to(self.device, non_blocking=True)
-            out[eye] = augment_batch(images, batch[f"{eye}_params"], self.image_size)
+            out[eye] = augment_batch(images, batch[f"{eye}_params"], self.image)
         return out

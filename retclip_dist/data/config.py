@@ -23,7 +23,7 @@ class DataConfig:
     context_length: int = 100  # report tokens per sample, padded and truncated to this length
     eye_reports: bool = False  # also tokenise per-eye reports (patient report where an eye has none)
     augment_on: Literal["cpu", "device"] = "device"  # where the random augmentation runs
-    image_size: int = 224  # side of the square model input
+    image_size: int = 224  # side of the square model input: must equal RetClip.image_input.size (checked)
     decode_size: int = 256  # side of the uint8 images handed to the device path
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random resized crop: area fraction range
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random resized crop: aspect ratio range

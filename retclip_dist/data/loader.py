@@ -26,6 +26,7 @@ from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import stream_samples
 from retclip_dist.launch.lifetime import exit_with_parent
+from retclip_dist.model.config import ImageInput
 from retclip_dist.shardset import Manifest, read_manifest
 
 log = logging.getLogger("retclip_dist.data")
@@ -127,6 +128,7 @@ class TrainStream(IterableDataset):
     def __init__(
         self,
         cfg: DataConfig,
+        image: ImageInput,
         tokenizer: PreTrainedTokenizerBase,
         layout: Layout,
         plan: EpochPlan,
@@ -137,6 +139,7 @@ class TrainStream(IterableDataset):
         positions: list[list[int]],
     ) -> None:
         self.cfg = cfg
+        self.image = image
         self.tokenizer = tokenizer
         self.layout = layout
         self.plan = plan
@@ -158,7 +161,7 @@ class TrainStream(IterableDataset):
         counters, streams = [], []
         for i, p in enumerate(self.layout.local_partitions):
             counter = SkipCounter()
-            decoder = SampleDecoder(self.cfg, self.seed, self.epoch, train=True, counter=counter)
+            decoder = SampleDecoder(self.cfg, self.image, self.seed, self.epoch, train=True, counter=counter)
             stream = stream_samples(
                 self.plan.streams[p][w],
                 derive_seed(self.seed, self.epoch, p, w),
@@ -200,8 +203,10 @@ class TrainLoader:
         rank: int,
         world_size: int,
         seed: int,
+        image: ImageInput,
     ) -> None:
         self.cfg = cfg
+        self.image = image  # the model's input size and normalisation
         self.tokenizer = tokenizer
         self.seed = seed
         self.shards = manifest.split(cfg.train_split)
@@ -277,7 +282,7 @@ class TrainLoader:
 
     def device_augment(self, device: torch.device | str) -> DeviceAugment:
         """The batched augmentation the trainer applies on ``device`` (a no-op on CPU-path batches)."""
-        return DeviceAugment(self.cfg.image_size, device)
+        return DeviceAugment(self.image, device)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.epoch_done():
@@ -287,6 +292,7 @@ class TrainLoader:
             served[w] += 1
         dataset = TrainStream(
             self.cfg,
+            self.image,
             self.tokenizer,
             self.layout,
             self.plan,
@@ -357,7 +363,19 @@ class TrainLoader:
 
 
 def build_train_data(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rank: int, world_size: int, seed: int
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    rank: int,
+    world_size: int,
+    seed: int,
+    image: ImageInput | None = None,
 ) -> TrainLoader:
-    """The training loader of ``rank`` of ``world_size`` for the shard set ``cfg.shards``."""
-    return TrainLoader(cfg, read_manifest(cfg.shards, cfg.storage_options), tokenizer, rank, world_size, seed)
+    """The training loader of ``rank`` of ``world_size`` for the shard set ``cfg.shards``.
+
+    ``image``: the model's input (``RetClip.image_input``); the trainer always passes it. Without a model
+    (tests, benchmarks) it is CLIP normalisation at ``data.image_size``.
+    """
+    manifest = read_manifest(cfg.shards, cfg.storage_options)
+    return TrainLoader(
+        cfg, manifest, tokenizer, rank, world_size, seed, image or ImageInput.clip(cfg.image_size)
+    )

@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from retclip_dist.data.augment import augment_cpu, identity_params, sample_params, sample_rng
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.skips import SkipCounter
+from retclip_dist.model.config import ImageInput
 from retclip_dist.shardset import EYE_REPORT_MEMBER, EYES, IMAGE_MEMBER, REPORT_MEMBER, TRAINING_MEMBERS
 
 # What PIL raises on bytes that are not a complete image (UnidentifiedImageError is an OSError).
@@ -60,8 +61,11 @@ def decode_draft(image: Image.Image, size: int) -> torch.Tensor:
 class SampleDecoder:
     """Turns raw samples into patients for one (seed, epoch); bad samples are counted and dropped."""
 
-    def __init__(self, cfg: DataConfig, seed: int, epoch: int, train: bool, counter: SkipCounter) -> None:
+    def __init__(
+        self, cfg: DataConfig, image: ImageInput, seed: int, epoch: int, train: bool, counter: SkipCounter
+    ) -> None:
         self.cfg = cfg
+        self.image = image  # the model's input: CPU-path augmentation resizes and normalises to it
         self.seed = seed
         self.epoch = epoch
         self.train = train
@@ -94,7 +98,7 @@ class SampleDecoder:
             params = self._params(key, {eye: img.size for eye, img in opened.items()})
             if self.cfg.augment_on == "cpu":
                 images = {
-                    eye: augment_cpu(img.convert("RGB"), params[eye], self.cfg.image_size)
+                    eye: augment_cpu(img.convert("RGB"), params[eye], self.image)
                     for eye, img in opened.items()
                 }
                 return Patient(key, images, None, reports)

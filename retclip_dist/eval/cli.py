@@ -1,13 +1,14 @@
 """``retclip-eval``: evaluate a save_pretrained model on labelled single-eye images, or convert weights.
 
     retclip-eval linear-probe --model runs/x/model --data.table labels.csv --data.images imgs.zip \\
-        --out_dir results/probe [--config eval.yaml] [--section.key value ...]
-    retclip-eval convert-release epoch_latest.pt --vocab vocab.txt --out converted/
-    retclip-eval benchmark --suite suite.yaml --model runs/x/model --out_dir results/bench [--shards DIR]
+        --output_dir results/probe [--config eval.yaml] [--section.key value ...]
+    retclip-eval convert-release epoch_latest.pt --vocab vocab.txt --output_dir converted/
+    retclip-eval benchmark --suite suite.yaml --model runs/x/model --output_dir results/bench [--shards DIR]
 
 Every evaluation subcommand takes the same options: an optional YAML preset (``--config``) and
 ``--section.key value`` overrides of retclip_dist.eval.config.EvalConfig. Exit codes: 0 success; 2 bad
-input, config or labels (one line on stderr naming the file and row).
+usage, input, config or labels (one line on stderr naming the file and row). The old spellings
+``--out_dir`` and (convert-release) ``--out`` still work, with a warning.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import json
 import logging
 import sys
 
+from retclip_dist.cli_args import add_output_dir
 from retclip_dist.config import ConfigError, load_config, to_dict
 from retclip_dist.eval.commands import COMMANDS
 from retclip_dist.eval.config import EvalConfig
 from retclip_dist.eval.data import LabelError
 from retclip_dist.eval.report import markdown_table
+from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_OK
 from retclip_dist.model.convert_retclip import convert_release
 
 
@@ -34,15 +37,15 @@ def _convert(argv: list[str]) -> int:
     parser.add_argument(
         "--vocab", required=True, help="the release's WordPiece vocab.txt (Chinese, 21,128 lines)"
     )
-    parser.add_argument("--out", required=True, help="output directory for RetClip.from_pretrained")
+    add_output_dir(parser, help="output directory for RetClip.from_pretrained (must not exist)")
     args = parser.parse_args(argv)
     try:
-        report = convert_release(args.checkpoint, args.vocab, args.out)
+        report = convert_release(args.checkpoint, args.vocab, args.output_dir)
     except (OSError, ValueError) as exc:
         print(f"retclip-eval convert-release: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     print(json.dumps(report, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         print(f"subcommands: {', '.join(commands)}")
-        return 0
+        return EXIT_OK
     if not argv or argv[0] not in commands:
         print(__doc__, file=sys.stderr)
         print(f"subcommands: {', '.join(commands)}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv[0] == "convert-release":
         return _convert(argv[1:])
@@ -75,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg.data.strict = cfg.data.strict or args.strict
         if args.print_config:
             print(json.dumps(to_dict(cfg), indent=2))
-            return 0
+            return EXIT_OK
         result = COMMANDS[argv[0]](cfg)
-    except (ConfigError, LabelError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, LabelError, ValueError, OSError) as exc:
+        # OSError: a model or output path that cannot be read or written (missing, a file, no permission).
         print(f"retclip-eval {argv[0]}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     print(markdown_table(result) if "metrics" in result else json.dumps(result, indent=2))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The four evaluations, each ``run_*(cfg) -> result dict``, writing its files under cfg.out_dir.
+"""The four evaluations, each ``run_*(cfg) -> result dict``, writing its files under cfg.output_dir.
 
 Results share one shape: method, model, table, split, ``features_from`` (which head made the features,
 with row counts), the metrics, and method-specific details. The CLI and the demo both call these.
@@ -79,7 +79,9 @@ def run_features(cfg: EvalConfig) -> dict[str, Any]:
         "heads": ",".join(heads),
         "classes": ",".join(lset.classes),
     }
-    path = save_features(f"{cfg.out_dir}/{cfg.features.output}", arrays, [r.id for r in lset.rows], metadata)
+    path = save_features(
+        f"{cfg.output_dir}/{cfg.features.output}", arrays, [r.id for r in lset.rows], metadata
+    )
     log.info("wrote %s (%d rows, features from %s)", path, len(lset), describe(heads))
     return {
         "method": "features",
@@ -116,7 +118,7 @@ def run_zero_shot(cfg: EvalConfig) -> dict[str, Any]:
         compute_metrics(labels, probs, list(lset.classes), False),
     )
     result["prompts"] = cfg.zero_shot.prompts
-    write_result(result, labels, probs, cfg.out_dir)
+    write_result(result, labels, probs, cfg.output_dir)
     return result
 
 
@@ -144,7 +146,7 @@ def run_linear_probe(cfg: EvalConfig) -> dict[str, Any]:
         compute_metrics(labels, probs, classes, lset.multilabel),
     )
     result["probe"] = {"C": fit.c, "select_metric": cfg.probe.select_metric, "validation": fit.validation}
-    write_result(result, labels, probs, cfg.out_dir)
+    write_result(result, labels, probs, cfg.output_dir)
     return result
 
 
@@ -166,9 +168,10 @@ def run_finetune(cfg: EvalConfig) -> dict[str, Any]:
         classes,
         lset.multilabel,
         cfg.finetune,
-        cfg.out_dir,
+        cfg.output_dir,
+        model.image_input,
     )
-    probs = predict(net, load_images(test, size), lset.multilabel, cfg.finetune.batch_size)
+    probs = predict(net, load_images(test, size), lset.multilabel, cfg.finetune.batch_size, model.image_input)
     labels = test.labels()
     heads = ["tower"] * len(lset)
     result = _result(
@@ -185,7 +188,7 @@ def run_finetune(cfg: EvalConfig) -> dict[str, Any]:
         "select_metric": cfg.finetune.select_metric,
         "history": progress.history,
     }
-    write_result(result, labels, probs, cfg.out_dir)
+    write_result(result, labels, probs, cfg.output_dir)
     return result
 
 

@@ -7,7 +7,7 @@ same thing whether the run embeds, zero-shot classifies, probes or fine-tunes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 # Where image features come from. "projected": the shared projection of the tower output (width D,
 # un-normalised), the feature the release's own linear probes (eval_*.py) use; "tower": the vision tower's
@@ -43,7 +43,7 @@ class FeatureConfig:
     head: Head = "auto"  # which projection produces the image features (see Head)
     batch_size: int = 64  # images per forward pass
     device: str = "auto"  # "auto" = cuda when available, else cpu
-    output: str = "features.safetensors"  # features subcommand: file name in out_dir (.safetensors/.npz)
+    output: str = "features.safetensors"  # features subcommand: file name in output_dir (.safetensors/.npz)
 
 
 @dataclass
@@ -69,15 +69,18 @@ class FinetuneConfig:
     select_metric: str = "macro_auroc"  # validation metric for early stopping and the kept weights
     seed: int = 0  # head init and batch order
     precision: Literal["no", "fp16", "bf16"] = "no"  # Accelerate mixed precision
-    resume: bool = True  # continue from the newest checkpoint in out_dir/checkpoints if there is one
+    resume: bool = True  # continue from the newest checkpoint in output_dir/checkpoints if there is one
 
 
 @dataclass
 class EvalConfig:
     model: str = ""  # directory written by RetClip.save_pretrained
-    out_dir: str = "eval_out"  # where results, features and checkpoints go
+    output_dir: str = "eval_out"  # where results, features and checkpoints go
     data: DataConfig = field(default_factory=DataConfig)  # labelled input
     features: FeatureConfig = field(default_factory=FeatureConfig)  # embedding options
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)  # zero-shot options
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # linear-probe options
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # fine-tuning options
+
+    # Old spellings still read (with a warning): output_dir was out_dir, unlike every other tool's.
+    RENAMED: ClassVar[dict[str, str]] = {"out_dir": "output_dir"}

@@ -23,11 +23,8 @@ from torch import Tensor
 
 from retclip_dist.eval.config import FeatureConfig
 from retclip_dist.eval.data import LabelError, LabelledSet
+from retclip_dist.model.config import ImageInput
 from retclip_dist.model.retclip import RetClip
-
-# CLIP's normalisation, which the RET-CLIP vision tower was trained with.
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def pick_device(name: str) -> torch.device:
@@ -44,14 +41,14 @@ def load_model(directory: str, device: torch.device) -> RetClip:
 
 
 def image_size(model: RetClip) -> int:
-    """Input side length of the vision tower (timm's default_cfg keeps the architecture's default)."""
-    return int(model.visual.patch_embed.img_size[0])
+    """Input side length of the vision tower, as the model states it (``RetClip.image_input``)."""
+    return model.image_input.size
 
 
-def normalise(images: Tensor) -> Tensor:
-    """uint8 [n, 3, h, w] -> CLIP-normalised float."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+def normalise(images: Tensor, spec: ImageInput) -> Tensor:
+    """uint8 [n, 3, h, w] -> float normalised with the model's mean and std (``RetClip.image_input``)."""
+    mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
 
 
@@ -113,7 +110,7 @@ def embed_images(model: RetClip, images: Tensor, heads: list[str], batch_size: i
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        batch = normalise(images[start : start + batch_size].to(device))
+        batch = normalise(images[start : start + batch_size].to(device), model.image_input)
         pooled = model.embed_eye(batch)
         rows = heads[start : start + batch_size]
         projected = torch.empty(

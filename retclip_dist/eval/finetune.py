@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from retclip_dist.eval.config import FinetuneConfig
 from retclip_dist.eval.features import normalise
 from retclip_dist.eval.metrics import compute_metrics, selection_score
+from retclip_dist.model.config import ImageInput
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +74,15 @@ def _latest(directory: Path) -> Path | None:
 
 
 @torch.inference_mode()
-def predict(net: nn.Module, images: Tensor, multilabel: bool, batch_size: int) -> np.ndarray:
-    """[n, C] probabilities (sigmoid for multi-label, softmax otherwise)."""
+def predict(
+    net: nn.Module, images: Tensor, multilabel: bool, batch_size: int, image: ImageInput
+) -> np.ndarray:
+    """[n, C] probabilities (sigmoid for multi-label, softmax otherwise); ``image``: the model's input."""
     net.eval()
     device = next(net.parameters()).device
     logits = torch.cat(
         [
-            net(normalise(images[i : i + batch_size].to(device))).float().cpu()
+            net(normalise(images[i : i + batch_size].to(device), image)).float().cpu()
             for i in range(0, len(images), batch_size)
         ]
     )
@@ -95,6 +98,7 @@ def _train_epoch(
     multilabel: bool,
     cfg: FinetuneConfig,
     epoch: int,
+    image: ImageInput,
 ) -> float:
     net.train()
     loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
@@ -102,7 +106,7 @@ def _train_epoch(
     total = 0.0
     for start in range(0, len(order), cfg.batch_size):
         index = order[start : start + cfg.batch_size]
-        batch = normalise(images[index].to(accelerator.device))
+        batch = normalise(images[index].to(accelerator.device), image)
         target = labels[index].to(accelerator.device)
         loss = loss_fn(net(batch), target.float() if multilabel else target)
         optimizer.zero_grad(set_to_none=True)
@@ -120,8 +124,11 @@ def finetune(
     multilabel: bool,
     cfg: FinetuneConfig,
     out_dir: str | Path,
+    image: ImageInput,
 ) -> tuple[TowerClassifier, Progress]:
     """Train tower + head on ``train`` (uint8 images, labels) until validation stops improving.
+
+    ``image`` is the model's input (``RetClip.image_input``): the images are normalised as it says.
 
     Returns the classifier holding the best validation weights, and the training record.
     """
@@ -142,10 +149,10 @@ def finetune(
     train_labels = torch.as_tensor(train[1])
     while progress.epoch < cfg.epochs and progress.bad_epochs < cfg.patience:
         loss = _train_epoch(
-            net, optimizer, accelerator, train[0], train_labels, multilabel, cfg, progress.epoch
+            net, optimizer, accelerator, train[0], train_labels, multilabel, cfg, progress.epoch, image
         )
         metrics = compute_metrics(
-            val[1], predict(net, val[0], multilabel, cfg.batch_size), classes, multilabel
+            val[1], predict(net, val[0], multilabel, cfg.batch_size, image), classes, multilabel
         )
         score = selection_score(metrics, cfg.select_metric)
         progress.epoch += 1

@@ -23,6 +23,8 @@ from unittest import mock
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
+
 # Signals that mean "save and stop" to the trainer; the launcher process between them must ignore them.
 _STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
@@ -84,9 +86,9 @@ class PretrainJob(Checkpointable):
         print("retclip submit:", " ".join(cmd), flush=True)
         self._proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals)
         code = self._proc.wait()
-        if code != 0:
+        if code != EXIT_OK:
             raise RuntimeError(
-                f"training exited with status {code} (3: it saved a checkpoint and stopped on a signal; "
+                f"training exited with status {code} ({EXIT_STOPPED}: it saved a checkpoint and stopped on a signal; "
                 "resubmit to resume); see the log above"
             )
         return code
@@ -176,17 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         checked = train_main(
             ["--check", "--world-size", world_size, "--config", args.config, *args.overrides, *resume]
         )
-        if checked != 0:
-            return checked
+        if checked != EXIT_OK:
+            return checked  # EXIT_CONFIG, the line saying why already printed
     job = PretrainJob(args.config, args.overrides, args.accelerate_config, args.gpus_per_node, args.port)
     executor = build_executor(args)
     if args.dry_run:
         if args.local:
             print("--dry-run shows the sbatch script; it has no meaning with --local", file=sys.stderr)
-            return 2
+            return EXIT_CONFIG
         # submitit has no public "render only" call; this is the text its own submit() writes.
         print(executor._executor._make_submission_file_text("<submitit task command>", "<uid>"))
-        return 0
+        return EXIT_OK
     submitted = executor.submit(job)
     print(f"job {submitted.job_id}")
     print(f"stdout {submitted.paths.stdout}")
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.wait:
         submitted.result()
         print(f"job {submitted.job_id} finished")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -18,6 +18,27 @@ from retclip_dist.model.vocab import write_vocab as write_vocab
 # The three contrastive levels, in the order every per-level tuple uses.
 LEVELS = ("patient", "left", "right")
 
+# CLIP's input normalisation (OpenAI and open_clip), which the release and its ViT-B/16 starting point use.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """What the vision tower takes, as the model states it (timm's resolve_data_config, open_clip's
+    preprocess config): both augmentation paths and retclip-eval read this, never constants of their own."""
+
+    size: int  # side of the square input in pixels
+    mean: tuple[float, ...]  # per-channel mean subtracted after scaling pixels to [0, 1]
+    std: tuple[float, ...]  # per-channel standard deviation divided by after that
+    interpolation: str = "bicubic"  # resize filter (PIL on CPU, grid_sample on the device; only bicubic)
+
+    @classmethod
+    def clip(cls, size: int) -> ImageInput:
+        """CLIP normalisation at ``size`` px: for data-path code that runs without a model (tests, benchmarks)."""
+        return cls(size, CLIP_MEAN, CLIP_STD)
+
+
 # BERT-base shape with the Chinese vocabulary, used when no local text checkpoint is given.
 BERT_BASE_CHINESE: dict[str, Any] = {
     "model_type": "bert",
@@ -68,6 +89,8 @@ class ModelConfig:
     # true: refuse unless the directory holds exactly this model's tensors; false: load the common ones
     # and list the missing (kept at their fresh init) and unexpected (ignored). Shapes must always match.
     init_from_strict: bool = True
+    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))  # input normalisation mean
+    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))  # input normalisation std
 
     def resolved_init_logit_scale(self) -> float:
         """The initial logit scale, falling back to the published value for the chosen loss."""

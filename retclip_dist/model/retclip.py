@@ -21,9 +21,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from retclip_dist.config import from_dict, to_dict
-from retclip_dist.model.config import LEVELS, ModelConfig
+from retclip_dist.model.config import LEVELS, ImageInput, ModelConfig
 from retclip_dist.model.tokenizer import build_tokenizer
-from retclip_dist.model.towers import build_text_tower, build_vision_tower, load_vision_weights
+from retclip_dist.model.towers import (
+    build_text_tower,
+    build_vision_tower,
+    image_input,
+    load_vision_weights,
+    tower_input_size,
+)
 from retclip_dist.model.weights import InitFromError, LoadReport, load_whole_model
 
 WEIGHTS_FILE = "model.safetensors"
@@ -32,7 +38,7 @@ TOKENIZER_DIR = "tokenizer"
 
 
 class PerLevel(NamedTuple):
-    """One tensor per contrastive level: features [b, D], or scalar scales/biases."""
+    """One tensor per contrastive level: features [b, D], or scalar scales/biases (fields in LEVELS order)."""
 
     patient: Tensor
     left: Tensor
@@ -40,7 +46,9 @@ class PerLevel(NamedTuple):
 
 
 class RetClipOutput(NamedTuple):
-    """Everything the tripartite loss needs; ``loss_fn(*model(batch))`` unpacks it in order."""
+    """Everything the tripartite loss needs, by name: each field is the ``TripartiteLoss`` argument of the
+    same name (train/step.py ``output_loss`` passes them so). A NamedTuple so that GradCache's pytree
+    flattening (train/step.py) still sees its tensors."""
 
     image: PerLevel  # L2-normalised image features per level
     text: PerLevel  # L2-normalised text features per level
@@ -108,6 +116,12 @@ class RetClip(nn.Module):
         if not path.is_file():
             raise InitFromError(f"{directory}: no {WEIGHTS_FILE} (not a save_pretrained directory)")
         return load_whole_model(self, load_file(str(path)), str(directory), strict)
+
+    @property
+    def image_input(self) -> ImageInput:
+        """The input the vision tower takes (size, mean, std, interpolation): the one place the data paths
+        and retclip-eval learn it from."""
+        return image_input(self.config, tower_input_size(self.visual))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute both towers' activations during backward (HF only does so in training mode)."""

@@ -18,7 +18,7 @@ from timm.layers import QuickGELU
 from torch import nn
 from transformers import MODEL_MAPPING, AutoConfig, PretrainedConfig, PreTrainedModel
 
-from retclip_dist.model.config import CLIP_QUICKGELU_TAG, ModelConfig
+from retclip_dist.model.config import CLIP_QUICKGELU_TAG, ImageInput, ModelConfig
 from retclip_dist.model.weights import LoadReport, load_into, raise_on_shape_mismatch, read_state_dict
 
 # Any of these in a HF model dir means it carries weights; a config-only dir means random init.
@@ -118,11 +118,26 @@ def vision_input_size(cfg: ModelConfig) -> int | None:
     except RuntimeError:
         # timm 1.0.3 reads a drop-path schedule with .item(), which meta tensors cannot give: build it.
         tower = timm.create_model(cfg.vision_name, pretrained=False, num_classes=0, **cfg.vision_kwargs)
+    return tower_input_size(tower)
+
+
+def tower_input_size(tower: nn.Module) -> int | None:
+    """Side of the square image a built vision tower takes, or None when it takes any size."""
     patch_embed = getattr(tower, "patch_embed", None)
     size = getattr(patch_embed, "img_size", None)
     if size is None or getattr(tower, "dynamic_img_size", False) or size[0] != size[1]:
         return None
     return int(size[0])
+
+
+def image_input(cfg: ModelConfig, side: int | None) -> ImageInput:
+    """The model's input: the tower's side ``side`` (see tower_input_size) and the config's normalisation."""
+    if side is None:
+        raise ValueError(
+            f"model.vision_name {cfg.vision_name!r} takes images of any size; RetClip needs a fixed square "
+            "input (set model.vision_kwargs.img_size)"
+        )
+    return ImageInput(side, tuple(cfg.image_mean), tuple(cfg.image_std))
 
 
 def text_model_config(cfg: ModelConfig) -> PretrainedConfig:

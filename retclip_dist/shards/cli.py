@@ -20,6 +20,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from retclip_dist.shards.build import BuildOptions, BuildResult, StrictRejectError, build_shards
 from retclip_dist.shards.records import ShardInputError
 from retclip_dist.shards.verify import verify_shards
@@ -146,15 +147,15 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{result.shards} shards, {result.samples} samples checked: {'OK' if result.ok else 'FAILED'}"
             )
-            return 0 if result.ok else 1
+            return EXIT_OK if result.ok else EXIT_FAILED
         print(summary(build_shards(_from_flags(BuildOptions, args))))
-        return 0
+        return EXIT_OK
     except ShardInputError as exc:
         print(f"make-shards: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except StrictRejectError as exc:
         print(f"make-shards: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from retclip_dist.data.config import DataConfig
 from retclip_dist.model.config import ModelConfig
@@ -67,7 +67,9 @@ class LogSection:
 
 
 @dataclass
-class EvalSection:
+class ValSection:
+    """Validation during training (retrieval recall on the held-out split); ``retclip-eval`` is separate."""
+
     every_epochs: int = 1  # validation recall every N epochs (0: never)
     max_samples: int | None = None  # cap on validation patients (None: the whole split)
 
@@ -81,4 +83,8 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)  # optimisation
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)  # saving and resuming
     log: LogSection = field(default_factory=LogSection)  # metrics
-    eval: EvalSection = field(default_factory=EvalSection)  # validation during training
+    val: ValSection = field(default_factory=ValSection)  # validation during training
+
+    # Old spellings still read (with a warning): the section was called "eval" until retclip-eval took
+    # that word.
+    RENAMED: ClassVar[dict[str, str]] = {"eval": "val"}

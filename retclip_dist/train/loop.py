@@ -1,7 +1,9 @@
 """``retclip-train``: tripartite RET-CLIP pretraining under Accelerate (DDP or DeepSpeed ZeRO).
 
-Reads top to bottom: build the run, restore it, then ``train_one_step`` until done, saving on a
-schedule and on SIGTERM/SIGUSR1, validating each epoch, and writing the model with ``save_pretrained``.
+Reads top to bottom: ``train`` builds the run and restores it, then calls ``train_step`` until done,
+``save_checkpoint`` on a schedule and on SIGTERM/SIGUSR1, ``validate`` (train/validate.py) each epoch,
+and writes the model with ``save_pretrained``. Backend details (DeepSpeed, ZeRO-3 gathers) live in
+train/backend.py, the config checks run before any process starts in train/preflight.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,166 +23,67 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from retclip_dist.config import ConfigError, load_config, to_dict
-from retclip_dist.data.evaluation import build_eval_data
+from retclip_dist.data.augment import DeviceAugment
 from retclip_dist.data.loader import LoaderError, TrainLoader, build_train_data
 from retclip_dist.data.samples import REPORT_HASH
+from retclip_dist.data.validation import build_val_data
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
-from retclip_dist.launch.env import accelerator_placement, world_info_from_env
-from retclip_dist.launch.lifetime import exit_with_parent
+from retclip_dist.launch.env import world_info_from_env
 from retclip_dist.loss import TripartiteLoss
-from retclip_dist.model.retclip import RetClip, RetClipOutput
+from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.weights import InitFromError
-from retclip_dist.retrieval import recall_at_k
+from retclip_dist.train.backend import (
+    build_accelerator,
+    clamp_scales,
+    configure_deepspeed,
+    save_final_model,
+    to_device,
+    uses_deepspeed,
+)
 from retclip_dist.train.checkpoint import Checkpointer
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.metrics_log import MetricsLog
 from retclip_dist.train.optim import build_optimizer, freeze_, lr_at, set_lr
+from retclip_dist.train.preflight import check_run_config
 from retclip_dist.train.runlock import RunLock, RunLocked
 from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
-from retclip_dist.train.step import forward_backward
-from retclip_dist.train.validate import validate as validate_config
+from retclip_dist.train.step import LossFn, forward_backward, output_loss
+from retclip_dist.train.validate import total_skipped, validate
 
 log = logging.getLogger("retclip_dist.train")
-
-
-# The loss of one step given the model's output and the batch it came from (for its report hashes).
-BatchLossFn = Callable[[RetClipOutput, dict[str, Any]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 class NonFiniteLoss(RuntimeError):
     pass
 
 
-def build_accelerator(cfg: RunConfig) -> Accelerator:
-    if world_info_from_env().launched:
-        # torchrun starts ranks in their own sessions: killing the launcher's process group would leave
-        # them training beside the next run in the same output_dir.
-        exit_with_parent()
-    cuda = torch.cuda.is_available()
-    # fp16 autocast needs a GPU; bf16 runs (slowly) on CPU too, so only fp16 falls back to float32.
-    precision = cfg.train.precision if cuda or cfg.train.precision != "fp16" else "no"
-    return Accelerator(mixed_precision=precision, **accelerator_placement(cuda))
-
-
-def _uses_deepspeed(acc: Accelerator) -> bool:
-    return acc.state.deepspeed_plugin is not None
-
-
-def _zero_stage(acc: Accelerator) -> int:
-    return acc.state.deepspeed_plugin.zero_stage if _uses_deepspeed(acc) else 0
-
-
-def _configure_deepspeed(acc: Accelerator, cfg: RunConfig) -> None:
-    """Fill in what DeepSpeed needs that Accelerate cannot infer (we do not hand it a DataLoader)."""
-    if not _uses_deepspeed(acc):
-        return
-    if cfg.train.accum_steps != 1:
-        raise ConfigError(
-            "train.accum_steps > 1 is not supported under DeepSpeed: its engine steps the optimiser inside "
-            "backward, which the chunked contrastive step calls once per chunk"
-        )
-    ds = acc.state.deepspeed_plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-    ds["train_batch_size"] = cfg.data.batch_size * acc.num_processes
-    ds["gradient_clipping"] = cfg.train.grad_clip or 0.0
-
-
-def _clamp_scales(acc: Accelerator, model: torch.nn.Module) -> None:
-    inner = acc.unwrap_model(model)
-    if _zero_stage(acc) == 3:
-        import deepspeed
-
-        params = list(inner.logit_scale.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            inner.clamp_logit_scales_()
-    else:
-        inner.clamp_logit_scales_()
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
-
-
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, Any],
-    device_augment: Callable[[dict[str, Any]], dict[str, Any]],
-    loss_fn: BatchLossFn,
+    device_augment: DeviceAugment,
+    loss_fn: LossFn,
     acc: Accelerator,
     cfg: TrainSection,
     lr: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimiser step on one rank's batch: augment on the device, forward/backward, update, clamp."""
-    batch = device_augment(_to_device(batch, acc.device))
+    batch = device_augment(to_device(batch, acc.device))
     set_lr(optimizer, lr)
     # The loss reads the batch's report hashes; chunked steps concatenate outputs in batch order.
-    loss, parts = forward_backward(model, batch, partial(loss_fn, batch=batch), acc, cfg.accum_steps)
-    if cfg.grad_clip and not _uses_deepspeed(acc):
+    loss_of_batch = partial(loss_fn, report_hash=batch[REPORT_HASH])
+    loss, parts = forward_backward(model, batch, loss_of_batch, acc, cfg.accum_steps)
+    if cfg.grad_clip and not uses_deepspeed(acc):
         acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    _clamp_scales(acc, model)
+    clamp_scales(acc, model)
     return loss, parts
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    loader: Iterable[dict[str, Any]],
-    acc: Accelerator,
-    prepare: Callable[[dict[str, Any]], dict[str, Any]],
-    max_samples: int | None,
-) -> dict[str, float]:
-    """Recall@1/5/10 both ways at patient, left and right level over the held-out split.
-
-    Every rank embeds its own shards; features and report texts are gathered to all ranks so the
-    numbers are those of the whole split, whatever the world size.
-    """
-    inner = acc.unwrap_model(model)
-    was_training = inner.training
-    inner.eval()
-    rows: list[dict[str, Any]] = []
-    per_rank = None if max_samples is None else -(-max_samples // acc.num_processes)
-    for batch in loader:
-        if per_rank is not None and len(rows) >= per_rank:
-            break
-        batch = prepare(_to_device(batch, acc.device))
-        with acc.autocast():
-            image, text, _, _ = inner(batch)
-        for i, key in enumerate(batch["keys"]):
-            rows.append(
-                {
-                    "key": key,
-                    "reports": [batch["reports"][i], batch["left_reports"][i], batch["right_reports"][i]],
-                    "image": [f[i].float().cpu() for f in image],
-                    "text": [f[i].float().cpu() for f in text],
-                }
-            )
-    inner.train(was_training)
-    gathered = gather_object(rows) if acc.num_processes > 1 else rows
-    # A fixed order (by patient key) makes the numbers independent of the world size.
-    gathered = sorted(gathered, key=lambda r: r["key"])
-    if max_samples is not None:
-        gathered = gathered[:max_samples]
-    if not gathered:
-        return {}
-    out: dict[str, float] = {"samples": float(len(gathered))}
-    for i, level in enumerate(("patient", "left", "right")):
-        scores = recall_at_k(
-            torch.stack([r["image"][i] for r in gathered]),
-            torch.stack([r["text"][i] for r in gathered]),
-            [r["reports"][i] for r in gathered],
-        )
-        out.update({f"{level}/{k}": v for k, v in scores.items()})
-    return out
 
 
 def train(cfg: RunConfig) -> int:
@@ -195,7 +97,7 @@ def train(cfg: RunConfig) -> int:
     if torch.cuda.is_available() and cfg.train.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    _configure_deepspeed(acc, cfg)
+    configure_deepspeed(acc, cfg)
     # Same seed everywhere: every rank must start from identical weights.
     set_seed(cfg.train.seed)
 
@@ -204,11 +106,13 @@ def train(cfg: RunConfig) -> int:
     except InitFromError as exc:  # every rank finds the same mismatch; exit 2 like any config error
         raise ConfigError(f"model.init_from: {exc}") from exc
     tokenizer = build_tokenizer(cfg.model)
+    image = model.image_input  # both augmentation paths resize and normalise as the model states
+    rank, world = acc.process_index, acc.num_processes
     try:
-        data = build_train_data(cfg.data, tokenizer, acc.process_index, acc.num_processes, cfg.train.seed)
+        data = build_train_data(cfg.data, tokenizer, rank, world, cfg.train.seed, image)
     except ValueError as exc:  # a split too small for one step, a layout the plan refuses
         raise ConfigError(f"data: {exc}") from exc
-    eval_data = build_eval_data(cfg.data, tokenizer, acc.process_index, acc.num_processes)
+    val_data = build_val_data(cfg.data, tokenizer, rank, world, image)
     device_augment = data.device_augment(acc.device)
     total_steps = sum(data.steps_in_epoch(e) for e in range(cfg.train.epochs))
     if cfg.train.max_steps is not None:
@@ -221,12 +125,11 @@ def train(cfg: RunConfig) -> int:
     if cfg.train.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)
-    tripartite = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather, duplicates=cfg.loss.duplicates)
+    loss_fn = output_loss(
+        TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather, duplicates=cfg.loss.duplicates)
+    )
 
-    def loss_fn(out: RetClipOutput, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return tripartite(*out, report_hash=batch[REPORT_HASH])
-
-    # validate() refused a fresh run over existing checkpoints, before any rank started.
+    # check_run_config() refused a fresh run over existing checkpoints, before any rank started.
     checkpointer = Checkpointer(acc, out_dir / "checkpoints", cfg.checkpoint.keep_last)
     restored = checkpointer.load(cfg.checkpoint.resume)
     step, epoch = (restored.step, restored.epoch) if restored else (0, 0)
@@ -249,29 +152,6 @@ def train(cfg: RunConfig) -> int:
             f", resuming at step {step}" if restored else "",
         )
     last_validated = -1
-
-    def validate() -> None:
-        nonlocal last_validated
-        last_validated = step
-        if eval_data is None:
-            return
-        scores = evaluate(model, eval_data, acc, device_augment, cfg.eval.max_samples)
-        skipped = _total_skipped(acc, eval_data.skipped)  # every rank joins; each read its own shards
-        if metrics is not None and scores:
-            metrics.write("val", step, {"epoch": epoch, "skipped_samples": skipped, **scores})
-            log.info("validation at step %d (epoch %d): %s", step, epoch, _summary(scores))
-
-    def save() -> None:
-        # A finite loss can still come with weights the update just broke; such a state is never saved,
-        # so the newest checkpoint is always one that can be resumed from.
-        finite = all(torch.isfinite(p).all() for p in model.parameters())
-        if any_rank(acc, not finite)[0]:
-            raise NonFiniteLoss(
-                f"weights became non-finite at step {step}; not saving them. The last complete checkpoint "
-                f"under {checkpointer.root} is the last good state: resume from it with a lower lr"
-            )
-        checkpointer.save(step, epoch, config_dict, data.state_dict())
-
     stop = StopRequest()
     bar = tqdm(total=total_steps, initial=step, disable=not (acc.is_main_process and cfg.log.progress))
     window_start, window_steps = time.perf_counter(), 0
@@ -295,34 +175,25 @@ def train(cfg: RunConfig) -> int:
                     f"under {checkpointer.root} is the last good state: resume from it with a lower lr"
                 )
             if step % cfg.log.every_steps == 0 or step == total_steps:
-                # Each rank's loss is the mean over its own rows: their mean is the global-batch loss.
-                # Every rank joins this reduction; only the main process writes.
-                local = torch.stack(
-                    [loss, *parts.values(), torch.tensor(float(data.skipped), device=loss.device)]
+                elapsed = time.perf_counter() - window_start
+                mean_loss = log_train_step(
+                    acc,
+                    metrics,
+                    model,
+                    loss,
+                    parts,
+                    data.skipped,
+                    step,
+                    epoch,
+                    lr,
+                    window_steps / elapsed,
+                    cfg,
                 )
-                summed = sum_over_ranks(acc, local).tolist()
-                world = acc.num_processes
-                if metrics is not None:
-                    elapsed = time.perf_counter() - window_start
-                    scales = acc.unwrap_model(model).logit_scale
-                    metrics.write(
-                        "train",
-                        step,
-                        {
-                            "epoch": epoch,
-                            "lr": lr,
-                            "loss": summed[0] / world,
-                            **{f"loss_{k}": v / world for k, v in zip(parts, summed[1:-1], strict=True)},
-                            **{f"scale_{k}": p.exp().item() for k, p in scales.items()},
-                            "patients_per_s": window_steps * cfg.data.batch_size * world / elapsed,
-                            "skipped_samples": int(summed[-1]),
-                        },
-                    )
-                    bar.set_postfix(loss=f"{summed[0] / world:.4f}")
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
                 window_start, window_steps = time.perf_counter(), 0
             every = cfg.checkpoint.every_steps
             if signalled or (every and step % every == 0 and step < total_steps):
-                save()
+                save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
             if signalled:
                 log.warning("stop requested by signal; saved step %d, exiting for requeue", step)
                 exit_code = EXIT_STOPPED
@@ -333,16 +204,17 @@ def train(cfg: RunConfig) -> int:
             log_epoch(acc, metrics, data, epoch, step)
             epoch += 1
             data.set_epoch(epoch)
-            if cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0:
-                validate()
+            if cfg.val.every_epochs and epoch % cfg.val.every_epochs == 0:
+                validate(model, val_data, acc, device_augment, cfg.val.max_samples, metrics, step, epoch)
+                last_validated = step
     bar.close()
 
     if exit_code == EXIT_OK:
-        save()
-        if cfg.eval.every_epochs and last_validated != step:
-            validate()
+        save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
+        if cfg.val.every_epochs and last_validated != step:
+            validate(model, val_data, acc, device_augment, cfg.val.max_samples, metrics, step, epoch)
         save_final_model(acc, model, out_dir / "model")
-    skipped = _total_skipped(acc, data.skipped)
+    skipped = total_skipped(acc, data.skipped)
     if metrics is not None:
         metrics.write("end", step, {"exit_code": exit_code, "skipped_samples": skipped})
         metrics.close()
@@ -351,21 +223,63 @@ def train(cfg: RunConfig) -> int:
     return exit_code
 
 
-def _total_skipped(acc: Accelerator, mine: int) -> int:
-    """Skipped samples of all ranks together (a collective: every rank must call it)."""
-    return int(sum_over_ranks(acc, torch.tensor([mine], dtype=torch.int64, device=acc.device)).item())
+def save_checkpoint(
+    acc: Accelerator,
+    model: torch.nn.Module,
+    checkpointer: Checkpointer,
+    step: int,
+    epoch: int,
+    config_dict: dict[str, Any],
+    data: TrainLoader,
+) -> None:
+    """A complete checkpoint of every rank, unless the weights are non-finite on any rank (a collective)."""
+    # A finite loss can still come with weights the update just broke; such a state is never saved,
+    # so the newest checkpoint is always one that can be resumed from.
+    finite = all(torch.isfinite(p).all() for p in model.parameters())
+    if any_rank(acc, not finite)[0]:
+        raise NonFiniteLoss(
+            f"weights became non-finite at step {step}; not saving them. The last complete checkpoint "
+            f"under {checkpointer.root} is the last good state: resume from it with a lower lr"
+        )
+    checkpointer.save(step, epoch, config_dict, data.state_dict())
+
+
+def log_train_step(
+    acc: Accelerator,
+    metrics: MetricsLog | None,
+    model: torch.nn.Module,
+    loss: torch.Tensor,
+    parts: dict[str, torch.Tensor],
+    skipped: int,
+    step: int,
+    epoch: int,
+    lr: float,
+    steps_per_s: float,
+    cfg: RunConfig,
+) -> float:
+    """Reduce this step's losses over ranks (every rank joins) and write the ``train`` record; returns the
+    global-batch loss."""
+    # Each rank's loss is the mean over its own rows: their mean is the global-batch loss.
+    local = torch.stack([loss, *parts.values(), torch.tensor(float(skipped), device=loss.device)])
+    summed = sum_over_ranks(acc, local).tolist()
+    world = acc.num_processes
+    losses = {"total": summed[0] / world, **{k: v / world for k, v in zip(parts, summed[1:-1], strict=True)}}
+    if metrics is not None:
+        scales = {k: p.exp().item() for k, p in acc.unwrap_model(model).logit_scale.items()}
+        patients_per_s = steps_per_s * cfg.data.batch_size * world
+        metrics.train_step(step, epoch, lr, losses, scales, patients_per_s, int(summed[-1]))
+    return losses["total"]
 
 
 def log_epoch(acc: Accelerator, metrics: MetricsLog | None, data: TrainLoader, epoch: int, step: int) -> None:
     """Account for every patient of the split in the finished epoch: used once, or unused and why."""
     # Each rank counts the damaged samples of its own streams; every rank joins the sum.
-    skipped = _total_skipped(acc, data.epoch_skipped)
+    skipped = total_skipped(acc, data.epoch_skipped)
     used = data.samples_per_epoch - data.unused_per_epoch - skipped
     unused = data.samples_per_epoch - used
     if metrics is None:
         return
-    record = {"epoch": epoch, "patients_used": used, "patients_unused": unused, "skipped_samples": skipped}
-    metrics.write("epoch", step, record)
+    metrics.epoch_end(step, epoch, used, unused, skipped)
     log.info(
         "epoch %d done: %d of %d patients used, %d unused (%d past the last whole global batch, %d skipped "
         "as damaged)",
@@ -376,24 +290,6 @@ def log_epoch(acc: Accelerator, metrics: MetricsLog | None, data: TrainLoader, e
         data.unused_per_epoch,
         skipped,
     )
-
-
-def _summary(scores: dict[str, float]) -> str:
-    keys = ("patient/i2t_r1", "patient/t2i_r1", "patient/i2t_r5", "patient/chance_r5")
-    return ", ".join(f"{k} {scores[k]:.3f}" for k in keys if k in scores)
-
-
-def save_final_model(acc: Accelerator, model: torch.nn.Module, directory: Path) -> None:
-    """``save_pretrained`` from the main process, with full weights gathered first under ZeRO-3."""
-    if _zero_stage(acc) == 3:
-        state = acc.get_state_dict(model)
-        if acc.is_main_process:
-            inner = acc.unwrap_model(model)
-            inner.load_state_dict(state)
-            inner.save_pretrained(directory)
-    elif acc.is_main_process:
-        acc.unwrap_model(model).save_pretrained(directory)
-    acc.wait_for_everyone()
 
 
 def _say(rank: int, message: str) -> None:
@@ -483,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             world_size = _accelerate_world_size(args.launch, args.num_processes)
         else:
             world_size = args.world_size or world.world_size
-        validate_config(cfg, world_size, check_lock=preflight)
+        check_run_config(cfg, world_size, check_lock=preflight)
     except ConfigError as exc:
         _say(0 if preflight else world.rank, str(exc))
         return EXIT_CONFIG

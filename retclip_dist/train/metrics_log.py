@@ -30,6 +30,33 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
 
+    def train_step(
+        self,
+        step: int,
+        epoch: int,
+        lr: float,
+        losses: dict[str, float],
+        scales: dict[str, float],
+        patients_per_s: float,
+        skipped: int,
+    ) -> None:
+        """One ``train`` record: ``losses`` holds the global-batch loss under "total" and one per level
+        (already averaged over ranks), ``scales`` the logit scale of each level (exp of the learnt log-scale)."""
+        per_level = {f"loss_{k}": v for k, v in losses.items() if k != "total"}
+        per_scale = {f"scale_{k}": v for k, v in scales.items()}
+        record = {"epoch": epoch, "lr": lr, "loss": losses["total"], **per_level, **per_scale}
+        self.write("train", step, {**record, "patients_per_s": patients_per_s, "skipped_samples": skipped})
+
+    def epoch_end(self, step: int, epoch: int, used: int, unused: int, skipped: int) -> None:
+        """One ``epoch`` record: used + unused = the split's patient count in the manifest."""
+        record = {
+            "epoch": epoch,
+            "patients_used": used,
+            "patients_unused": unused,
+            "skipped_samples": skipped,
+        }
+        self.write("epoch", step, record)
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:

@@ -18,7 +18,29 @@ import torch
 from accelerate import Accelerator
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+from retclip_dist.loss import TripartiteLoss
+from retclip_dist.model.retclip import RetClipOutput
+
+# The model's output in, (total loss, {level: detached loss}) out.
+LossFn = Callable[[RetClipOutput], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def output_loss(loss: TripartiteLoss) -> LossFn:
+    """The model-to-loss contract, field by field: each field of RetClipOutput is the loss argument of
+    the same name, so reordering either side cannot silently swap features and scales."""
+
+    def loss_of(
+        out: RetClipOutput, report_hash: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return loss(
+            image=out.image,
+            text=out.text,
+            logit_scale=out.logit_scale,
+            logit_bias=out.logit_bias,
+            report_hash=report_hash,
+        )
+
+    return loss_of
 
 
 def split_batch(batch: dict[str, Any], chunks: int) -> list[dict[str, Any]]:

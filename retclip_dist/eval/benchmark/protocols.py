@@ -79,7 +79,7 @@ class DatasetContext:
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(self.images), self.batch_size):
-            pair = normalise(self.images[start : start + self.batch_size].to(device))
+            pair = normalise(self.images[start : start + self.batch_size].to(device), self.model.image_input)
             out.append(self.model.encode_image(pair[:, 0], pair[:, 1]).patient.float().cpu())
         return torch.cat(out).numpy()
 

@@ -30,7 +30,6 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from retclip_dist.eval.benchmark.suite import FinetuneRecipe
-from retclip_dist.eval.features import MEAN, STD
 from retclip_dist.eval.finetune import predict
 from retclip_dist.eval.metrics import compute_metrics, selection_score
 from retclip_dist.launch.env import accelerator_placement
@@ -158,6 +157,7 @@ def finetune_recipe(
     layouts, [n, 2, 3, H, W] uint8. With ``checkpoints``, every epoch ends with an atomic checkpoint
     (Accelerate state: model, optimizer, RNGs) and the run continues from the newest one there."""
     set_seed(seed)
+    spec = model.image_input  # the model's normalisation, for timm's transform and for predict
     paired = images.dim() == 5
     net = BenchClassifier(copy.deepcopy(model).cpu().train(), len(classes), paired)
     set_drop_path(net.tower, recipe.drop_path)
@@ -173,12 +173,12 @@ def finetune_recipe(
         size,
         is_training=True,
         auto_augment=recipe.auto_augment or None,
-        interpolation="bicubic",
+        interpolation=spec.interpolation,
         re_prob=recipe.reprob,
         re_mode="pixel",
         re_count=1,
-        mean=MEAN,
-        std=STD,
+        mean=spec.mean,
+        std=spec.std,
     )
     if multilabel:
         loss_fn: nn.Module = nn.BCEWithLogitsLoss()
@@ -219,7 +219,9 @@ def finetune_recipe(
             accelerator.backward(loss)
             optimizer.step()
             total += loss.item() * len(mine)
-        probs = predict(accelerator.unwrap_model(net), images[index["val"]], multilabel, recipe.batch_size)
+        probs = predict(
+            accelerator.unwrap_model(net), images[index["val"]], multilabel, recipe.batch_size, spec
+        )
         metrics = compute_metrics(labels[index["val"]], probs, classes, multilabel)
         score = selection_score(metrics, recipe.select_metric)
         history.append(
@@ -244,4 +246,4 @@ def finetune_recipe(
     final = accelerator.unwrap_model(net)
     final.load_state_dict(best[2])
     history.append({"best_epoch": best[1]})
-    return predict(final, images[index["test"]], multilabel, recipe.batch_size), history
+    return predict(final, images[index["test"]], multilabel, recipe.batch_size, spec), history

@@ -1,4 +1,4 @@
-"""``retclip-eval benchmark --suite suite.yaml --model DIR --out_dir OUT``: run every dataset x protocol x
+"""``retclip-eval benchmark --suite suite.yaml --model DIR --output_dir OUT``: run every dataset x protocol x
 seed of the suite (skipping cells whose predictions file exists) and write the table from all of them.
 
 OUT/benchmark.json records the model's weight hash and the suite's settings; a rerun into the same OUT
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 
+from retclip_dist.cli_args import add_output_dir
 from retclip_dist.config import ConfigError
 from retclip_dist.eval.benchmark import protocols as P
 from retclip_dist.eval.benchmark.layouts import layout_options, read_dataset
@@ -40,6 +41,7 @@ from retclip_dist.eval.benchmark.splits import split_for_seed, split_indices
 from retclip_dist.eval.benchmark.suite import Suite, load_suite
 from retclip_dist.eval.data import LabelError
 from retclip_dist.eval.features import load_model
+from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_OK
 from retclip_dist.launch.env import accelerator_placement
 from retclip_dist.model.retclip import WEIGHTS_FILE
 
@@ -79,12 +81,12 @@ def _check_record(out: Path, record: dict[str, Any]) -> None:
         for key in ("model_sha256", "settings"):
             if old.get(key) != record[key]:
                 raise ConfigError(
-                    f"{path}: {key} differs from this run's; use a new --out_dir for another model or settings"
+                    f"{path}: {key} differs from this run's; use a new --output_dir for another model or settings"
                 )
         for name, spec in record["datasets"].items():
             if name in old.get("datasets", {}) and old["datasets"][name] != spec:
                 raise ConfigError(
-                    f"{path}: dataset {name} was run with other settings; rename it or use a new --out_dir"
+                    f"{path}: dataset {name} was run with other settings; rename it or use a new --output_dir"
                 )
         record = {**record, "datasets": {**old.get("datasets", {}), **record["datasets"]}}
     out.mkdir(parents=True, exist_ok=True)
@@ -259,7 +261,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="retclip-eval benchmark", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", required=True, help="suite YAML (seeds, protocols, datasets)")
     parser.add_argument("--model", required=True, help="directory written by RetClip.save_pretrained")
-    parser.add_argument("--out_dir", required=True, help="results, predictions/ and the run record")
+    add_output_dir(parser, help="results, predictions/ and the run record", old=("--out_dir",))
     parser.add_argument("--shards", help="pretraining shard set: report evaluation images found in it")
     parser.add_argument("--strict", action="store_true", help="with --shards: refuse to run on a leak")
     args = parser.parse_args(argv)
@@ -268,13 +270,13 @@ def main(argv: list[str]) -> int:
             "retclip-eval benchmark: error: --strict refuses leaked images, so it needs --shards",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_CONFIG
     try:
-        summary = run_benchmark(load_suite(args.suite), args.model, args.out_dir, args.shards, args.strict)
-    except (ConfigError, LabelError, ValueError, FileNotFoundError) as exc:
+        summary = run_benchmark(load_suite(args.suite), args.model, args.output_dir, args.shards, args.strict)
+    except (ConfigError, LabelError, ValueError, OSError) as exc:
         print(f"retclip-eval benchmark: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if PartialState().is_main_process:
-        print((Path(args.out_dir) / "results.md").read_text(encoding="utf-8"))
+        print((Path(args.output_dir) / "results.md").read_text(encoding="utf-8"))
         print(f"cells run: {len(summary['ran'])}, reused: {len(summary['reused'])}")
-    return 0
+    return EXIT_OK

@@ -15,16 +15,20 @@ from retclip_dist.data.loader import data_loader, guarded
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import read_shard
+from retclip_dist.model.config import ImageInput
 from retclip_dist.shardset import ShardInfo, read_manifest
 
 log = logging.getLogger("retclip_dist.data")
 
 
-class EvalStream(IterableDataset):
+class ValStream(IterableDataset):
     """A worker's share of this rank's shards, in order, batched; the last batch may be short."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, shards: list[ShardInfo]) -> None:
+    def __init__(
+        self, cfg: DataConfig, image: ImageInput, tokenizer: PreTrainedTokenizerBase, shards: list[ShardInfo]
+    ) -> None:
         self.cfg = cfg
+        self.image = image
         self.tokenizer = tokenizer
         self.shards = shards
 
@@ -32,8 +36,8 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         mine = self.shards[info.id :: info.num_workers] if info else self.shards
         counter = SkipCounter()
-        # Evaluation batches carry identity parameters: resize to the model size and normalise only.
-        decode = SampleDecoder(self.cfg, seed=0, epoch=0, train=False, counter=counter)
+        # Validation batches carry identity parameters: resize to the model size and normalise only.
+        decode = SampleDecoder(self.cfg, self.image, seed=0, epoch=0, train=False, counter=counter)
         patients = []
         for shard in mine:
             for raw in read_shard(shard, self.cfg.storage_options, counter):
@@ -50,7 +54,7 @@ class EvalStream(IterableDataset):
         )
 
 
-class EvalLoader:
+class ValLoader:
     """Rank ``rank`` reads shards[rank::world_size] of the split; ranks may get unequal shares."""
 
     def __init__(
@@ -60,10 +64,11 @@ class EvalLoader:
         shards: list[ShardInfo],
         rank: int,
         world_size: int,
+        image: ImageInput,
     ) -> None:
         self.cfg = cfg
         self.shards = shards[rank::world_size]
-        self.dataset = EvalStream(cfg, tokenizer, self.shards)
+        self.dataset = ValStream(cfg, image, tokenizer, self.shards)
         self.skip_counts: Counter[str] = Counter()
 
     @property
@@ -79,14 +84,22 @@ class EvalLoader:
                 yield batch
 
 
-def build_eval_data(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, rank: int, world_size: int
-) -> EvalLoader | None:
-    """The validation loader, or None when no validation split is configured or the shard set has none."""
+def build_val_data(
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    rank: int,
+    world_size: int,
+    image: ImageInput | None = None,
+) -> ValLoader | None:
+    """The validation loader, or None when no validation split is configured or the shard set has none.
+
+    ``image`` as for ``build_train_data``: the model's input, or CLIP normalisation at ``data.image_size``.
+    """
     if cfg.val_split is None:
         return None
     manifest = read_manifest(cfg.shards, cfg.storage_options)
     if not manifest.has_split(cfg.val_split):
         log.warning("%s has no %r split; training runs without validation", manifest.location, cfg.val_split)
         return None
-    return EvalLoader(cfg, tokenizer, manifest.split(cfg.val_split), rank, world_size)
+    image = image or ImageInput.clip(cfg.image_size)
+    return ValLoader(cfg, tokenizer, manifest.split(cfg.val_split), rank, world_size, image)

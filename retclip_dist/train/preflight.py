@@ -1,0 +1,281 @@
+"""Check a whole run config before any process group starts: one line naming the field and the reason.
+
+``check_run_config(cfg, world_size)`` raises ``ConfigError`` for the first problem it finds, in this order:
+ranges of single fields, rules between fields (partitions and batch, image size and context length
+against the model), then what lies outside the config (paths, the shard manifest, the checkpoint to
+resume from and the data layout it was saved with, a live run in the same output_dir). It only reads,
+except that it creates ``output_dir`` to prove it writable, as the run would.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from retclip_dist.config import ConfigError
+from retclip_dist.model.retclip import WEIGHTS_FILE
+from retclip_dist.model.tokenizer import build_tokenizer
+from retclip_dist.model.towers import image_input, text_model_config, vision_input_size
+from retclip_dist.shardset import read_manifest
+from retclip_dist.train import runlock
+from retclip_dist.train.checkpoint import read_train_state, resume_path
+from retclip_dist.train.config import RunConfig, TrainSection
+from retclip_dist.train.optim import TOWERS
+
+_AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
+_AT_LEAST_0 = (lambda v: v >= 0, "must be 0 or more")
+_POSITIVE = (lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0")
+_NON_NEGATIVE = (lambda v: math.isfinite(v) and v >= 0, "must be a finite number, 0 or more")
+_EPOCHS = (lambda v: v >= 1, "must be at least 1 (0 would save an untrained model)")
+_TOKENS = (lambda v: v >= 2, "must be at least 2 ([CLS] and [SEP])")
+_UNIT_OPEN = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+_PROBABILITY = (lambda v: 0 <= v <= 1, "must be in [0, 1]")
+_SCALE_RANGE = (lambda v: 0 < v[0] <= v[1] <= 1, "must be (low, high) with 0 < low <= high <= 1")
+_RATIO_RANGE = (lambda v: 0 < v[0] <= v[1], "must be (low, high) with 0 < low <= high")
+
+
+def _fail(field: str, value: Any, reason: str) -> ConfigError:
+    return ConfigError(f"{field}={value!r}: {reason}")
+
+
+def _ranges(cfg: RunConfig) -> None:
+    rules: list[tuple[str, Any, tuple[Callable[[Any], bool], str]]] = [
+        ("train.epochs", cfg.train.epochs, _EPOCHS),
+        ("train.lr", cfg.train.lr, _POSITIVE),
+        ("train.weight_decay", cfg.train.weight_decay, _NON_NEGATIVE),
+        ("train.eps", cfg.train.eps, _POSITIVE),
+        ("train.warmup_steps", cfg.train.warmup_steps, _AT_LEAST_0),
+        ("train.accum_steps", cfg.train.accum_steps, _AT_LEAST_1),
+        ("data.batch_size", cfg.data.batch_size, _AT_LEAST_1),
+        ("data.num_workers", cfg.data.num_workers, _AT_LEAST_0),
+        ("data.prefetch_factor", cfg.data.prefetch_factor, _AT_LEAST_1),
+        ("data.shuffle_buffer", cfg.data.shuffle_buffer, _AT_LEAST_1),
+        ("data.context_length", cfg.data.context_length, _TOKENS),
+        ("data.image_size", cfg.data.image_size, _AT_LEAST_1),
+        ("data.decode_size", cfg.data.decode_size, _AT_LEAST_1),
+        ("data.jitter", cfg.data.jitter, _UNIT_OPEN),
+        ("data.erase_prob", cfg.data.erase_prob, _PROBABILITY),
+        ("data.crop_scale", cfg.data.crop_scale, _SCALE_RANGE),
+        ("data.crop_ratio", cfg.data.crop_ratio, _RATIO_RANGE),
+        ("model.embed_dim", cfg.model.embed_dim, _AT_LEAST_1),
+        ("model.max_logit_scale", cfg.model.max_logit_scale, _POSITIVE),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps, _AT_LEAST_0),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last, _AT_LEAST_1),
+        ("log.every_steps", cfg.log.every_steps, _AT_LEAST_1),
+        ("val.every_epochs", cfg.val.every_epochs, _AT_LEAST_0),
+    ]
+    optional = [
+        ("train.max_steps", cfg.train.max_steps, _AT_LEAST_1),
+        ("train.grad_clip", cfg.train.grad_clip, _POSITIVE),
+        ("data.partitions", cfg.data.partitions, _AT_LEAST_1),
+        ("val.max_samples", cfg.val.max_samples, _AT_LEAST_1),
+    ]
+    rules += [rule for rule in optional if rule[1] is not None]
+    for field, value, (ok, reason) in rules:
+        if not ok(value):
+            raise _fail(field, value, reason)
+    if not 0 < cfg.train.layer_decay <= 1:
+        raise _fail("train.layer_decay", cfg.train.layer_decay, "must be in (0, 1] (1: no layer-wise decay)")
+    for part, scale in cfg.train.lr_scale.items():
+        if part not in TOWERS:
+            raise _fail(f"train.lr_scale.{part}", scale, f"unknown part; expected one of {list(TOWERS)}")
+        if isinstance(scale, bool) or not (
+            isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0
+        ):
+            raise _fail(
+                f"train.lr_scale.{part}", scale, "must be a finite number above 0 (use train.freeze to lock)"
+            )
+    if set(cfg.train.freeze) >= set(TOWERS):
+        raise _fail("train.freeze", cfg.train.freeze, "locks every part: nothing would train")
+    betas = cfg.train.betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise _fail("train.betas", betas, "must be two numbers in [0, 1)")
+
+
+def _layout(cfg: RunConfig, world_size: int) -> None:
+    partitions = cfg.data.partitions or world_size
+    if partitions % world_size:
+        raise _fail("data.partitions", partitions, f"must be a multiple of the world size {world_size}")
+    per_rank = partitions // world_size
+    if cfg.data.batch_size % per_rank:
+        raise _fail(
+            "data.batch_size",
+            cfg.data.batch_size,
+            f"must split evenly over the {per_rank} partitions of each rank (data.partitions={partitions}, "
+            f"{world_size} processes)",
+        )
+    if cfg.data.batch_size % cfg.train.accum_steps:
+        raise _fail(
+            "train.accum_steps",
+            cfg.train.accum_steps,
+            f"must divide data.batch_size={cfg.data.batch_size} "
+            "(each rank's batch is split into equal chunks)",
+        )
+
+
+def _model_fit(cfg: RunConfig) -> None:
+    if cfg.model.init_from is not None:
+        if not (Path(cfg.model.init_from) / WEIGHTS_FILE).is_file():
+            raise _fail(
+                "model.init_from", cfg.model.init_from, f"not a save_pretrained directory (no {WEIGHTS_FILE})"
+            )
+        if cfg.model.vision_weights is not None:
+            raise _fail(
+                "model.vision_weights",
+                cfg.model.vision_weights,
+                "is set together with model.init_from, which overwrites every weight (set it to null)",
+            )
+    if cfg.model.vision_weights is not None and not Path(cfg.model.vision_weights).is_file():
+        raise _fail("model.vision_weights", cfg.model.vision_weights, "no such file")
+    if cfg.model.text_path is not None and not (Path(cfg.model.text_path) / "config.json").is_file():
+        raise _fail(
+            "model.text_path", cfg.model.text_path, "not a Hugging Face model directory (no config.json)"
+        )
+    try:
+        text = text_model_config(cfg.model)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.text_config: {exc}") from exc
+    try:
+        build_tokenizer(cfg.model)
+    except (OSError, ValueError) as exc:
+        field = "model.tokenizer_path" if cfg.model.tokenizer_path is not None else "model.text_path"
+        raise ConfigError(f"{field}: {exc}") from exc
+    positions = getattr(text, "max_position_embeddings", None)
+    if positions is not None and cfg.data.context_length > positions:
+        raise _fail(
+            "data.context_length",
+            cfg.data.context_length,
+            f"is above the text tower's {positions} positions (max_position_embeddings)",
+        )
+    try:
+        side = vision_input_size(cfg.model)
+    except Exception as exc:  # timm raises whatever its constructors raise for bad kwargs
+        raise ConfigError(f"model.vision_kwargs: cannot build {cfg.model.vision_name!r}: {exc}") from exc
+    try:
+        image_input(cfg.model, side)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if side != cfg.data.image_size:
+        raise _fail(
+            "data.image_size",
+            cfg.data.image_size,
+            f"the vision tower {cfg.model.vision_name!r} takes {side} px images "
+            "(set model.vision_kwargs.img_size or data.image_size to match)",
+        )
+    for name in ("image_mean", "image_std"):
+        value = getattr(cfg.model, name)
+        if len(value) != 3 or not all(math.isfinite(v) for v in value):
+            raise _fail(f"model.{name}", value, "must be three finite numbers (R, G, B)")
+    if min(cfg.model.image_std) <= 0:
+        raise _fail("model.image_std", cfg.model.image_std, "must be above 0 in every channel")
+
+
+def _shards(cfg: RunConfig) -> None:
+    try:
+        manifest = read_manifest(cfg.data.shards, cfg.data.storage_options)
+    except ValueError as exc:
+        raise ConfigError(f"data.shards: {exc}") from exc
+    if not manifest.has_split(cfg.data.train_split):
+        have = sorted({s.split for s in manifest.shards})
+        raise _fail("data.train_split", cfg.data.train_split, f"{manifest.location} has only splits {have}")
+
+
+def _output_dir(cfg: RunConfig) -> None:
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise _fail("output_dir", cfg.output_dir, f"not writable ({exc.strerror or exc})") from exc
+
+
+def _same_param_groups(cfg: RunConfig, path: Path, saved: dict[str, Any]) -> None:
+    # The optimiser state is saved per parameter group: other groups cannot be matched to it, and a
+    # restored group would bring back its saved lr multiplier regardless of the config.
+    defaults = TrainSection()
+    for key in ("freeze", "lr_scale", "layer_decay"):
+        then, now = saved.get(key, getattr(defaults, key)), getattr(cfg.train, key)
+        if then != now:
+            raise ConfigError(
+                f"checkpoint.resume: {path} was saved with train.{key}={then!r}, now {now!r}; the optimiser "
+                "state belongs to its parameter groups: resume with the saved value, or start a new "
+                "--output_dir with --model.init_from"
+            )
+
+
+def _resume(cfg: RunConfig, world_size: int) -> None:
+    root = Path(cfg.output_dir) / "checkpoints"
+    path = resume_path(root, cfg.checkpoint.resume)
+    if path is None:
+        latest = resume_path(root, "auto")
+        if cfg.checkpoint.resume is None and latest is not None:
+            # Starting over in place would interleave two runs' checkpoints and metrics.
+            raise ConfigError(
+                f"output_dir: {cfg.output_dir} already holds checkpoints (newest {latest.name}): pass "
+                "--checkpoint.resume auto to continue that run, or choose another --output_dir"
+            )
+        return
+    state = read_train_state(path)
+    _same_param_groups(cfg, path, state.get("config", {}).get("train", {}))
+    saved = state.get("config", {}).get("data", {})
+    saved_world = state.get("world_size")
+    # (name, saved, now, saved as the loader sees it, now as the loader sees it): 0 workers is 1 stream.
+    layout = [
+        ("processes", saved_world, world_size, saved_world, world_size),
+        (
+            "data.batch_size",
+            saved.get("batch_size"),
+            cfg.data.batch_size,
+            saved.get("batch_size"),
+            cfg.data.batch_size,
+        ),
+        (
+            "data.partitions",
+            saved.get("partitions"),
+            cfg.data.partitions,
+            saved.get("partitions") or saved_world,
+            cfg.data.partitions or world_size,
+        ),
+        (
+            "data.num_workers",
+            saved.get("num_workers"),
+            cfg.data.num_workers,
+            max(saved.get("num_workers") or 0, 1),
+            max(cfg.data.num_workers, 1),
+        ),
+    ]
+    changed = [
+        f"{name} saved {then_eff if then is None else then}, now {now_eff if now is None else now}"
+        for name, then, now, then_eff, now_eff in layout
+        if then_eff is not None and then_eff != now_eff
+    ]
+    if changed:
+        raise ConfigError(
+            f"checkpoint.resume: {path} was saved with another data layout ({'; '.join(changed)}); "
+            "resume with the layout it was saved with, or start a new --output_dir"
+        )
+
+
+def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) -> None:
+    """Raise ``ConfigError`` (one line: field and reason) for the first problem in ``cfg``.
+
+    ``check_lock``: also refuse when a live run holds ``output_dir`` (pre-flight only: inside a run, the
+    main process may already hold it).
+    """
+    if world_size < 1:
+        raise _fail("world size", world_size, "must be at least 1")
+    _ranges(cfg)
+    _layout(cfg, world_size)
+    _model_fit(cfg)
+    _shards(cfg)
+    _output_dir(cfg)
+    if check_lock:
+        try:
+            runlock.check(cfg.output_dir)
+        except runlock.RunLocked as exc:
+            raise ConfigError(str(exc)) from exc
+    _resume(cfg, world_size)
