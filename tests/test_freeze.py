@@ -20,7 +20,7 @@ from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.optim import build_optimizer, freeze_, set_lr
-from retclip_dist.train.validate import validate
+from retclip_dist.train.preflight import check_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -135,7 +135,7 @@ def test_each_group_lr_matches_the_formula(tmp_path):
 def test_bad_values_are_one_line_errors(override, message):
     cfg = load_config(RunConfig, None, override)
     with pytest.raises(ConfigError) as exc:
-        validate(cfg, 1)
+        check_run_config(cfg, 1)
     assert str(exc.value).startswith(message) and "\n" not in str(exc.value), str(exc.value)
 
 
@@ -188,7 +188,7 @@ def test_frozen_vision_under_zero2_trains_the_rest(shards, tmp_path):
 
 
 def test_resume_with_other_param_groups_is_refused(tmp_path):
-    from retclip_dist.train.validate import _same_param_groups
+    from retclip_dist.train.preflight import _same_param_groups
 
     cfg = load_config(RunConfig, None, ["--train.layer_decay", "0.65"])
     _same_param_groups(cfg, tmp_path, {"layer_decay": 0.65})  # same settings (freeze, lr_scale defaults)
