@@ -2,22 +2,28 @@
 
     .venv/bin/python bench/train.py            # no GPU: small shapes, float32, 1-2 minutes on 2 cores
     .venv/bin/python bench/train.py            # with a GPU: ViT-B/16 + BERT-base, bf16, batch 256, 8 workers
-    .venv/bin/python bench/train.py --compile --peak-tflops 989    # the same, compiled; MFU against 989
+    .venv/bin/python bench/train.py --compile --peak-tflops 989    # ours compiled; MFU against 989
+    .venv/bin/python bench/train.py --batch 512 --grad-checkpointing selective --text-padding batch --fp8
 
 Variants, each in a fresh process so that its peak memory is its own:
   bare towers            timm ViT + transformers BERT, one linear head each, plain single-level CLIP loss,
-                         plain AdamW; inputs are already-augmented tensors resident on the device
+                         plain AdamW; inputs are already-augmented tensors resident on the device, text
+                         always padded to --context (as a plain script pads); eager
+  bare towers, compiled  the same under torch.compile (--variants to leave it out, e.g. on a slow CPU)
   ours, batch in memory  the trainer's step (host-to-device copy, batched device augmentation, RetClip,
                          tripartite loss, AdamW with parameter groups, lr schedule, scale clamp, the per-step
                          finiteness check) on one loader batch reused every step
   ours, with loader      the same step fed by ``build_train_data`` with --workers worker processes
-Then the data loader alone, per core (main process, one torch thread), for both augmentation paths on
+The switches --text-padding, --grad-checkpointing, --fp8 and --compile apply to the two "ours" variants;
+the bare towers stay the reference a user could assemble. Then the data loader alone, per core (main process, one torch thread), for both augmentation paths on
 512 px JPEGs, set against what the step consumes.
 
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on CPU the peak resident set size of the variant's
 process above its size after imports (loader worker processes are not included). FLOPs per patient are counted on meta tensors with
 torch.utils.flop_counter for the configured shapes (ViT-B/16 at 224 px + BERT-base at context 100 give
-about 262, the usual 264 GFLOP reference); MFU is reported against --peak-tflops on a GPU.
+about 262, the usual 264 GFLOP reference); MFU of every variant is reported against --peak-tflops (on a
+GPU by default, on CPU when given), always on these nominal FLOPs at --context tokens, so that padding
+fewer tokens (--text-padding batch) shows as a higher MFU, as the issue counts it.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.towers import text_model_config
 from retclip_dist.train.backend import build_accelerator
 from retclip_dist.train.config import RunConfig, TrainSection
+from retclip_dist.train.fp8 import convert_fp8_, fp8_unavailable_reason
 from retclip_dist.train.loop import train_step
 from retclip_dist.train.optim import build_optimizer, lr_at
 from retclip_dist.train.signals import any_rank
@@ -62,9 +69,10 @@ from retclip_dist.train.step import output_loss
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import FakePatient, fake_patients, tiny_tokenizer, write_shard_set
 
-Variant = Literal["bare", "ours-memory", "ours-loader"]
+Variant = Literal["bare", "bare-compiled", "ours-memory", "ours-loader"]
 VARIANT_NAMES: dict[Variant, str] = {
     "bare": "bare towers, tensors in memory",
+    "bare-compiled": "bare towers, compiled",
     "ours-memory": "ours, batch in memory",
     "ours-loader": "ours, with loader",
 }
@@ -113,6 +121,7 @@ class Case:
     device: Literal["cpu", "cuda"] = "cpu"  # where the step runs
     precision: Literal["fp32", "bf16"] = "fp32"  # autocast dtype of the towers
     compile: bool = False  # torch.compile the model
+    fp8: bool = False  # ours only: torchao float8 linears in the tower blocks (train.fp8)
     steps: int = 3  # timed steps
     warmup: int = 1  # untimed steps first (compilation, allocator, worker start-up)
     threads: int | None = None  # torch CPU threads in the variant's process (None: torch's default)
@@ -125,6 +134,7 @@ class Result:
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The towers of every variant; --grad-checkpointing is applied to ours only (see _run_ours)."""
     vision_kwargs: dict[str, Any] = {"img_size": args.image_size}
     if args.vision_layers is not None:
         vision_kwargs["depth"] = args.vision_layers
@@ -222,6 +232,7 @@ def _run_config(case: Case) -> RunConfig:
         warmup_steps=case.warmup,
         precision=precision,
         compile=case.compile,
+        fp8=case.fp8,
     )
     return RunConfig(model=case.model, data=case.data, train=train)
 
@@ -240,6 +251,8 @@ def _run_ours(case: Case) -> float:
     model = RetClip(cfg.model)
     data = build_train_data(cfg.data, tiny_tokenizer(), 0, 1, cfg.train.seed)
     device_augment = data.device_augment(acc.device)
+    if cfg.train.fp8:
+        convert_fp8_(model)
     optimizer = build_optimizer(model, cfg.train, acc.device)
     if cfg.train.compile:
         model = torch.compile(model)
@@ -264,12 +277,13 @@ def _run_ours(case: Case) -> float:
 
 def _run_bare(case: Case) -> float:
     device = torch.device(case.device)
-    batch = _first_batch(case.data, 0)
+    # What a plain script does: every report padded to the full context, no recomputation, no float8.
+    batch = _first_batch(replace(case.data, text_padding="max"), 0)
     on_device = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
     inputs = DeviceAugment(ImageInput.clip(case.data.image_size), device)(on_device)
     left, right = inputs["left"], inputs["right"]
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    model = BareClip(case.model).to(device)
+    model = BareClip(replace(case.model, grad_checkpointing="off")).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-5, weight_decay=1e-3, fused=device.type == "cuda")
     forward = torch.compile(model) if case.compile else model
 
@@ -294,7 +308,7 @@ def _run(case: Case) -> Result:
         torch.cuda.reset_peak_memory_stats()
     base = 0 if cuda else _rss_bytes()
     torch.manual_seed(0)
-    seconds = _run_bare(case) if case.variant == "bare" else _run_ours(case)
+    seconds = _run_bare(case) if case.variant.startswith("bare") else _run_ours(case)
     peak = (
         torch.cuda.max_memory_allocated()
         if cuda
@@ -391,13 +405,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         gpu, cpu = PRESETS["cuda"][key], PRESETS["cpu"][key]
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, help=f"{text} (GPU {gpu}, CPU {cpu})")
     parser.add_argument("--context", type=int, default=100, help="report tokens per patient")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile ours (the bare towers: variants)"
+    )
+    parser.add_argument(
+        "--text-padding",
+        choices=["batch", "max"],
+        default="batch",
+        help="ours: pad each batch to its longest report rounded up to 16, or to --context (data.text_padding)",
+    )
+    parser.add_argument(
+        "--grad-checkpointing",
+        choices=["off", "selective", "full"],
+        default="off",
+        help="ours: activation recomputation of the towers (model.grad_checkpointing)",
+    )
+    parser.add_argument(
+        "--fp8", action="store_true", help="ours: torchao float8 tower linears (train.fp8; GPU >= 8.9)"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANT_NAMES),
+        default=list(VARIANT_NAMES),
+        help="which step variants to time ('vs bare': the eager bare towers if timed, else the compiled)",
+    )
     parser.add_argument(
         "--augment-on", choices=["cpu", "device"], default="device", help="the step's data path"
     )
     parser.add_argument("--loader-rounds", type=int, default=2, help="rounds of the per-core loader timing")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense peak for MFU (GPU default 989, the H100/H200 bf16 figure; CPU: no MFU unless given)",
+    )
     args = parser.parse_args(argv)
+    if args.peak_tflops is None and args.device == "cuda":
+        args.peak_tflops = 989.0
+    if not any(v.startswith("bare") for v in args.variants) or not any(
+        v.startswith("ours") for v in args.variants
+    ):
+        parser.error("--variants: name at least one bare variant (the reference) and one of ours")
+    if "ours-memory" not in args.variants:
+        parser.error("--variants: ours-memory is needed (the loader table compares against it)")
+    if args.fp8 and (reason := fp8_unavailable_reason()) is not None:
+        parser.error(f"--fp8 {reason}")
     for key, value in PRESETS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -416,42 +469,58 @@ def measure_variants(args: argparse.Namespace, model: ModelConfig) -> dict[Varia
             batch_size=args.batch,
             num_workers=args.workers,
             context_length=args.context,
+            text_padding=args.text_padding,
             augment_on=args.augment_on,
             image_size=args.image_size,
             decode_size=args.image_size,
         )
-        common = {"model": model, "data": data, "device": args.device, "precision": args.precision}
-        common |= {"compile": args.compile, "steps": args.steps, "warmup": args.warmup}
-        runs: dict[Variant, list[Result]] = {variant: [] for variant in VARIANT_NAMES}
+        common = {"data": data, "device": args.device, "precision": args.precision}
+        common |= {"steps": args.steps, "warmup": args.warmup, "threads": args.threads}
+        ours = {
+            "model": replace(model, grad_checkpointing=args.grad_checkpointing),
+            "compile": args.compile,
+            "fp8": args.fp8,
+        }
+        per_variant: dict[Variant, dict[str, Any]] = {
+            "bare": {"model": model, "compile": False},
+            "bare-compiled": {"model": model, "compile": True},
+            "ours-memory": ours,
+            "ours-loader": ours,
+        }
+        runs: dict[Variant, list[Result]] = {variant: [] for variant in args.variants}
         # Rounds interleave the variants so that load from other processes hits them alike.
         for _ in range(args.rounds):
             for variant, done in runs.items():
-                done.append(measure(Case(variant=variant, threads=args.threads, **common)))
+                done.append(measure(Case(variant=variant, **per_variant[variant], **common)))
     return {variant: min(done, key=lambda r: r.step_seconds) for variant, done in runs.items()}
 
 
 def print_step_table(args: argparse.Namespace, results: dict[Variant, Result], gflop: float) -> None:
     cuda = args.device == "cuda"
     rate = {v: args.batch / r.step_seconds for v, r in results.items()}
+    ref: Variant = "bare" if "bare" in results else "bare-compiled"
     layers = f"x{args.vision_layers}" if args.vision_layers else ""
     print(
         f"device {args.device}, {args.precision}, batch {args.batch}, {args.vision}{layers} at "
         f"{args.image_size} px, BERT {args.text_layers}x{args.text_width} at context {args.context}, "
-        f"compile {args.compile}, threads {args.threads or 'default'}, median of {args.steps} steps after "
+        f"ours: compile {args.compile}, text padding {args.text_padding}, grad checkpointing "
+        f"{args.grad_checkpointing}, fp8 {args.fp8}; threads {args.threads or 'default'}, median of {args.steps} steps after "
         f"{args.warmup}, best of {args.rounds} rounds; {gflop:.1f} GFLOP per patient per step (counted)"
     )
     unit = "GPU" if cuda else "process"
     memory = "max_memory_allocated" if cuda else "peak RSS above start"
+    mfu = args.peak_tflops is not None
     header = f"{'step':<34} {f'patients/s/{unit}':>18} {'vs bare':>8} {'peak MiB':>9} {'vs bare':>8}"
-    print(header + ("    MFU" if cuda else "") + f"   (peak: {memory})")
-    for variant, name in VARIANT_NAMES.items():
+    print(header + ("    MFU" if mfu else "") + f"   (peak: {memory}; vs bare: {VARIANT_NAMES[ref]})")
+    for variant in results:
+        name = VARIANT_NAMES[variant]
         label = f"{name} ({args.workers} workers)" if variant == "ours-loader" else name
         peak = results[variant].peak_bytes
         line = (
-            f"{label:<34} {rate[variant]:>18.1f} {rate[variant] / rate['bare']:>8.3f} "
-            f"{peak / 2**20:>9.0f} {peak / results['bare'].peak_bytes:>8.3f}"
+            f"{label:<34} {rate[variant]:>18.1f} {rate[variant] / rate[ref]:>8.3f} "
+            f"{peak / 2**20:>9.0f} {peak / results[ref].peak_bytes:>8.3f}"
         )
-        if cuda:
+        if mfu:
             line += f" {rate[variant] * gflop * 1e9 / (args.peak_tflops * 1e12):>6.1%}"
         print(line)
 

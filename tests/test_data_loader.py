@@ -54,7 +54,7 @@ def _assert_same(a: list[dict], b: list[dict]) -> None:
 
 
 def test_device_path_batch_shapes_dtypes_and_tokens(shard_set: Path) -> None:
-    batch = _epoch(_cfg(shard_set, batch_size=4, eye_reports=True))[0]
+    batch = _epoch(_cfg(shard_set, batch_size=4, eye_reports=True, text_padding="max"))[0]
     assert batch["left"].shape == (4, 3, 48, 48) and batch["left"].dtype == torch.uint8
     assert batch["right_params"].shape == (4, 12) and batch["right_params"].dtype == torch.float32
     for prefix in ("", "left_", "right_"):
@@ -65,6 +65,13 @@ def test_device_path_batch_shapes_dtypes_and_tokens(shard_set: Path) -> None:
     assert ids[:4] == TOKENIZER.convert_tokens_to_ids(["[CLS]", "left", "eye", ":"]) and ids[-1] == 0
     assert TOKENIZER.unk_token_id not in ids  # the fake reports use the tiny vocabulary only
     assert batch["attention_mask"][0].sum() == ids.index(3) + 1
+    # data.text_padding batch (the default): the same tokens, cut to the longest report rounded up to 16.
+    short = _epoch(_cfg(shard_set, batch_size=4, eye_reports=True))[0]
+    longest = max(int(batch[f"{p}attention_mask"].sum(1).max()) for p in ("", "left_", "right_"))
+    width = min(100, -(-longest // 16) * 16)
+    for prefix in ("", "left_", "right_"):
+        for key in ("input_ids", "attention_mask"):
+            assert torch.equal(short[f"{prefix}{key}"], batch[f"{prefix}{key}"][:, :width]), prefix + key
 
 
 def test_cpu_path_yields_normalised_model_inputs(shard_set: Path) -> None:
@@ -100,8 +107,10 @@ def test_ranks_run_equal_steps_and_the_unused_remainder_is_reported(shard_set: P
 
 
 def test_one_rank_with_two_partitions_sees_the_global_batch_of_two_ranks(shard_set: Path) -> None:
-    single = _epoch(_cfg(shard_set, batch_size=4, partitions=2))
-    ranks = [_epoch(_cfg(shard_set, batch_size=2), rank=r, world=2) for r in (0, 1)]
+    # Fixed padding: with text_padding batch each rank pads to its own longest report, so the token
+    # tensors of two ranks can differ in width (the loss does not see the width; test_text_padding.py).
+    single = _epoch(_cfg(shard_set, batch_size=4, partitions=2, text_padding="max"))
+    ranks = [_epoch(_cfg(shard_set, batch_size=2, text_padding="max"), rank=r, world=2) for r in (0, 1)]
     assert len(single) == len(ranks[0]) == len(ranks[1]) == 10
     for step, batch in enumerate(single):
         assert batch["keys"] == ranks[0][step]["keys"] + ranks[1][step]["keys"]

@@ -27,7 +27,7 @@ def test_release_recipe_is_the_example_script():
     assert cfg.loss.duplicates == "keep"  # its loss pushes same-report patients apart
     assert cfg.data.context_length == 100 and cfg.data.batch_size == 256 and cfg.data.hflip
     assert (cfg.model.min_logit_scale, cfg.model.max_logit_scale) == RELEASE_LOGIT_SCALE_RANGE
-    assert cfg.model.patient_scale_from_clip and cfg.model.grad_checkpointing
+    assert cfg.model.patient_scale_from_clip and cfg.model.grad_checkpointing == "full"  # written true
     train = cfg.train
     assert (train.lr, train.weight_decay, train.warmup_steps, train.epochs) == (3e-5, 1e-3, 50, 10)
     assert (train.precision, train.no_decay, train.betas, train.eps) == ("fp16", "release", [0.9, 0.98], 1e-6)

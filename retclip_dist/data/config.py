@@ -20,7 +20,10 @@ class DataConfig:
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (CUDA only)
     shuffle_buffer: int = 1000  # samples held by each stream's shuffle buffer
     partitions: int | None = None  # data partitions; fixes data order across world sizes (None: world size)
-    context_length: int = 100  # report tokens per sample, padded and truncated to this length
+    context_length: int = 100  # report tokens per sample at most (longer reports are truncated)
+    # "batch": pad each batch to its longest report rounded up to TEXT_PAD_MULTIPLE (fewer tokens, same
+    # loss); "max": always pad to context_length (one fixed text shape, e.g. for CUDA graphs)
+    text_padding: Literal["batch", "max"] = "batch"
     eye_reports: bool = False  # also tokenise per-eye reports (patient report where an eye has none)
     augment_on: Literal["cpu", "device"] = "device"  # where the random augmentation runs
     image_size: int = 224  # side of the square model input: must equal RetClip.image_input.size (checked)

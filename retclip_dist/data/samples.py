@@ -109,31 +109,60 @@ class SampleDecoder:
         return Patient(key, images, params, reports)
 
 
-def _tokens(tokenizer: PreTrainedTokenizerBase, texts: list[str], length: int) -> dict[str, torch.Tensor]:
-    out = tokenizer(
-        [clean_report(t) for t in texts],
-        padding="max_length",
-        truncation=True,
-        max_length=length,
-        return_tensors="pt",
-    )
-    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+# data.text_padding "batch" rounds each batch's text length up to a multiple of this, so that a compiled
+# model sees at most context_length / 16 text shapes instead of one per distinct report length.
+TEXT_PAD_MULTIPLE = 16
+
+
+def text_length(lengths: list[int], cfg: DataConfig) -> int:
+    """Tokens per report in one batch: context_length ("max"), or the longest report rounded up ("batch")."""
+    if cfg.text_padding == "max":
+        return cfg.context_length
+    longest = max(lengths)
+    return min(cfg.context_length, -(-longest // TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE)
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, texts: list[str], cfg: DataConfig) -> list[list[int]]:
+    """Truncated, unpadded token ids ([CLS] and [SEP] included) of cleaned reports."""
+    out = tokenizer([clean_report(t) for t in texts], truncation=True, max_length=cfg.context_length)
+    return out["input_ids"]
+
+
+def _padded(tokenizer: PreTrainedTokenizerBase, ids: list[list[int]], length: int) -> dict[str, torch.Tensor]:
+    # Right padding: real tokens keep their positions 0..n-1, padding gets attention mask 0.
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def collate(
     patients: list[Patient], tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, with_texts: bool
 ) -> dict[str, Any]:
-    """Stack images (and device-path parameters) and tokenise reports to ``cfg.context_length``."""
+    """Stack images (and device-path parameters) and tokenise reports to the batch's text length.
+
+    The length is ``cfg.context_length`` or, with ``text_padding: batch``, the longest (truncated) report
+    rounded up; right padding with a zero attention mask leaves each report's tokens, positions and
+    [CLS] feature as they are, and the duplicate-report hash reads the text, not the padding.
+    """
     batch: dict[str, Any] = {"keys": [p.key for p in patients]}
     for eye in EYES:
         batch[eye] = torch.stack([p.images[eye] for p in patients])
         if patients[0].params is not None:
             batch[f"{eye}_params"] = torch.from_numpy(np.stack([p.params[eye] for p in patients]))
-    batch.update(_tokens(tokenizer, [p.reports["patient"] for p in patients], cfg.context_length))
+    texts = {"patient": [p.reports["patient"] for p in patients]}
+    if cfg.eye_reports:
+        texts.update({eye: [p.reports[eye] for p in patients] for eye in EYES})
+    ids = {level: _tokens(tokenizer, t, cfg) for level, t in texts.items()}
+    # One length for every text of the batch (patient and eye reports alike): one text shape per batch.
+    length = text_length([len(seq) for level in ids.values() for seq in level], cfg)
+    batch.update(_padded(tokenizer, ids["patient"], length))
     if cfg.eye_reports:
         for eye in EYES:
-            tokens = _tokens(tokenizer, [p.reports[eye] for p in patients], cfg.context_length)
-            batch.update({f"{eye}_{k}": v for k, v in tokens.items()})
+            batch.update({f"{eye}_{k}": v for k, v in _padded(tokenizer, ids[eye], length).items()})
     # The loss's duplicate mask compares what each level's text head reads: the eye reports only when
     # they are tokenised (data.eye_reports), otherwise the patient report at every level.
     eye_key = {eye: eye if cfg.eye_reports else "patient" for eye in EYES}

@@ -61,6 +61,18 @@ RELEASE_LOGIT_SCALE_RANGE = (0.0, 4.6052)
 CLIP_QUICKGELU_TAG = "_clip_quickgelu_"
 
 
+CHECKPOINTING_MODES = ("off", "selective", "full")
+
+
+def checkpointing_mode(value: str | bool) -> str:
+    """model.grad_checkpointing as one of CHECKPOINTING_MODES; the former bool reads true = full, false = off."""
+    if isinstance(value, bool):
+        return "full" if value else "off"
+    if value not in CHECKPOINTING_MODES:
+        raise ValueError(f"model.grad_checkpointing={value!r}: must be one of {list(CHECKPOINTING_MODES)}")
+    return value
+
+
 @dataclass
 class ModelConfig:
     # timm architecture name of the eye encoder; the default is OpenAI CLIP's ViT-B/16 (QuickGELU MLP)
@@ -82,7 +94,9 @@ class ModelConfig:
     max_logit_scale: float = math.log(100)  # upper clamp after each step (release: 4.6052, ln 100 rounded)
     init_logit_bias: float = -10.0  # sigmoid loss only: initial learnable bias (SigLIP's value)
     loss: Literal["infonce", "sigmoid"] = "infonce"  # which contrastive objective the scales serve
-    grad_checkpointing: bool = False  # recompute tower activations in backward to save memory
+    # Recompute tower activations in backward to save memory: "off", "selective" (every other block of
+    # both towers), "full" (every block). Old configs' true/false read as full/off.
+    grad_checkpointing: Literal["off", "selective", "full"] | bool = "off"
     # A save_pretrained directory (a run's model/ or convert-release output) whose weights replace every
     # initial weight: towers, heads and scales. Optimiser, schedule and data position still start fresh.
     init_from: str | None = None
@@ -91,6 +105,9 @@ class ModelConfig:
     init_from_strict: bool = True
     image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))  # input normalisation mean
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))  # input normalisation std
+
+    def __post_init__(self) -> None:
+        self.grad_checkpointing = checkpointing_mode(self.grad_checkpointing)
 
     def resolved_init_logit_scale(self) -> float:
         """The initial logit scale, falling back to the published value for the chosen loss."""

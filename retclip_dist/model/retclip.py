@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from retclip_dist.config import from_dict, to_dict
-from retclip_dist.model.config import LEVELS, ImageInput, ModelConfig
+from retclip_dist.model.checkpointing import selected, set_block_checkpointing, tower_blocks
+from retclip_dist.model.config import LEVELS, ImageInput, ModelConfig, checkpointing_mode
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import (
     build_text_tower,
@@ -123,9 +124,12 @@ class RetClip(nn.Module):
         and retclip-eval learn it from."""
         return image_input(self.config, tower_input_size(self.visual))
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute both towers' activations during backward (HF only does so in training mode)."""
-        self.visual.set_grad_checkpointing(enable)
+    def set_grad_checkpointing(self, mode: str | bool = "full") -> None:
+        """Recompute tower activations during backward: "full" (every block, HF only in training mode),
+        "selective" (every other block of both towers, see model/checkpointing.py) or "off"; true/false
+        mean full/off."""
+        mode = checkpointing_mode(mode)
+        self.visual.set_grad_checkpointing(mode == "full")
         # transformers 5.24 renamed gradient_checkpointing_* to activation_checkpointing_* (the old names
         # warn); 5.17 and 4.x have only the old ones.
         if hasattr(self.text, "activation_checkpointing_enable"):
@@ -140,10 +144,19 @@ class RetClip(nn.Module):
                 self.text.gradient_checkpointing_disable,
                 "gradient_checkpointing_kwargs",
             )
-        if enable:
+        if mode == "full":
             enable_fn(**{kwarg: {"use_reentrant": False}})
         else:
             disable_fn()
+        for name, tower in (("vision", self.visual), ("text", self.text)):
+            blocks = tower_blocks(tower)
+            if mode == "selective" and not blocks:
+                raise ValueError(
+                    f"model.grad_checkpointing=selective: the {name} tower {type(tower).__name__} has no "
+                    "'blocks' or 'encoder.layer' to choose from; use full or off"
+                )
+            for index, block in enumerate(blocks):
+                set_block_checkpointing(block, mode == "selective" and selected(index))
 
     @torch.no_grad()
     def clamp_logit_scales_(self) -> None:

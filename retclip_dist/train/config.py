@@ -28,6 +28,9 @@ class TrainSection:
     accum_steps: int = 1  # split each rank's batch into this many chunks, keeping every negative
     precision: Literal["no", "bf16", "fp16"] = "bf16"  # autocast dtype (no: float32; release: fp16 + scaler)
     compile: bool = False  # torch.compile the model (GPU recipe)
+    # float8 matmuls in the towers' block linears via torchao (optional extra `fp8`); needs a GPU of compute
+    # capability >= 8.9 (Ada, Hopper), refused elsewhere; pays off with compile (train/fp8.py)
+    fp8: bool = False
     allow_tf32: bool = True  # TF32 matmuls on Ampere+ GPUs
     # Parts to lock (LiT): "vision" (tower + shared projection), "text" (BERT), "heads" (six heads and the
     # scales). Locked parameters get no gradient, no update and no optimiser state.

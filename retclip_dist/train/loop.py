@@ -47,6 +47,7 @@ from retclip_dist.train.backend import (
 )
 from retclip_dist.train.checkpoint import Checkpointer
 from retclip_dist.train.config import RunConfig, TrainSection
+from retclip_dist.train.fp8 import convert_fp8_
 from retclip_dist.train.metrics_log import MetricsLog
 from retclip_dist.train.optim import build_optimizer, freeze_, lr_at, set_lr
 from retclip_dist.train.preflight import check_run_config
@@ -121,6 +122,10 @@ def train(cfg: RunConfig) -> int:
     # Locked parts must be set before the optimiser and DDP/DeepSpeed collect the trainable parameters.
     if cfg.train.freeze:
         log.info("train.freeze %s: %d parameters locked", cfg.train.freeze, freeze_(model, cfg.train.freeze))
+    if (
+        cfg.train.fp8
+    ):  # check_run_config() checked torchao and the GPU; the optimiser sees the converted layers
+        log.info("train.fp8: %d tower linears in float8", len(convert_fp8_(model)))
     optimizer = build_optimizer(model, cfg.train, acc.device)
     if cfg.train.compile:
         model = torch.compile(model)

@@ -23,6 +23,7 @@ from retclip_dist.shardset import read_manifest
 from retclip_dist.train import runlock
 from retclip_dist.train.checkpoint import read_train_state, resume_path
 from retclip_dist.train.config import RunConfig, TrainSection
+from retclip_dist.train.fp8 import fp8_unavailable_reason
 from retclip_dist.train.optim import TOWERS
 
 _AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
@@ -260,6 +261,14 @@ def _resume(cfg: RunConfig, world_size: int) -> None:
         )
 
 
+def _fp8(cfg: RunConfig) -> None:
+    # Checked where the run starts: a --check on a host without the training GPU refuses it as well.
+    if cfg.train.fp8:
+        reason = fp8_unavailable_reason()
+        if reason is not None:
+            raise _fail("train.fp8", True, reason)
+
+
 def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) -> None:
     """Raise ``ConfigError`` (one line: field and reason) for the first problem in ``cfg``.
 
@@ -271,6 +280,7 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
     _ranges(cfg)
     _layout(cfg, world_size)
     _model_fit(cfg)
+    _fp8(cfg)
     _shards(cfg)
     _output_dir(cfg)
     if check_lock:
