@@ -154,29 +154,30 @@ def _fake_checkpoint(out: Path, world_size: int, **data: object) -> Path:
     return path
 
 
-def test_validate_refuses_a_resume_with_another_data_layout(shards, tmp_path):
+def test_validate_resumes_on_another_shape_with_the_same_global_batch(shards, tmp_path):
     out = tmp_path / "run"
     path = _fake_checkpoint(out, 2, batch_size=8, partitions=2, num_workers=0)
     validate(_cfg(shards, out, "--checkpoint.resume", "auto"), 2)  # the same layout resumes
-    validate(
-        _cfg(shards, out, "--checkpoint.resume", "auto", "--data.num_workers", "1"), 2
-    )  # 0 and 1: one stream
+    # Other workers and partitions on the same world size: the loader re-plans the epoch's rest.
+    validate(_cfg(shards, out, "--checkpoint.resume", "auto", "--data.num_workers", "2"), 2)
+    # 1 process: the config's per-rank batch (the saved one) becomes the global batch, with a warning.
+    cfg = _cfg(shards, out, "--checkpoint.resume", "auto", "--data.num_workers", "2")
+    validate(cfg, 1)
+    assert (cfg.data.batch_size, cfg.data.partitions) == (16, 2)
+    cfg = _cfg(shards, out, "--checkpoint.resume", "auto", "--data.batch_size", "4", "--data.partitions", "2")
+    validate(cfg, 4)  # 4 processes do not divide the explicit 2 partitions: one per process
+    assert (cfg.data.batch_size, cfg.data.partitions) == (4, None)
     with pytest.raises(ConfigError) as info:
-        cfg = _cfg(
-            shards,
-            out,
-            "--checkpoint.resume",
-            str(path),
-            "--data.batch_size",
-            "16",
-            "--data.num_workers",
-            "2",
-        )
-        validate(cfg, 1)
+        validate(_cfg(shards, out, "--checkpoint.resume", str(path)), 3)
     assert str(info.value) == (
-        f"checkpoint.resume: {path} was saved with another data layout (processes saved 2, now 1; "
-        "data.batch_size saved 8, now 16; data.num_workers saved 0, now 2); resume with the layout it was "
-        "saved with, or start a new --output_dir"
+        f"checkpoint.resume: {path} was saved with a global batch of 16 patients (8 x 2 processes), which 3 "
+        "processes cannot share equally; resume on 1, 2, 4, 8, 16 processes"
+    )
+    with pytest.raises(ConfigError) as info:
+        validate(_cfg(shards, out, "--checkpoint.resume", "auto", "--data.batch_size", "4"), 2)
+    assert str(info.value) == (
+        f"data.batch_size=4: {path} was saved with a global batch of 16 patients; a resume on 2 processes "
+        "keeps it with data.batch_size=8 (or start a new --output_dir)"
     )
 
 

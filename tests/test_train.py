@@ -238,6 +238,39 @@ def test_sigterm_saves_then_resume_is_bit_exact(shards, reference, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
+def test_two_process_checkpoint_resumes_on_one_process(shards, reference, tmp_path):
+    # Stopped by SIGTERM mid-epoch on 2 processes x 8 patients; resumed on 1 process, whose batch
+    # becomes 16 (the config's 8 is the saved per-rank value), the rest of the epoch re-planned.
+    cmd = _command(
+        shards, tmp_path, 2, ["--checkpoint.every_steps", "0"], "configs/accelerate/cpu_2proc.yaml"
+    )
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(read_metrics(metrics, "train")) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    # The ranks save and exit 3; torchrun's agent, signalled too, reports its own failure.
+    assert proc.returncode != 0 and "stop requested by signal; saved step" in output, output[-3000:]
+    assert not (tmp_path / "model").exists()
+    stopped = max(r["step"] for r in read_metrics(metrics, "train"))
+    epochs_before = len(read_metrics(metrics, "epoch"))
+    done = train(shards, tmp_path, "--checkpoint.resume", "auto")
+    assert "data.batch_size 8 -> 16, keeping the global batch of 16" in done.stderr
+    assert f"epoch 0 continues on another data layout after step {stopped}" in done.stderr
+    reference_steps = [r["step"] for r in read_metrics(reference / "metrics.jsonl", "train")]
+    steps = [r["step"] for r in read_metrics(metrics, "train")]
+    # Steps after the checkpoint once each, up to the same end as an uninterrupted run.
+    assert steps[: steps.index(stopped) + 1] == list(range(1, stopped + 1))
+    assert sorted(set(steps)) == reference_steps and steps[-1] == reference_steps[-1]
+    # Every epoch accounts for the same patients as the uninterrupted run (the reshaped one included).
+    assert read_metrics(metrics, "epoch") == read_metrics(reference / "metrics.jsonl", "epoch")
+    assert epochs_before < 2 and (tmp_path / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
 def test_deepspeed_zero2_on_two_cpu_processes(shards, reference, tmp_path):
     train(shards, tmp_path, processes=2, accelerate_config="configs/accelerate/zero2.yaml")
     assert read_metrics(tmp_path / "metrics.jsonl", "end")[-1]["exit_code"] == 0
