@@ -523,10 +523,14 @@ def test_end_and_val_records_sum_skipped_samples_over_ranks(shards, tmp_path):
     assert end["skipped_samples"] == train_skips[0] + train_skips[1]
     assert not (out / runlock.LOCK_NAME).exists()  # released on a normal exit
 
-    # The checkpoint was saved by 2 processes with batch 8: one process at batch 16 cannot resume it.
-    again = _run(_trainer(*_args(damaged, out, "--checkpoint.resume", "auto", "--data.batch_size", "16")))
+    # The checkpoint was saved by 2 processes with batch 8: one process resumes it at batch 16 (the
+    # global batch), not at batch 5.
+    again = _run(_trainer(*_args(damaged, out, "--checkpoint.resume", "auto", "--data.batch_size", "5")))
     assert again.returncode == EXIT_CONFIG
-    assert again.stderr.count("was saved with another data layout (processes saved 2, now 1;") == 1
+    assert again.stderr.count("data.batch_size=5: ") == 1
+    assert (
+        "was saved with a global batch of 16 patients; a resume on 1 processes keeps it with" in again.stderr
+    )
     assert "Traceback" not in again.stderr
 
 
