@@ -127,6 +127,11 @@ class Checkpointer:
         # Every rank gets every saved rank's loader position: on another layout the loader re-plans the
         # rest of the epoch from all of them.
         files = [path / f"data_rank{r}.json" for r in range(saved_world)]
-        data_state = {"ranks": [json.loads(f.read_text()) for f in files]} if files[0].exists() else None
+        missing = [f.name for f in files if not f.exists()]
+        if missing and len(missing) < len(files):
+            raise ConfigError(
+                f"checkpoint.resume: {path} lacks {', '.join(missing)} (saved by {saved_world} ranks)"
+            )
+        data_state = None if missing else {"ranks": [json.loads(f.read_text()) for f in files]}
         log.info("resumed from %s at step %d", path, state["step"])
         return Restored(step=state["step"], epoch=state["epoch"], data_state=data_state, path=path)
