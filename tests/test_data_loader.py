@@ -175,11 +175,91 @@ def test_next_epoch_after_a_resume_matches_a_fresh_next_epoch(shard_set: Path) -
     assert resumed.state_dict()["epoch"] == 1
 
 
-def test_resume_refuses_a_changed_layout(shard_set: Path) -> None:
+def _keys_of(loaders: list, steps: int | None = None) -> list[str]:
+    """Keys of the next ``steps`` batches (all: the rest of the epoch) of every rank's loader."""
+    keys = []
+    for data in loaders:
+        for batch in itertools.islice(data, steps):
+            keys += batch["keys"]
+    return keys
+
+
+def _ranks(cfg: DataConfig, world: int, seed: int = 3) -> list:
+    return [build_train_data(cfg, TOKENIZER, r, world, seed) for r in range(world)]
+
+
+# (saved world, workers, partitions or None), the same for the resuming run, and the step it stopped at.
+RESHAPES = [
+    ((2, 1, None), (1, 1, None), 2),
+    ((1, 1, None), (2, 1, None), 3),
+    ((2, 2, None), (2, 1, None), 3),
+    ((2, 2, 4), (1, 3, 4), 1),  # partitions explicitly set: kept by the new world size
+]
+
+
+@pytest.mark.parametrize(("before", "after", "stop"), RESHAPES)
+def test_resume_on_another_layout_uses_the_epochs_patients_once(shard_set: Path, before, after, stop) -> None:
+    # 40 patients, global batch 4: 10 steps, nothing left over; a stop after `stop` steps.
+    (n, w, p), (n2, w2, p2) = before, after
+    full = _keys_of(_ranks(_cfg(shard_set, batch_size=4 // n, num_workers=w, partitions=p), n))
+    assert len(full) == 40
+    interrupted = _ranks(_cfg(shard_set, batch_size=4 // n, num_workers=w, partitions=p), n)
+    used = _keys_of(interrupted, stop)
+    states = {"ranks": json.loads(json.dumps([data.state_dict() for data in interrupted]))}
+    resumed = _ranks(_cfg(shard_set, batch_size=4 // n2, num_workers=w2, partitions=p2), n2)
+    for data in resumed:
+        data.load_state_dict(states)
+        assert data.steps_per_epoch == 10 and data.unused_per_epoch == 0
+    rest = _keys_of(resumed)
+    assert len(used) == 4 * stop and len(rest) == 40 - 4 * stop
+    assert sorted(used + rest) == sorted(full)
+    for data in resumed:  # the next epoch is the new layout's ordinary plan
+        data.set_epoch(1)
+        assert data.steps_per_epoch == 10 and not data.history
+
+
+def test_a_reshaped_epoch_resumes_exactly_and_reshapes_again(shard_set: Path) -> None:
+    # 38 patients, global batch 4: 9 steps, 2 left over (the same two, the epoch's last, every time).
+    patients = fake_patients(38, size=64, seed=4)
+    root = shard_set.parent / "reshape-twice"
+    write_shard_set(root, {"train": patients}, per_shard=[5, 3])
+    one = _cfg(root, batch_size=4, num_workers=2)
+    full = build_train_data(one, TOKENIZER, 0, 1, 3)
+    full_keys = _keys_of([full])
+    assert len(full_keys) == 36 and full.unused_per_epoch == 2
+    first = build_train_data(one, TOKENIZER, 0, 1, 3)
+    used = _keys_of([first], 2)
+    two = _ranks(_cfg(root, batch_size=2, num_workers=1), 2)
+    for data in two:
+        data.load_state_dict({"ranks": [first.state_dict()]})
+    used += _keys_of(two, 3)
+    states = [data.state_dict() for data in two]
+    # Same layout again: exactly the batches the reshaped run would have served next.
+    again = _ranks(_cfg(root, batch_size=2, num_workers=1), 2)
+    for data, state in zip(again, states, strict=True):
+        data.load_state_dict(state)
+    ahead = [[b["keys"] for b in data] for data in again]
+    assert ahead == [[b["keys"] for b in data] for data in two]
+    # Another layout again: back to 1 rank with 3 workers.
+    last = build_train_data(_cfg(root, batch_size=4, num_workers=3), TOKENIZER, 0, 1, 3)
+    last.load_state_dict({"ranks": states})
+    assert last.steps_per_epoch == 9 and last.state_dict()["base_step"] == 5
+    rest = _keys_of([last])
+    assert len(used) == 20 and len(rest) == 16
+    assert sorted(used + rest) == sorted(full_keys)
+
+
+def test_resume_refuses_another_global_batch(shard_set: Path) -> None:
     state = build_train_data(_cfg(shard_set, batch_size=2), TOKENIZER, 0, 1, 0).state_dict()
-    other = build_train_data(_cfg(shard_set, batch_size=2, num_workers=2), TOKENIZER, 0, 1, 0)
-    with pytest.raises(ValueError, match="workers: saved 1, now 2"):
+    other = build_train_data(_cfg(shard_set, batch_size=4, num_workers=2), TOKENIZER, 0, 1, 0)
+    with pytest.raises(ValueError, match="batch_size: saved 2, now 4, workers: saved 1, now 2"):
         other.load_state_dict(state)
+    # One rank's position of a 2-rank run cannot tell what the other rank used.
+    two = _ranks(_cfg(shard_set, batch_size=2), 2)
+    with pytest.raises(ValueError, match="needs the positions of all 2 saved ranks, got 1"):
+        build_train_data(_cfg(shard_set, batch_size=4), TOKENIZER, 0, 1, 3).load_state_dict(
+            two[0].state_dict()
+        )
 
 
 def _damaged_set(root: Path) -> Path:

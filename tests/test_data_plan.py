@@ -8,6 +8,7 @@ import random
 import pytest
 
 from retclip_dist.data.plan import EpochPlan, Layout, ShardRange, cut_ranges, plan_epoch, round_robin
+from retclip_dist.data.reshape import Segment, replan, used_by
 from retclip_dist.shardset import ShardInfo
 
 
@@ -160,3 +161,44 @@ def test_layout_serves_partitions_round_robin_and_splits_the_batch() -> None:
 def test_layout_rejects_inconsistent_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Layout(**kwargs)
+
+
+def _stream_samples(plan: EpochPlan) -> list[list[tuple[str, int]]]:
+    return [[(r.shard.url, i) for r in ranges for i in r.indices()] for row in plan.streams for ranges in row]
+
+
+def test_reshaped_tails_read_every_unused_sample_once() -> None:
+    # Random layouts stopped at random steps, re-planned for other layouts (twice): what the segments
+    # used plus what the last plan reads is the split, each sample once, but fewer than a global batch.
+    rng = random.Random(1)
+    for _ in range(40):
+        shards = _shards([rng.randrange(0, 60) for _ in range(rng.randrange(1, 8))])
+        total = sum(s.count for s in shards)
+        global_batch = rng.choice([2, 4, 6, 12])
+        seed, epoch, buffer = rng.randrange(100), rng.randrange(3), rng.randrange(1, 20)
+        history: list[Segment] = []
+        used: list[tuple[str, int]] = []
+        for generation in range(3):
+            partitions = rng.choice([p for p in (1, 2, 3, 6) if global_batch % p == 0])
+            workers, micro = rng.randrange(1, 4), global_batch // partitions
+            if generation == 0:
+                plan = plan_epoch(shards, partitions, workers, micro, seed, epoch)
+            else:
+                plan = replan(shards, seed, epoch, buffer, history, partitions, workers, micro)
+            assert plan.samples == total and 0 <= plan.unused < global_batch
+            assert plan.steps * global_batch + plan.unused == total - len(used)
+            if generation == 2:
+                break
+            stop = rng.randrange(plan.steps + 1)
+            positions = [[0] * workers for _ in range(partitions)]
+            for w in plan.order[:stop]:
+                for p in range(partitions):
+                    positions[p][w] += micro
+            segment = Segment(partitions, workers, micro, tuple(tuple(r) for r in positions))
+            used_now = used_by(plan, segment, seed, epoch, generation, buffer)
+            assert len(used_now) == stop * global_batch
+            used += sorted(used_now)
+            history.append(segment)
+        rest = [s for stream in _stream_samples(plan) for s in stream]
+        everything = used + rest
+        assert len(everything) == len(set(everything)) == total - plan.unused

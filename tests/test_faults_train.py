@@ -156,29 +156,30 @@ def _fake_checkpoint(out: Path, world_size: int, **data: object) -> Path:
     return path
 
 
-def test_preflight_refuses_a_resume_with_another_data_layout(shards, tmp_path):
+def test_preflight_resumes_on_another_shape_with_the_same_global_batch(shards, tmp_path):
     out = tmp_path / "run"
     path = _fake_checkpoint(out, 2, batch_size=8, partitions=2, num_workers=0)
     check_run_config(_cfg(shards, out, "--checkpoint.resume", "auto"), 2)  # the same layout resumes
-    check_run_config(
-        _cfg(shards, out, "--checkpoint.resume", "auto", "--data.num_workers", "1"), 2
-    )  # 0 and 1: one stream
+    # Other workers and partitions on the same world size: the loader re-plans the epoch's rest.
+    check_run_config(_cfg(shards, out, "--checkpoint.resume", "auto", "--data.num_workers", "2"), 2)
+    # 1 process: the config's per-rank batch (the saved one) becomes the global batch, with a warning.
+    cfg = _cfg(shards, out, "--checkpoint.resume", "auto", "--data.num_workers", "2")
+    check_run_config(cfg, 1)
+    assert (cfg.data.batch_size, cfg.data.partitions) == (16, 2)
+    cfg = _cfg(shards, out, "--checkpoint.resume", "auto", "--data.batch_size", "4", "--data.partitions", "2")
+    check_run_config(cfg, 4)  # 4 processes do not divide the explicit 2 partitions: one per process
+    assert (cfg.data.batch_size, cfg.data.partitions) == (4, None)
     with pytest.raises(ConfigError) as info:
-        cfg = _cfg(
-            shards,
-            out,
-            "--checkpoint.resume",
-            str(path),
-            "--data.batch_size",
-            "16",
-            "--data.num_workers",
-            "2",
-        )
-        check_run_config(cfg, 1)
+        check_run_config(_cfg(shards, out, "--checkpoint.resume", str(path)), 3)
     assert str(info.value) == (
-        f"checkpoint.resume: {path} was saved with another data layout (processes saved 2, now 1; "
-        "data.batch_size saved 8, now 16; data.num_workers saved 0, now 2); resume with the layout it was "
-        "saved with, or start a new --output_dir"
+        f"checkpoint.resume: {path} was saved with a global batch of 16 patients (8 x 2 processes), which 3 "
+        "processes cannot share equally; resume on 1, 2, 4, 8, 16 processes"
+    )
+    with pytest.raises(ConfigError) as info:
+        check_run_config(_cfg(shards, out, "--checkpoint.resume", "auto", "--data.batch_size", "4"), 2)
+    assert str(info.value) == (
+        f"data.batch_size=4: {path} was saved with a global batch of 16 patients; a resume on 2 processes "
+        "keeps it with data.batch_size=8 (or start a new --output_dir)"
     )
 
 
@@ -524,10 +525,14 @@ def test_end_and_val_records_sum_skipped_samples_over_ranks(shards, tmp_path):
     assert end["skipped_samples"] == train_skips[0] + train_skips[1]
     assert not (out / runlock.LOCK_NAME).exists()  # released on a normal exit
 
-    # The checkpoint was saved by 2 processes with batch 8: one process at batch 16 cannot resume it.
-    again = _run(_trainer(*_args(damaged, out, "--checkpoint.resume", "auto", "--data.batch_size", "16")))
+    # The checkpoint was saved by 2 processes with batch 8: one process resumes it at batch 16 (the
+    # global batch), not at batch 5.
+    again = _run(_trainer(*_args(damaged, out, "--checkpoint.resume", "auto", "--data.batch_size", "5")))
     assert again.returncode == EXIT_CONFIG
-    assert again.stderr.count("was saved with another data layout (processes saved 2, now 1;") == 1
+    assert again.stderr.count("data.batch_size=5: ") == 1
+    assert (
+        "was saved with a global batch of 16 patients; a resume on 1 processes keeps it with" in again.stderr
+    )
     assert "Traceback" not in again.stderr
 
 

@@ -47,7 +47,7 @@ def test_checkpointer_keeps_the_newest_and_restores_weights_position_and_rng(tmp
             p.zero_()
     torch.manual_seed(1234)
     restored = ck.load("auto")
-    assert (restored.step, restored.epoch, restored.data_state) == (6, 2, {"step_in_epoch": 6})
+    assert (restored.step, restored.epoch, restored.data_state) == (6, 2, {"ranks": [{"step_in_epoch": 6}]})
     assert restored.path == root / "step_00000006"
     for name, value in model.state_dict().items():
         assert torch.equal(value, saved[name]), name
@@ -57,19 +57,22 @@ def test_checkpointer_keeps_the_newest_and_restores_weights_position_and_rng(tmp
     }
 
     older = ck.load(str(root / "step_00000004"))
-    assert (older.step, older.epoch, older.data_state) == (4, 1, {"step_in_epoch": 4})
+    assert (older.step, older.epoch, older.data_state) == (4, 1, {"ranks": [{"step_in_epoch": 4}]})
     assert ck.load(None) is None
 
 
-def test_checkpointer_refuses_another_world_size_and_incomplete_dirs(tmp_path):
+def test_checkpointer_gives_every_saved_ranks_position_and_refuses_incomplete_dirs(tmp_path):
     acc = Accelerator(cpu=True)
     _model_and_optimizer(acc)
     ck = Checkpointer(acc, tmp_path, keep_last=1)
-    path = ck.save(1, 0, {}, {})
+    path = ck.save(1, 0, {}, {"rank": 0})
     state = json.loads((path / "train_state.json").read_text())
+    # Saved by 2 processes, loaded by 1: the loader gets both positions to re-plan the epoch.
     (path / "train_state.json").write_text(json.dumps({**state, "world_size": 2}))
-    with pytest.raises(ValueError, match="saved by 2 processes, this run has 1"):
+    with pytest.raises(ConfigError, match=r"lacks data_rank1\.json"):
         ck.load("auto")
+    (path / "data_rank1.json").write_text(json.dumps({"rank": 1}))
+    assert ck.load("auto").data_state == {"ranks": [{"rank": 0}, {"rank": 1}]}
     (path / "train_state.json").unlink()
     assert ck.latest() is None
     with pytest.raises(ConfigError, match="not a complete checkpoint"):

@@ -236,6 +236,52 @@ def test_sigterm_saves_then_resume_is_bit_exact(shards, reference, tmp_path):
     assert_same_weights(weights(reference), weights(tmp_path))
 
 
+# (processes, workers) stopped, (processes, workers) resumed, and the batch message of the resume.
+RESHAPES = [
+    ((2, 0), (1, 0), "data.batch_size 8 -> 16, keeping the global batch of 16"),
+    ((1, 0), (2, 0), "data.batch_size 16 -> 8, keeping the global batch of 16"),
+    ((2, 2), (2, 1), ""),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize(("before", "after", "message"), RESHAPES, ids=["2-to-1", "1-to-2", "2x2-to-2x1"])
+def test_sigterm_then_resume_on_another_shape_finishes_the_run(
+    shards, reference, tmp_path, before, after, message
+):
+    # Stopped by SIGTERM mid-epoch; resumed with the config's per-rank batch (the saved one), which
+    # follows the new world size; the rest of the epoch is re-planned (patient by patient: see
+    # test_data_loader.py's test_resume_on_another_layout_uses_the_epochs_patients_once).
+    (n, w), (n2, w2) = before, after
+    batch = ["--data.batch_size", str(16 // n)]
+    extra = [*batch, "--checkpoint.every_steps", "0", "--data.num_workers", str(w)]
+    cmd = _command(shards, tmp_path, n, extra, "configs/accelerate/cpu_2proc.yaml")
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(read_metrics(metrics, "train")) >= 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    # The ranks save and exit 3; under accelerate launch torchrun's agent, signalled too, reports failure.
+    assert proc.returncode != 0 and "stop requested by signal; saved step" in output, output[-3000:]
+    assert not (tmp_path / "model").exists()
+    stopped = max(r["step"] for r in read_metrics(metrics, "train"))
+    done = train(
+        shards, tmp_path, *batch, "--data.num_workers", str(w2), "--checkpoint.resume", "auto", processes=n2
+    )
+    assert message in done.stderr
+    assert f"epoch 0 continues on another data layout after step {stopped}" in done.stderr
+    reference_steps = [r["step"] for r in read_metrics(reference / "metrics.jsonl", "train")]
+    steps = [r["step"] for r in read_metrics(metrics, "train")]
+    # Steps after the checkpoint once each, up to the same end as an uninterrupted run.
+    assert steps == reference_steps == list(range(1, len(steps) + 1))
+    # Every epoch accounts for the same patients as the uninterrupted run (the reshaped one included).
+    assert read_metrics(metrics, "epoch") == read_metrics(reference / "metrics.jsonl", "epoch")
+    assert (tmp_path / "model" / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_deepspeed_zero2_on_two_cpu_processes(shards, reference, tmp_path):

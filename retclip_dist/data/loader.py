@@ -21,7 +21,8 @@ from transformers import PreTrainedTokenizerBase
 
 from retclip_dist.data.augment import DeviceAugment
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.plan import LEGACY_PLAN_FORMAT, PLAN_FORMAT, EpochPlan, Layout, derive_seed, plan_epoch
+from retclip_dist.data.plan import LEGACY_PLAN_FORMAT, PLAN_FORMAT, EpochPlan, Layout, plan_epoch, stream_seed
+from retclip_dist.data.reshape import Segment, replan
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import stream_samples
@@ -137,6 +138,7 @@ class TrainStream(IterableDataset):
         first_worker: int,
         served: list[int],
         positions: list[list[int]],
+        generation: int = 0,
     ) -> None:
         self.cfg = cfg
         self.image = image
@@ -148,6 +150,7 @@ class TrainStream(IterableDataset):
         self.first_worker = first_worker
         self.served = served
         self.positions = positions
+        self.generation = generation
 
     def __iter__(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         info = get_worker_info()
@@ -164,7 +167,7 @@ class TrainStream(IterableDataset):
             decoder = SampleDecoder(self.cfg, self.image, self.seed, self.epoch, train=True, counter=counter)
             stream = stream_samples(
                 self.plan.streams[p][w],
-                derive_seed(self.seed, self.epoch, p, w),
+                stream_seed(self.seed, self.epoch, p, w, self.generation),
                 self.cfg.shuffle_buffer,
                 self.positions[w][i],
                 decoder,
@@ -224,8 +227,10 @@ class TrainLoader:
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its first step."""
         self.epoch = epoch
-        self.step = 0
+        self.step = 0  # steps taken under the current plan
         self.plan = self._plan(epoch)
+        self.history: list[Segment] = []  # earlier parts of this epoch, read on other layouts
+        self.base_step = 0  # steps of this epoch taken before the current plan
         self.positions = [[0] * len(self.layout.local_partitions) for _ in range(self.workers)]
         self.epoch_skip_counts = Counter()
         if self.plan.steps == 0:
@@ -245,10 +250,36 @@ class TrainLoader:
             self.layout.micro_batch * self.layout.partitions,
         )
 
+    def _continue_reshaped(self, history: list[Segment], base_step: int) -> None:
+        """Serve the rest of the current epoch after ``history``, on this loader's layout."""
+        self.history = history
+        self.base_step = base_step
+        self.step = 0
+        self.plan = replan(
+            self.shards,
+            self.seed,
+            self.epoch,
+            self.cfg.shuffle_buffer,
+            history,
+            self.layout.partitions,
+            self.workers,
+            self.layout.micro_batch,
+        )
+        self.positions = [[0] * len(self.layout.local_partitions) for _ in range(self.workers)]
+        log.info(
+            "epoch %d continues on another data layout after step %d: %d more steps over the %d samples "
+            "not used yet (%d left over, under one global batch)",
+            self.epoch,
+            base_step,
+            self.plan.steps,
+            self.plan.steps * self.layout.micro_batch * self.layout.partitions + self.plan.unused,
+            self.plan.unused,
+        )
+
     @property
     def steps_per_epoch(self) -> int:
         """Steps of the current epoch (equal on every rank)."""
-        return self.plan.steps
+        return self.base_step + self.plan.steps
 
     def steps_in_epoch(self, epoch: int) -> int:
         """Steps of any epoch, for schedules that must know the total in advance."""
@@ -301,6 +332,7 @@ class TrainLoader:
             self.plan.order[self.step],
             served,
             [list(p) for p in self.positions],
+            len(self.history),
         )
         where = f"training data (epoch {self.epoch})"
         for batch, meta in guarded(data_loader(dataset, self.cfg), where):
@@ -342,24 +374,82 @@ class TrainLoader:
             "skips": dict(self.skip_counts),
             "epoch_skips": dict(self.epoch_skip_counts),
             "layout": self._layout_record(),
+            # Only after a resume on another layout: what the epoch read before, to replay it.
+            "history": [seg.record() for seg in self.history],
+            "base_step": self.base_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a ``state_dict()``; the data layout must be the one it was saved with."""
+        """Continue from a ``state_dict()``, or from ``{"ranks": [the state of every saved rank]}``.
+
+        On the layout it was saved with, the loader continues exactly as the uninterrupted one would.
+        On another one (ranks, partitions or workers) with the same global batch, the rest of the
+        epoch is re-planned over the samples not used yet (``data/reshape.py``); that needs the state
+        of every saved rank, or a single rank's state.
+        """
+        ranks = state.get("ranks", [state])
+        if "ranks" not in state:
+            own = state
+        else:
+            own = ranks[self.layout.rank] if len(ranks) == self.layout.world_size else None
+        changed = self._changed(own if own is not None else ranks[0])
+        if own is not None and not changed:
+            self._load_exact(own)
+            return
+        saved = ranks[0]["layout"]
+        fixed = {k: v for k, v in changed.items() if k not in ("rank", "world_size", "partitions", "workers")}
+        fixed.pop("batch_size", None)
+        global_now = self.layout.batch_size * self.layout.world_size
+        global_then = saved.get("batch_size", 0) * saved.get("world_size", 0)
+        detail = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())
+        if fixed or global_then != global_now:
+            raise ValueError(f"cannot resume the data position, the data layout changed ({detail})")
+        if len(ranks) != saved["world_size"]:
+            raise ValueError(
+                f"the data layout changed ({detail}): continuing the epoch on it needs the positions of "
+                f"all {saved['world_size']} saved ranks, got {len(ranks)}"
+            )
+        self._load_reshaped(ranks)
+
+    def _changed(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         mine = self._layout_record()
         # States without a plan record come from the shard-per-stream plan; at an epoch's first step
         # every position is zero under any plan, so only a mid-epoch position needs the same plan.
         saved = {"plan": LEGACY_PLAN_FORMAT, **state["layout"]} if state["step"] else state["layout"]
-        changed = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())
-            raise ValueError(f"cannot resume the data position exactly, the data layout changed ({detail})")
+        return {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
+
+    def _load_exact(self, state: dict[str, Any]) -> None:
         self.set_epoch(state["epoch"])
+        history = [Segment.from_record(rec) for rec in state.get("history", [])]
+        if history:
+            self._continue_reshaped(history, state["base_step"])
         self.step = state["step"]
         self.positions = [list(p) for p in state["positions"]]
         self.skip_counts = Counter(state["skips"])
         # Older states lack it: the epoch's losses before the checkpoint are then not in the epoch's count.
         self.epoch_skip_counts = Counter(state.get("epoch_skips", {}))
+
+    def _load_reshaped(self, ranks: list[dict[str, Any]]) -> None:
+        first = ranks[0]
+        saved = first["layout"]
+        world, partitions, workers = saved["world_size"], saved["partitions"], saved["workers"]
+        positions = [[0] * workers for _ in range(partitions)]
+        for r, rank_state in enumerate(ranks):
+            for w in range(workers):
+                for i, p in enumerate(range(r, partitions, world)):
+                    positions[p][w] = rank_state["positions"][w][i]
+        history = [Segment.from_record(rec) for rec in first.get("history", [])]
+        if first["step"]:
+            micro = saved["batch_size"] // (partitions // world)
+            history.append(Segment(partitions, workers, micro, tuple(tuple(row) for row in positions)))
+        self.set_epoch(first["epoch"])
+        if history:
+            self._continue_reshaped(history, first.get("base_step", 0) + first["step"])
+        # The saved ranks' counts, summed, go to rank 0 so that the run's totals (summed over ranks) stay.
+        if self.layout.rank == 0:
+            for rank_state in ranks:
+                self.skip_counts.update(rank_state["skips"])
+                self.epoch_skip_counts.update(rank_state.get("epoch_skips", {}))
 
 
 def build_train_data(

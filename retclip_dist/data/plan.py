@@ -68,10 +68,15 @@ class ShardRange:
     shard: ShardInfo  # the tar
     start: int  # first sample read, counted in the tar's own order
     stop: int  # one past the last sample read
+    holes: frozenset[int] = frozenset()  # samples in [start, stop) passed over (used before a reshape)
 
     @property
     def count(self) -> int:
-        return self.stop - self.start
+        return self.stop - self.start - len(self.holes)
+
+    def indices(self) -> list[int]:
+        """The tar's sample numbers this range reads, in order."""
+        return [i for i in range(self.start, self.stop) if i not in self.holes]
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,24 @@ class EpochPlan:
     def planned(self) -> int:
         """Samples the streams read this epoch (each exactly once unless damaged)."""
         return self.samples - self.unused
+
+
+def stream_seed(seed: int, epoch: int, p: int, w: int, generation: int = 0) -> int:
+    """Seed of stream (p, w)'s shuffle buffer; ``generation`` counts the reshapes within the epoch."""
+    return derive_seed(seed, epoch, p, w) if generation == 0 else derive_seed(seed, epoch, p, w, generation)
+
+
+def epoch_shards(shards: list[ShardInfo], seed: int, epoch: int) -> list[ShardInfo]:
+    """The split's shards in the order of ``epoch``."""
+    order = list(shards)
+    random.Random(derive_seed(seed, epoch)).shuffle(order)
+    return order
+
+
+def worker_caps(steps: int, workers: int) -> tuple[int, ...]:
+    # A step takes one micro-batch from the stream of every partition of the serving worker, so all
+    # partitions of worker w hold the same number of micro-batches: its share of the steps.
+    return tuple(steps // workers + (w < steps % workers) for w in range(workers))
 
 
 def round_robin(caps: list[int] | tuple[int, ...]) -> list[int]:
@@ -131,13 +154,10 @@ def plan_epoch(
     shards: list[ShardInfo], partitions: int, workers: int, micro_batch: int, seed: int, epoch: int
 ) -> EpochPlan:
     """Shuffle the split's shards for this epoch and cut them into the streams of every step."""
-    order = list(shards)
-    random.Random(derive_seed(seed, epoch)).shuffle(order)
+    order = epoch_shards(shards, seed, epoch)
     total = sum(s.count for s in shards)
     steps = total // (micro_batch * partitions)
-    # A step takes one micro-batch from the stream of every partition of the serving worker, so all
-    # partitions of worker w hold the same number of micro-batches: its share of the steps.
-    caps = tuple(steps // workers + (w < steps % workers) for w in range(workers))
+    caps = worker_caps(steps, workers)
     pieces = cut_ranges(order, [caps[w] * micro_batch for _ in range(partitions) for w in range(workers)])
     streams = tuple(tuple(pieces[p * workers : (p + 1) * workers]) for p in range(partitions))
     return EpochPlan(

@@ -46,13 +46,19 @@ class _FromSample:
 
 
 def read_shard(
-    shard: ShardInfo, storage_options: dict, counter: SkipCounter, start: int = 0, stop: int | None = None
+    shard: ShardInfo,
+    storage_options: dict,
+    counter: SkipCounter,
+    start: int = 0,
+    stop: int | None = None,
+    holes: frozenset[int] = frozenset(),
 ) -> Iterator[Raw]:
     """Complete samples ``start:stop`` of one tar (undecoded bytes per member); what is lost is counted.
 
     Without ``stop`` the whole tar is read, and a shortfall against the manifest's count is counted.
+    Samples numbered in ``holes`` are read past without being yielded or counted (a reshaped resume).
     """
-    want = (shard.count if stop is None else stop) - start
+    want = (shard.count if stop is None else stop) - start - len(holes)
     seen = 0
     problem = "fewer samples than the manifest lists"
     if want <= 0 and stop is not None:
@@ -60,7 +66,10 @@ def read_shard(
     try:
         with fsspec.open(shard.url, "rb", **storage_options) as f:
             members = tar_file_iterator(f, select_files=_FromSample(start) if start else None)
-            for sample in group_by_keys({**member, "__url__": shard.url} for member in members):
+            samples = group_by_keys({**member, "__url__": shard.url} for member in members)
+            for index, sample in enumerate(samples, start):
+                if index in holes:
+                    continue
                 seen += 1
                 yield sample
                 if seen == want and stop is not None:
@@ -109,7 +118,11 @@ def stream_samples(
     while True:
         pass_start, usable = pos, 0
         raw = shuffled(
-            (s for r in ranges for s in read_shard(r.shard, storage_options, counter, r.start, r.stop)),
+            (
+                s
+                for r in ranges
+                for s in read_shard(r.shard, storage_options, counter, r.start, r.stop, r.holes)
+            ),
             buffer,
             random.Random(seed),
         )

@@ -2,7 +2,8 @@
 
 A checkpoint is a directory ``checkpoints/step_XXXXXXXX`` holding Accelerate's state (model, optimiser,
 grad scaler, every rank's RNG streams; DeepSpeed's shards under ZeRO), ``train_state.json`` (step, epoch,
-the run config) and ``data_rankN.json`` (each rank's loader position). All ranks write into a ``.tmp``
+the run config) and ``data_rankN.json`` (each rank's loader position). A run may resume on another
+world size (not under DeepSpeed): the loader then re-plans the rest of the epoch. All ranks write into a ``.tmp``
 directory first; the main process renames it only after every rank has finished, so a directory without
 the suffix is complete by construction and a run killed mid-save leaves nothing that looks usable.
 """
@@ -61,7 +62,7 @@ def read_train_state(path: Path) -> dict[str, Any]:
 class Restored:
     step: int  # optimiser steps already taken
     epoch: int  # epoch the next step belongs to
-    data_state: dict[str, Any] | None  # this rank's loader position
+    data_state: dict[str, Any] | None  # {"ranks": every saved rank's loader position}
     path: Path  # where it came from
 
 
@@ -115,13 +116,22 @@ class Checkpointer:
                 log.info("resume=auto: no complete checkpoint under %s, starting fresh", self.root)
             return None
         state = read_train_state(path)
-        if state["world_size"] != self.accelerator.num_processes:
+        saved_world, world = state["world_size"], self.accelerator.num_processes
+        if saved_world != world and self.accelerator.state.deepspeed_plugin is not None:
             raise ConfigError(
-                f"checkpoint.resume: {path} was saved by {state['world_size']} processes, this run has "
-                f"{self.accelerator.num_processes}: optimiser and loader state are per rank"
+                f"checkpoint.resume: {path} was saved by {saved_world} processes, this run has {world}: "
+                "DeepSpeed's optimiser state is sharded per rank; resume ZeRO runs on the same world size"
             )
+        # Model and optimiser state are whole (DDP); a rank without its saved RNG state keeps the seeded one.
         self.accelerator.load_state(str(path))
-        data_file = path / f"data_rank{self.accelerator.process_index}.json"
-        data_state = json.loads(data_file.read_text()) if data_file.exists() else None
+        # Every rank gets every saved rank's loader position: on another layout the loader re-plans the
+        # rest of the epoch from all of them.
+        files = [path / f"data_rank{r}.json" for r in range(saved_world)]
+        missing = [f.name for f in files if not f.exists()]
+        if missing and len(missing) < len(files):
+            raise ConfigError(
+                f"checkpoint.resume: {path} lacks {', '.join(missing)} (saved by {saved_world} ranks)"
+            )
+        data_state = None if missing else {"ranks": [json.loads(f.read_text()) for f in files]}
         log.info("resumed from %s at step %d", path, state["step"])
         return Restored(step=state["step"], epoch=state["epoch"], data_state=data_state, path=path)

@@ -3,12 +3,15 @@
 ``check_run_config(cfg, world_size)`` raises ``ConfigError`` for the first problem it finds, in this order:
 ranges of single fields, rules between fields (partitions and batch, image size and context length
 against the model), then what lies outside the config (paths, the shard manifest, the checkpoint to
-resume from and the data layout it was saved with, a live run in the same output_dir). It only reads,
-except that it creates ``output_dir`` to prove it writable, as the run would.
+resume from and the global batch it was saved with, a live run in the same output_dir). It only reads,
+except that it creates ``output_dir`` to prove it writable, as the run would, and that a resume on
+another world size sets ``data.batch_size`` (and maybe ``data.partitions``) to keep the saved global
+batch.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 from collections.abc import Callable
@@ -26,6 +29,7 @@ from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.fp8 import fp8_unavailable_reason
 from retclip_dist.train.optim import TOWERS
 
+log = logging.getLogger(__name__)
 _AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
 _AT_LEAST_0 = (lambda v: v >= 0, "must be 0 or more")
 _POSITIVE = (lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0")
@@ -222,43 +226,59 @@ def _resume(cfg: RunConfig, world_size: int) -> None:
         return
     state = read_train_state(path)
     _same_param_groups(cfg, path, state.get("config", {}).get("train", {}))
+    _same_global_batch(cfg, world_size, path, state)
+
+
+def _same_global_batch(cfg: RunConfig, world_size: int, path: Path, state: dict[str, Any]) -> None:
+    """A resume keeps the saved global batch; on another world size the per-rank batch follows it.
+
+    Workers and partitions may change (the loader re-plans the rest of the epoch). ``data.batch_size``
+    equal to the saved per-rank value (the config file's, unchanged) becomes global / N' with a warning;
+    any other value than global / N' is refused. Explicit ``data.partitions`` that the new world size does
+    not divide fall back to one partition per rank, with a warning.
+    """
     saved = state.get("config", {}).get("data", {})
-    saved_world = state.get("world_size")
-    # (name, saved, now, saved as the loader sees it, now as the loader sees it): 0 workers is 1 stream.
-    layout = [
-        ("processes", saved_world, world_size, saved_world, world_size),
-        (
-            "data.batch_size",
-            saved.get("batch_size"),
-            cfg.data.batch_size,
-            saved.get("batch_size"),
-            cfg.data.batch_size,
-        ),
-        (
-            "data.partitions",
-            saved.get("partitions"),
-            cfg.data.partitions,
-            saved.get("partitions") or saved_world,
-            cfg.data.partitions or world_size,
-        ),
-        (
-            "data.num_workers",
-            saved.get("num_workers"),
-            cfg.data.num_workers,
-            max(saved.get("num_workers") or 0, 1),
-            max(cfg.data.num_workers, 1),
-        ),
-    ]
-    changed = [
-        f"{name} saved {then_eff if then is None else then}, now {now_eff if now is None else now}"
-        for name, then, now, then_eff, now_eff in layout
-        if then_eff is not None and then_eff != now_eff
-    ]
-    if changed:
+    saved_world, saved_batch = state.get("world_size"), saved.get("batch_size")
+    if saved_world is None or saved_batch is None:
+        return
+    total = saved_world * saved_batch
+    accum = cfg.train.accum_steps
+    if total % world_size or (total // world_size) % accum:
+        fits = [n for n in range(1, total + 1) if total % n == 0 and (total // n) % accum == 0]
         raise ConfigError(
-            f"checkpoint.resume: {path} was saved with another data layout ({'; '.join(changed)}); "
-            "resume with the layout it was saved with, or start a new --output_dir"
+            f"checkpoint.resume: {path} was saved with a global batch of {total} patients ({saved_batch} x "
+            f"{saved_world} processes), which {world_size} processes cannot share equally"
+            f"{f' in chunks of train.accum_steps={accum}' if accum > 1 else ''}; resume on "
+            f"{', '.join(map(str, fits))} processes"
         )
+    per_rank = total // world_size
+    if cfg.data.batch_size != per_rank:
+        if world_size == saved_world or cfg.data.batch_size != saved_batch:
+            raise _fail(
+                "data.batch_size",
+                cfg.data.batch_size,
+                f"{path} was saved with a global batch of {total} patients; a resume on {world_size} "
+                f"processes keeps it with data.batch_size={per_rank} (or start a new --output_dir)",
+            )
+        log.warning(
+            "resuming %s (saved by %d processes) on %d: data.batch_size %d -> %d, keeping the global batch of %d",
+            path,
+            saved_world,
+            world_size,
+            cfg.data.batch_size,
+            per_rank,
+            total,
+        )
+        cfg.data.batch_size = per_rank
+    partitions = cfg.data.partitions
+    if partitions is not None and partitions % world_size:
+        log.warning(
+            "data.partitions=%d is not a multiple of %d processes: using one partition per process",
+            partitions,
+            world_size,
+        )
+        cfg.data.partitions = None
+    _layout(cfg, world_size)
 
 
 def _fp8(cfg: RunConfig) -> None:
@@ -278,7 +298,8 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
     if world_size < 1:
         raise _fail("world size", world_size, "must be at least 1")
     _ranges(cfg)
-    _layout(cfg, world_size)
+    if cfg.checkpoint.resume is None:
+        _layout(cfg, world_size)  # else after _resume, which may set the batch for a new world size
     _model_fit(cfg)
     _fp8(cfg)
     _shards(cfg)
@@ -289,3 +310,4 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
         except runlock.RunLocked as exc:
             raise ConfigError(str(exc)) from exc
     _resume(cfg, world_size)
+    _layout(cfg, world_size)
