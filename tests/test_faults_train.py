@@ -383,9 +383,14 @@ def test_killing_the_launchers_process_group_ends_the_ranks_and_their_workers(sh
     while not (metrics.exists() and read_metrics(metrics, "train")):
         assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start training"
         time.sleep(0.2)
-    ranks = _children(launcher.pid)
-    workers = [w for r in ranks for w in _children(r)]
-    assert len(ranks) == 2 and len(workers) >= 2
+    # Loader workers start anew with each epoch's iterator: wait until both ranks have theirs.
+    while True:
+        ranks = _children(launcher.pid)
+        workers = [w for r in ranks for w in _children(r)]
+        if len(ranks) == 2 and len(workers) >= 2:
+            break
+        assert launcher.poll() is None and time.monotonic() < deadline, (ranks, workers)
+        time.sleep(0.05)
     os.killpg(launcher.pid, signal.SIGKILL)  # what a scheduler or a closed terminal does
     launcher.wait()
     _wait_gone(ranks + workers, timeout=10)

@@ -107,8 +107,11 @@ def assert_resumed_from_the_stop(out: Path, log: Path, want: dict) -> None:
     assert SIGNAL_AFTER_STEP <= stopped < TOTAL_STEPS
     # The second attempt picks up right after the signal's checkpoint, not from step 1.
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, TOTAL_STEPS + 1))
-    resumed = rows.index(ends[0]) + 1
-    assert rows[resumed]["kind"] == "train" and rows[resumed]["step"] == stopped + 1
+    resumed = [r for r in rows[rows.index(ends[0]) + 1 :] if r["kind"] == "train"]
+    assert resumed[0]["step"] == stopped + 1
+    # A stop on an epoch's last step leaves that epoch's record to the resumed run: once, not twice.
+    epochs = [r["epoch"] for r in rows if r["kind"] == "epoch"]
+    assert epochs == sorted(set(epochs)), epochs
     assert re.search(r"resuming at step (\d+)", log.read_text()).group(1) == str(stopped)
     assert_same_weights(load_weights(out), want)
 

@@ -205,7 +205,9 @@ def train(cfg: RunConfig) -> int:
                 break
             if step >= total_steps:
                 break
-        if data.epoch_done():
+        # A run stopped on an epoch's last step leaves the epoch's record and validation to the resumed
+        # run, whose checkpoint is at that same point: written here too, they would appear twice.
+        if exit_code == EXIT_OK and data.epoch_done():
             log_epoch(acc, metrics, data, epoch, step)
             epoch += 1
             data.set_epoch(epoch)
