@@ -15,7 +15,7 @@ from typing import Any
 OUTPUT_DIR_FLAG = "--output_dir"
 
 
-class _OldSpelling(argparse.Action):
+class OldSpelling(argparse.Action):
     """A renamed flag's old name: stores into the new name's destination and warns on stderr."""
 
     def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs: Any) -> None:
@@ -40,5 +40,5 @@ def add_output_dir(
     group.add_argument(OUTPUT_DIR_FLAG, dest="output_dir", default=default, metavar="DIR", help=help)
     for flag in old:
         group.add_argument(
-            flag, dest="output_dir", action=_OldSpelling, new=OUTPUT_DIR_FLAG, help=argparse.SUPPRESS
+            flag, dest="output_dir", action=OldSpelling, new=OUTPUT_DIR_FLAG, help=argparse.SUPPRESS
         )

@@ -118,7 +118,7 @@ def _demo(out: Path, patients: int, processes: int, overrides: list[str]) -> int
     run(
         [
             bin_path("make-shards"), "build",
-            "--manifest", str(manifest), "--images", str(images), "--out", str(shards),
+            "--manifest", str(manifest), "--images", str(images), "--output_dir", str(shards),
             "--image-size", "128", "--min-side", "128", "--max-count", "100",
             "--val-fraction", "0.15", "--workers", "2",
         ]

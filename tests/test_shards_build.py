@@ -34,7 +34,9 @@ def files(directory) -> dict[str, bytes]:
 
 
 def build(raw, out, *extra) -> int:
-    return cli.main(["build", "--manifest", raw[0], "--images", raw[1], "--out", str(out), *SMALL, *extra])
+    return cli.main(
+        ["build", "--manifest", raw[0], "--images", raw[1], "--output_dir", str(out), *SMALL, *extra]
+    )
 
 
 def test_cli_build_writes_contract_layout(raw, tmp_path, capsys):
@@ -128,7 +130,18 @@ def test_same_shards_from_dir_zip_and_targz_roots(tmp_path):
             root = gz
         out = tmp_path / f"out-{layout}"
         assert (
-            cli.main(["build", "--manifest", str(manifest), "--images", str(root), "--out", str(out), *SMALL])
+            cli.main(
+                [
+                    "build",
+                    "--manifest",
+                    str(manifest),
+                    "--images",
+                    str(root),
+                    "--output_dir",
+                    str(out),
+                    *SMALL,
+                ]
+            )
             == 0
         )
         shards.append((out / "train-000000.tar").read_bytes())
@@ -216,7 +229,7 @@ def test_bad_records_are_rejected_and_never_stop_the_run(tmp_path, capsys):
     ]
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     args = ["build", "--manifest", str(tmp_path / "m.csv"), "--images", str(tmp_path / "img.zip")]
-    code = cli.main([*args, "--out", str(tmp_path / "s"), *SMALL, "--max-pixels", "1000000"])
+    code = cli.main([*args, "--output_dir", str(tmp_path / "s"), *SMALL, "--max-pixels", "1000000"])
     assert code == 0
     rejects = [json.loads(x) for x in (tmp_path / "s" / "rejects.jsonl").read_text().splitlines()]
     assert [(r["id"], r["source"], r["reason"]) for r in rejects] == [
@@ -239,10 +252,10 @@ def test_bad_records_are_rejected_and_never_stop_the_run(tmp_path, capsys):
     assert re.search(r"^kept +2$", table, re.M) and re.search(r"^rejected: too_many_pixels +1$", table, re.M)
 
     # --strict stops at the first reject: row-level ones before any image is read, else image-level.
-    assert cli.main([*args, "--out", str(tmp_path / "strict"), *SMALL, "--strict"]) == 1
+    assert cli.main([*args, "--output_dir", str(tmp_path / "strict"), *SMALL, "--strict"]) == 1
     assert "m.csv:9 (blank): blank_report" in capsys.readouterr().err
     (tmp_path / "m.csv").write_text("\n".join(lines[:4]) + "\n")
-    assert cli.main([*args, "--out", str(tmp_path / "strict2"), *SMALL, "--strict"]) == 1
+    assert cli.main([*args, "--output_dir", str(tmp_path / "strict2"), *SMALL, "--strict"]) == 1
     assert "m.csv:4 (nofile): missing_file" in capsys.readouterr().err
     assert not (tmp_path / "strict" / "manifest.json").exists()
     assert not (tmp_path / "strict2" / "manifest.json").exists()
@@ -263,7 +276,14 @@ def test_unusable_input_exits_2_with_one_line(tmp_path, capsys, setup, expected)
         (tmp_path / "i.zip").write_bytes(b"not a zip")
     else:
         zipfile.ZipFile(tmp_path / "i.zip", "w").close()
-    args = ["build", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "s"), "--no-progress"]
+    args = [
+        "build",
+        "--manifest",
+        str(tmp_path / "m.csv"),
+        "--output_dir",
+        str(tmp_path / "s"),
+        "--no-progress",
+    ]
     if setup != "no_images_flag":
         args += ["--images", str(tmp_path / "i.zip")]
     assert cli.main(args) == 2

@@ -12,7 +12,7 @@ from retclip_dist.shards.images import ImageOptions
 
 # The interface users and scripts rely on (flag -> BuildOptions field path); it must not drift.
 FLAGS = {
-    "--out": "out",
+    "--output_dir": "out",
     "--manifest": "manifest",
     "--images": "images",
     "--retclip-dir": "retclip_dir",
@@ -39,7 +39,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def test_flags_are_the_documented_interface_with_the_field_comments_as_help():
-    actions = [a for a in _build_parser()._actions if a.option_strings != ["-h", "--help"]]
+    # Hidden aliases of renamed flags (help suppressed) are not part of the documented interface.
+    actions = [
+        a
+        for a in _build_parser()._actions
+        if a.option_strings != ["-h", "--help"] and a.help != argparse.SUPPRESS
+    ]
     assert {a.option_strings[0]: a.dest for a in actions} == FLAGS
     comments = {**cli.field_comments(BuildOptions), **cli.field_comments(ImageOptions)}
     for action in actions:
@@ -47,12 +52,15 @@ def test_flags_are_the_documented_interface_with_the_field_comments_as_help():
     assert comments["pseudonymise"].startswith("secret key file of the data owner")  # comment above
     assert comments["max_count"] == "patients per shard at most"  # comment on the line
     out = next(a for a in actions if a.dest == "out")
-    assert out.required and out.default is None
+    assert out.default is None
+    with pytest.raises(SystemExit) as exc:  # --output_dir (or its old spelling) is required
+        cli._parser().parse_args(["build", "--manifest", "m.csv"])
+    assert exc.value.code == 2
 
 
 def test_parsing_every_flag_gives_exactly_those_options():
     argv = [
-        "build", "--out", "o", "--manifest", "m.csv", "--images", "i.zip", "--retclip-dir", "r",
+        "build", "--output_dir", "o", "--manifest", "m.csv", "--images", "i.zip", "--retclip-dir", "r",
         "--split", "test", "--val-fraction", "0.25", "--image-size", "64", "--resize", "shorter",
         "--jpeg-quality", "80", "--min-side", "32", "--max-pixels", "1000", "--max-count", "7",
         "--max-size", "9999", "--seed", "3", "--workers", "2", "--strict", "--no-progress",
@@ -75,7 +83,7 @@ def test_parsing_every_flag_gives_exactly_those_options():
         progress=False,
         pseudonymise="key",
     )
-    defaults = cli._from_flags(BuildOptions, cli._parser().parse_args(["build", "--out", "o"]))
+    defaults = cli._from_flags(BuildOptions, cli._parser().parse_args(["build", "--output_dir", "o"]))
     assert defaults == BuildOptions(out="o")
 
 
@@ -86,3 +94,15 @@ def test_an_option_type_without_a_flag_is_refused_when_the_parser_is_built():
 
     with pytest.raises(TypeError, match=r"Odd\.sizes: no command-line flag"):
         cli._add_flags(argparse.ArgumentParser(), Odd)
+
+
+def test_the_old_out_flag_still_works_with_one_warning(capsys):
+    args = cli._parser().parse_args(["build", "--out", "o", "--manifest", "m.csv"])
+    assert cli._from_flags(BuildOptions, args).out == "o"
+    assert (
+        capsys.readouterr().err.strip()
+        == "make-shards build: warning: --out is now --output_dir; the old name will be removed"
+    )
+    with pytest.raises(SystemExit) as exc:
+        cli._parser().parse_args(["build", "--out", "o", "--output_dir", "p"])
+    assert exc.value.code == 2

@@ -88,7 +88,7 @@ def cohort(tmp_path):
 
 def _build(cohort, out, *extra) -> int:
     manifest, images, keyfile, _ = cohort
-    args = ["build", "--manifest", str(manifest), "--images", str(images), "--out", str(out)]
+    args = ["build", "--manifest", str(manifest), "--images", str(images), "--output_dir", str(out)]
     return cli.main([*args, "--pseudonymise", str(keyfile), *SMALL, *extra])
 
 
@@ -130,7 +130,7 @@ def test_no_original_id_or_path_in_any_output_byte(cohort, tmp_path, monkeypatch
     # The check itself finds a leak: the same build without --pseudonymise is full of them.
     plain = tmp_path / "plain"
     manifest, images, _, secret = cohort
-    argv = ["build", "--manifest", str(manifest), "--images", str(images), "--out", str(plain), *SMALL]
+    argv = ["build", "--manifest", str(manifest), "--images", str(images), "--output_dir", str(plain), *SMALL]
     assert cli.main(argv) == 0
     leaked = {s for _, s in _leaks(plain, secret)}
     assert {"HOSP.0091427", "Müller^Hans/HOSP.0091427_2019-03-04_OD.jpg", "HOSP.0300003"} <= leaked
@@ -188,7 +188,15 @@ def test_pseudonyms_stable_per_key_and_splits_independent_of_key(cohort, tmp_pat
     assert set(a).isdisjoint(c)  # another key, other pseudonyms
     by_id_a = {pid: a[Pseudonymiser(KEY).pseudonym(pid)] for pid, _, _ in PATIENTS}
     by_id_c = {pid: c[Pseudonymiser(other.read_bytes()).pseudonym(pid)] for pid, _, _ in PATIENTS}
-    argv = ["build", "--manifest", str(manifest), "--images", str(images), "--out", str(tmp_path / "p")]
+    argv = [
+        "build",
+        "--manifest",
+        str(manifest),
+        "--images",
+        str(images),
+        "--output_dir",
+        str(tmp_path / "p"),
+    ]
     assert cli.main([*argv, *SMALL, *extra]) == 0
     assert by_id_a == by_id_c == splits(tmp_path / "p")  # the split follows the original id
     assert set(by_id_a.values()) == {"train", "val"}

@@ -32,7 +32,7 @@ def raw(tmp_path_factory):
 
 
 def args(raw, out, *extra) -> list[str]:
-    return ["build", "--manifest", raw[0], "--images", raw[1], "--out", str(out), *SMALL, *extra]
+    return ["build", "--manifest", raw[0], "--images", raw[1], "--output_dir", str(out), *SMALL, *extra]
 
 
 @pytest.mark.parametrize("pseudonymise", [False, True])
@@ -99,7 +99,7 @@ def test_sigkill_mid_run_then_same_command_finishes_identically(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        [*cmd, "--out", str(out)], env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        [*cmd, "--output_dir", str(out)], env=env, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(out.glob("train-*.tar"))) < 5:
@@ -115,7 +115,7 @@ def test_sigkill_mid_run_then_same_command_finishes_identically(tmp_path):
     done_before = len(list(out.glob("train-*.tar")))
     assert 5 <= done_before < 400
 
-    subprocess.run([*cmd, "--out", str(out)], env=env, check=True, capture_output=True)
-    subprocess.run([*cmd, "--out", str(tmp_path / "clean")], env=env, check=True, capture_output=True)
+    subprocess.run([*cmd, "--output_dir", str(out)], env=env, check=True, capture_output=True)
+    subprocess.run([*cmd, "--output_dir", str(tmp_path / "clean")], env=env, check=True, capture_output=True)
     assert not (out / JOURNAL_NAME).exists() and not list(out.glob("*.tmp"))
     assert files(out) == files(tmp_path / "clean")

@@ -69,7 +69,7 @@ def test_build_and_verify_from_and_to_s3(s3, tmp_path):
         "--images",
         "s3://raw-data/cohort/images.zip",
     ]
-    built = run_cli(*remote, "--out", "s3://shard-sets/v1", "--workers", "2", *opts)
+    built = run_cli(*remote, "--output_dir", "s3://shard-sets/v1", "--workers", "2", *opts)
     assert built.returncode == 0, built.stderr
     assert "kept        10" in built.stdout
 
@@ -89,7 +89,15 @@ def test_build_and_verify_from_and_to_s3(s3, tmp_path):
     assert checked.stdout.strip().endswith("3 shards, 10 samples checked: OK")
 
     # Same inputs read locally give the same shard bytes.
-    local = ["build", "--manifest", str(manifest), "--images", str(root), "--out", str(tmp_path / "local")]
+    local = [
+        "build",
+        "--manifest",
+        str(manifest),
+        "--images",
+        str(root),
+        "--output_dir",
+        str(tmp_path / "local"),
+    ]
     assert cli.main([*local, *opts]) == 0
     for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
         remote_bytes = s3.get_object(Bucket="shard-sets", Key=f"v1/{name}")["Body"].read()

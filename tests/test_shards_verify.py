@@ -15,7 +15,7 @@ def shard_set(tmp_path_factory):
     base = tmp_path_factory.mktemp("verify")
     manifest, root = synth.write_raw_archive(base / "raw", 9, seed=2, image_size=72, layout="zip")
     out = base / "clean"
-    argv = ["build", "--manifest", str(manifest), "--images", str(root), "--out", str(out)]
+    argv = ["build", "--manifest", str(manifest), "--images", str(root), "--output_dir", str(out)]
     assert (
         cli.main([*argv, "--image-size", "64", "--min-side", "48", "--max-count", "3", "--no-progress"]) == 0
     )

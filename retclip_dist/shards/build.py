@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from retclip_dist.cli_args import OUTPUT_DIR_FLAG
 from retclip_dist.io.errors import ImageReadError, ImageRootError
 from retclip_dist.io.files import OutputDir
 from retclip_dist.io.roots import ImageStore, open_image_root
@@ -63,7 +64,8 @@ class BuildOptions:
     ``--field-name`` (or metadata "flag"), the comment as help, a True bool as ``--no-field-name``."""
 
     out: str = field(
-        default="shards/default", metadata={"required": True}
+        default="shards/default",
+        metadata={"required": True, "flag": OUTPUT_DIR_FLAG, "old": ("--out",), "metavar": "DIR"},
     )  # output directory (local or s3://)
     # CSV or JSONL patient table: patient_id,left_image,right_image,report[,left_report,right_report,split]
     manifest: str | None = None
@@ -239,7 +241,7 @@ class _Packer:
         scrub: Callable[[Reject], Reject],
     ) -> None:
         self.journal = journal
-        self.scrub = scrub  # what a reject looks like once written under --out
+        self.scrub = scrub  # what a reject looks like once written under --output_dir
         self.shards = list(done.shards)
         self.rejects = list(done.rejects)
         self.pending: list[Reject] = []
@@ -290,7 +292,7 @@ def _already_built(out: OutputDir, opts: BuildOptions, recorded: dict[str, Any],
     manifest = json.loads(out.read_text(MANIFEST_NAME))
     if manifest.get("options") != recorded:
         raise ShardInputError(
-            f"{opts.out} already holds a shard set built with other options; delete it or choose another --out"
+            f"{opts.out} already holds a shard set built with other options; delete it or choose another --output_dir"
         )
     log.info("%s already holds this shard set (same options); nothing to do, delete it to rebuild", opts.out)
     return BuildResult(

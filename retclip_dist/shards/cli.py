@@ -20,6 +20,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
+from retclip_dist.cli_args import OldSpelling
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 from retclip_dist.shards.build import BuildOptions, BuildResult, StrictRejectError, build_shards
 from retclip_dist.shards.records import ShardInputError
@@ -91,7 +92,23 @@ def _add_flags(
                 help_text += " (default %(default)s)"
             if "choices" not in kwargs:
                 kwargs["metavar"] = f.metadata.get("metavar", flag[2:].upper().replace("-", "_"))
-        parser.add_argument(flag, help=help_text, **kwargs)
+        old = f.metadata.get("old", ())
+        if old:
+            # A renamed flag: the old spellings stay as hidden, warned aliases (cli_args), one of them required.
+            required = kwargs.pop("required", False)
+            group = parser.add_mutually_exclusive_group(required=required)
+            group.add_argument(flag, help=help_text, **kwargs)
+            for name in old:
+                group.add_argument(
+                    name,
+                    dest=dest,
+                    action=OldSpelling,
+                    new=flag,
+                    help=argparse.SUPPRESS,
+                    default=kwargs["default"],
+                )
+        else:
+            parser.add_argument(flag, help=help_text, **kwargs)
 
 
 def _from_flags(cls: type[T], args: argparse.Namespace, prefix: str = "") -> T:

@@ -3,7 +3,7 @@
 The data owner keeps a secret key file; every patient id becomes ``ps-`` + 32 hex of
 HMAC-SHA256(key, id), so the same id gets the same pseudonym in every build made with that key (splits,
 leakage checks and joins across builds keep working) while nobody without the key can recompute or
-reverse it. Everything the build writes under --out (shards, manifest.json, rejects.jsonl, the resume
+reverse it. Everything the build writes under --output_dir (shards, manifest.json, rejects.jsonl, the resume
 journal) then carries pseudonyms, line numbers and fixed reason texts only: no id, no image path, no input
 path. The key itself is never written anywhere.
 """
@@ -79,7 +79,7 @@ class Pseudonymiser:
         return out
 
     def reject(self, r: Reject) -> Reject:
-        """The reject as written under --out: pseudonym, input line and the reason's fixed text. The owner
+        """The reject as written under --output_dir: pseudonym, input line and the reason's fixed text. The owner
         finds the row by its line number; the detail (which names paths and ids) stays out."""
         line = r.source.rsplit(":", 1)[-1]
         alias = self.pseudonym(r.patient_id) if r.patient_id else ""
