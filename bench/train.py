@@ -53,17 +53,15 @@ from transformers import AutoModel
 from retclip_dist.data.augment import DeviceAugment
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.loader import build_train_data
-from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.config import BERT_BASE_CHINESE, ImageInput, ModelConfig
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.towers import text_model_config
 from retclip_dist.train.backend import build_accelerator
 from retclip_dist.train.config import RunConfig, TrainSection
-from retclip_dist.train.fp8 import convert_fp8_, fp8_unavailable_reason
-from retclip_dist.train.loop import train_step
-from retclip_dist.train.optim import build_optimizer, lr_at
+from retclip_dist.train.fp8 import fp8_unavailable_reason
+from retclip_dist.train.loop import prepare_training, train_step
+from retclip_dist.train.optim import lr_at
 from retclip_dist.train.signals import any_rank
-from retclip_dist.train.step import output_loss
 
 # The fake patients and shard sets are the tests' (tests/conftest.py), not part of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -251,15 +249,7 @@ def _run_ours(case: Case) -> float:
     model = RetClip(cfg.model)
     data = build_train_data(cfg.data, tiny_tokenizer(), 0, 1, cfg.train.seed)
     device_augment = data.device_augment(acc.device)
-    if cfg.train.fp8:
-        convert_fp8_(model)
-    optimizer = build_optimizer(model, cfg.train, acc.device)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    model, optimizer = acc.prepare(model, optimizer)
-    loss_fn = output_loss(
-        TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather, duplicates=cfg.loss.duplicates)
-    )
+    model, optimizer, loss_fn = prepare_training(acc, model, cfg)
     total = case.warmup + case.steps
 
     def step(i: int, batch: dict[str, Any]) -> None:

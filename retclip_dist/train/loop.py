@@ -87,6 +87,25 @@ def train_step(
     return loss, parts
 
 
+def prepare_training(
+    acc: Accelerator, model: RetClip, cfg: RunConfig
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, LossFn]:
+    """Lock, convert, optimise, compile and wrap the model in the order training needs, and the loss.
+
+    Locked parts and float8 layers must be in place before the optimiser and DDP/DeepSpeed collect the
+    trainable parameters. bench/train.py times exactly this setup.
+    """
+    if cfg.train.freeze:
+        log.info("train.freeze %s: %d parameters locked", cfg.train.freeze, freeze_(model, cfg.train.freeze))
+    if cfg.train.fp8:  # check_run_config() checked torchao and the GPU
+        log.info("train.fp8: %d tower linears in float8", len(convert_fp8_(model)))
+    optimizer = build_optimizer(model, cfg.train, acc.device)
+    wrapped = torch.compile(model) if cfg.train.compile else model
+    wrapped, optimizer = acc.prepare(wrapped, optimizer)
+    tripartite = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather, duplicates=cfg.loss.duplicates)
+    return wrapped, optimizer, output_loss(tripartite)
+
+
 def train(cfg: RunConfig) -> int:
     """Run (or resume) pretraining as configured; returns the process exit code."""
     acc = build_accelerator(cfg)
@@ -119,20 +138,7 @@ def train(cfg: RunConfig) -> int:
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
-    # Locked parts must be set before the optimiser and DDP/DeepSpeed collect the trainable parameters.
-    if cfg.train.freeze:
-        log.info("train.freeze %s: %d parameters locked", cfg.train.freeze, freeze_(model, cfg.train.freeze))
-    if (
-        cfg.train.fp8
-    ):  # check_run_config() checked torchao and the GPU; the optimiser sees the converted layers
-        log.info("train.fp8: %d tower linears in float8", len(convert_fp8_(model)))
-    optimizer = build_optimizer(model, cfg.train, acc.device)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    model, optimizer = acc.prepare(model, optimizer)
-    loss_fn = output_loss(
-        TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather, duplicates=cfg.loss.duplicates)
-    )
+    model, optimizer, loss_fn = prepare_training(acc, model, cfg)
 
     # check_run_config() refused a fresh run over existing checkpoints, before any rank started.
     checkpointer = Checkpointer(acc, out_dir / "checkpoints", cfg.checkpoint.keep_last)
