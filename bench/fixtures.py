@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +21,11 @@ from PIL import Image
 
 from retclip_dist import synth
 from retclip_dist.demo import demo_probe
-from retclip_dist.model.config import tiny_model_config
 from retclip_dist.model.retclip import RetClip
+
+# The tiny model config is the tests' (tests/conftest.py), not part of the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import tiny_model_config
 
 
 def _best(fn, repeats: int) -> float:

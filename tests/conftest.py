@@ -30,6 +30,7 @@ from transformers import BertTokenizerFast
 
 from retclip_dist import synth
 from retclip_dist.io.files import OutputDir
+from retclip_dist.model.config import ModelConfig
 from retclip_dist.model.tokenizer import wordpiece_tokenizer
 from retclip_dist.model.vocab import read_vocab
 from retclip_dist.shards.build import BuildOptions, build_shards
@@ -92,6 +93,32 @@ def run_gloo_ranks(check: Callable[[int], None], world: int, tmp_path: Path, tim
             for proc in ctx.processes:
                 proc.kill()
             pytest.fail(f"the {world} ranks did not finish within {timeout_s} s (a collective hangs?)")
+
+
+def tiny_model_config(vocab_path: str | Path, image_size: int = 32, embed_dim: int = 16) -> ModelConfig:
+    """A seconds-fast model for tests: 2-layer ViT (width 32, patch 8) and 2-layer BERT (hidden 32).
+
+    Dropout is off so that forward passes are deterministic in training mode too.
+    """
+    vocab_size = len(read_vocab(vocab_path))
+    return ModelConfig(
+        # timm's plain ViT (GELU, no pre-norm): random-init tests have no CLIP weights to match.
+        vision_name="vit_base_patch16_224",
+        vision_kwargs={"img_size": image_size, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+        text_config={
+            "model_type": "bert",
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 128,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+        },
+        tokenizer_path=str(vocab_path),
+        embed_dim=embed_dim,
+    )
 
 
 def tiny_tokenizer() -> BertTokenizerFast:

@@ -10,11 +10,13 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model_config
 from release_reference import Visual
 from safetensors.torch import save_file
 
-from retclip_dist.model.config import ModelConfig, tiny_model_config, write_vocab
+from retclip_dist.model.config import ModelConfig
 from retclip_dist.model.retclip import RetClip
+from retclip_dist.model.vocab import write_vocab
 
 WIDTH, LAYERS, PATCH, RES, EMBED = 64, 2, 8, 32, 32
 CLIP_SCALE = math.log(100.0)  # OpenAI's ViT-B/16 ends training at the 100 cap

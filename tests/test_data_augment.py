@@ -160,9 +160,11 @@ def test_model_states_its_input_and_every_path_normalises_with_it(tmp_path) -> N
     """The model's ImageInput (its size, its mean/std) is what the CPU path, the device path and
     retclip-eval apply: a non-CLIP normalisation set in the model config reaches all three, and survives
     save_pretrained."""
+    from conftest import tiny_model_config
+
     from retclip_dist.eval.features import image_size, normalise
-    from retclip_dist.model.config import tiny_model_config, write_vocab
     from retclip_dist.model.retclip import RetClip
+    from retclip_dist.model.vocab import write_vocab
 
     cfg = tiny_model_config(write_vocab(tmp_path / "vocab.txt", ["eye"]), image_size=40)
     cfg.image_mean, cfg.image_std = [0.5, 0.25, 0.0], [0.25, 0.5, 1.0]

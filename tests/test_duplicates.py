@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import run_gloo_ranks
+from conftest import run_gloo_ranks, tiny_model_config
 
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.samples import REPORT_HASH, Patient, collate, report_hash
 from retclip_dist.loss import TripartiteLoss
-from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.tokenizer import build_tokenizer
+from retclip_dist.model.vocab import write_vocab
 
 WORLD = 2
 ROWS = 4  # per rank

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_model_config
 from scipy import stats
 from sklearn.metrics import average_precision_score
 
@@ -35,8 +36,8 @@ from retclip_dist.eval.benchmark.splits import split_for_seed, split_indices
 from retclip_dist.eval.benchmark.suite import DatasetSpec, FinetuneRecipe, SplitConfig
 from retclip_dist.eval.cli import main as eval_main
 from retclip_dist.eval.data import LabelError, load_images
-from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
+from retclip_dist.model.vocab import write_vocab
 from retclip_dist.shards import cli as shards_cli
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_model_config
 from sklearn.metrics import roc_auc_score
 
 from retclip_dist import synth
@@ -24,8 +25,8 @@ from retclip_dist.eval.benchmark.results import RESULT_COLUMNS
 from retclip_dist.eval.benchmark.run import run_benchmark
 from retclip_dist.eval.benchmark.suite import load_suite
 from retclip_dist.eval.cli import main as eval_main
-from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
+from retclip_dist.model.vocab import write_vocab
 
 LAYOUTS = ("retfound_split", "aptos2019", "idrid", "messidor2", "rfmid", "odir5k", "table")
 PACKS = Path(__file__).resolve().parents[1] / "configs" / "prompts"

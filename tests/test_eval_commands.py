@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_VOCAB
+from conftest import TINY_VOCAB, tiny_model_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 from sklearn.metrics import roc_auc_score
@@ -21,8 +21,8 @@ from retclip_dist.eval.features import image_size
 from retclip_dist.eval.finetune import BEST_FILE, TowerClassifier, predict
 from retclip_dist.eval.metrics import compute_metrics
 from retclip_dist.eval.zeroshot import class_embeddings
-from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
+from retclip_dist.model.vocab import write_vocab
 from retclip_dist.synth import write_labelled_set
 
 PROMPTS = "configs/prompts_synth.yaml"

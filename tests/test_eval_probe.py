@@ -6,12 +6,11 @@ import pytest
 import sklearn
 import timm
 import torch
-from conftest import TINY_VOCAB
+from conftest import TINY_VOCAB, tiny_model_config
 
 from retclip_dist.demo import demo_probe
 from retclip_dist.eval.commands import run_linear_probe
 from retclip_dist.eval.config import DataConfig, EvalConfig
-from retclip_dist.model.config import tiny_model_config
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.synth import write_labelled_set
 

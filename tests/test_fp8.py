@@ -8,12 +8,13 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_model_config
 from torch import nn
 
 from retclip_dist.config import ConfigError, load_config
 from retclip_dist.exit_codes import EXIT_CONFIG
-from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
+from retclip_dist.model.vocab import write_vocab
 from retclip_dist.train import fp8
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.preflight import _fp8, check_run_config

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_synth_shards, free_port
+from conftest import build_synth_shards, free_port, tiny_model_config
 from safetensors.torch import load_file
 
 from retclip_dist.config import ConfigError, load_config
 from retclip_dist.loss import TripartiteLoss
-from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
+from retclip_dist.model.vocab import write_vocab
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.optim import build_optimizer, freeze_, set_lr
 from retclip_dist.train.preflight import check_run_config

@@ -7,12 +7,14 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from retclip_dist.config import ConfigError, from_dict
 from retclip_dist.model.checkpointing import is_block_checkpointed, tower_blocks
-from retclip_dist.model.config import ModelConfig, checkpointing_mode, tiny_model_config, write_vocab
+from retclip_dist.model.config import ModelConfig, checkpointing_mode
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
+from retclip_dist.model.vocab import write_vocab
 
 DEPTH = 4  # both towers: selective checkpoints blocks 0 and 2
 

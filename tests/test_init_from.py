@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_synth_shards
+from conftest import build_synth_shards, tiny_model_config
 
 from retclip_dist.config import from_dict
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.data.samples import REPORT_HASH
 from retclip_dist.loss import TripartiteLoss
-from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
+from retclip_dist.model.vocab import write_vocab
 from retclip_dist.model.weights import InitFromError
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.metrics_log import read_metrics

@@ -121,7 +121,8 @@ def _check_linear_model(rank: int, world: int, kind: str, solo: dist.ProcessGrou
 
 
 def _check_retclip(rank: int, world: int, vocab: str, solo: dist.ProcessGroup) -> None:
-    from retclip_dist.model.config import tiny_model_config
+    from conftest import tiny_model_config
+
     from retclip_dist.model.retclip import RetClip
 
     torch.manual_seed(0)
@@ -174,7 +175,7 @@ def _spawn(world: int, vocab: str | None, monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.dist
 @pytest.mark.slow
 def test_two_ranks_match_single_process_including_tiny_retclip(tmp_path, monkeypatch):
-    from retclip_dist.model.config import write_vocab
+    from retclip_dist.model.vocab import write_vocab
 
     vocab = write_vocab(tmp_path / "vocab.txt", ["left", "right", "eye", "normal", "retina", "cup", "disc"])
     _spawn(2, str(vocab), monkeypatch)

@@ -6,14 +6,16 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model_config
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, BertForMaskedLM
 
 from retclip_dist.config import load_config
-from retclip_dist.model.config import ModelConfig, tiny_model_config, write_vocab
+from retclip_dist.model.config import ModelConfig
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import build_text_tower
+from retclip_dist.model.vocab import write_vocab
 
 WORDS = ["left", "right", "eye", "normal", "retina", "cup", "disc", "haemorrhage", "drusen"]
 BATCH = 3

@@ -2,9 +2,10 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
-from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
+from retclip_dist.model.vocab import write_vocab
 from retclip_dist.train.config import TrainSection
 from retclip_dist.train.optim import lr_at, param_groups
 

@@ -10,10 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VOCAB
+from conftest import TINY_VOCAB, tiny_model_config
 
 from retclip_dist.eval.zeroshot import class_embeddings, zero_shot_probs
-from retclip_dist.model.config import tiny_model_config
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.samples import (
@@ -15,9 +16,9 @@ from retclip_dist.data.samples import (
     text_length,
 )
 from retclip_dist.loss import TripartiteLoss
-from retclip_dist.model.config import tiny_model_config, write_vocab
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
+from retclip_dist.model.vocab import write_vocab
 
 CONTEXT = 64
 WORDS = ["a", "b", "c", "d", "e", "f"]

@@ -4,10 +4,12 @@ import inspect
 
 import torch
 from accelerate import Accelerator
+from conftest import tiny_model_config
 
 from retclip_dist.loss import TripartiteLoss
-from retclip_dist.model.config import LEVELS, tiny_model_config, write_vocab
+from retclip_dist.model.config import LEVELS
 from retclip_dist.model.retclip import PerLevel, RetClip, RetClipOutput
+from retclip_dist.model.vocab import write_vocab
 from retclip_dist.train.step import forward_backward, output_loss, split_batch
 
 WORDS = ["left", "right", "eye", "normal", "haemorrhage", "exudate", "drusen", "disc", "macula"]

@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-# write_vocab is imported from here by tests and scripts; vocab files have their home in model/vocab.py.
-from retclip_dist.model.vocab import read_vocab
-from retclip_dist.model.vocab import write_vocab as write_vocab
 
 # The three contrastive levels, in the order every per-level tuple uses.
 LEVELS = ("patient", "left", "right")
@@ -114,29 +109,3 @@ class ModelConfig:
         if self.init_logit_scale is not None:
             return self.init_logit_scale
         return SIGMOID_INIT_LOGIT_SCALE if self.loss == "sigmoid" else INFONCE_INIT_LOGIT_SCALE
-
-
-def tiny_model_config(vocab_path: str | Path, image_size: int = 32, embed_dim: int = 16) -> ModelConfig:
-    """A seconds-fast model for tests: 2-layer ViT (width 32, patch 8) and 2-layer BERT (hidden 32).
-
-    Dropout is off so that forward passes are deterministic in training mode too.
-    """
-    vocab_size = len(read_vocab(vocab_path))
-    return ModelConfig(
-        # timm's plain ViT (GELU, no pre-norm): random-init tests have no CLIP weights to match.
-        vision_name="vit_base_patch16_224",
-        vision_kwargs={"img_size": image_size, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
-        text_config={
-            "model_type": "bert",
-            "vocab_size": vocab_size,
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 64,
-            "max_position_embeddings": 128,
-            "hidden_dropout_prob": 0.0,
-            "attention_probs_dropout_prob": 0.0,
-        },
-        tokenizer_path=str(vocab_path),
-        embed_dim=embed_dim,
-    )
