@@ -108,12 +108,25 @@ def _train_epoch(
         index = order[start : start + cfg.batch_size]
         batch = normalise(images[index].to(accelerator.device), image)
         target = labels[index].to(accelerator.device)
-        loss = loss_fn(net(batch), target.float() if multilabel else target)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        total += loss.item() * len(index)
+        total += optimiser_step(net, loss_fn, batch, target, optimizer, accelerator, multilabel) * len(index)
     return total / len(order)
+
+
+def optimiser_step(
+    net: nn.Module,
+    loss_fn: nn.Module,
+    batch: torch.Tensor,
+    target: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    multilabel: bool,
+) -> float:
+    """One classification step (BCE targets as floats for multi-label); the batch's mean loss."""
+    loss = loss_fn(net(batch), target.float() if multilabel else target)
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    return loss.item()
 
 
 def finetune(

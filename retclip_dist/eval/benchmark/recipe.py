@@ -30,7 +30,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from retclip_dist.eval.benchmark.suite import FinetuneRecipe
-from retclip_dist.eval.finetune import predict
+from retclip_dist.eval.finetune import optimiser_step, predict
 from retclip_dist.eval.metrics import compute_metrics, selection_score
 from retclip_dist.launch.env import accelerator_placement
 from retclip_dist.model.retclip import RetClip
@@ -214,11 +214,9 @@ def finetune_recipe(
                 group["lr"] = lr_at(epoch + step / steps, peak, recipe) * group["lr_scale"]
             batch = _augment(images[mine], transform).to(accelerator.device)
             target = target_all[mine].to(accelerator.device)
-            loss = loss_fn(net(batch), target.float() if multilabel else target)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            total += loss.item() * len(mine)
+            total += optimiser_step(net, loss_fn, batch, target, optimizer, accelerator, multilabel) * len(
+                mine
+            )
         probs = predict(
             accelerator.unwrap_model(net), images[index["val"]], multilabel, recipe.batch_size, spec
         )
