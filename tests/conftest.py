@@ -211,6 +211,12 @@ def write_shard_set(
     return json.loads(text)
 
 
+def build_argv(manifest: str | Path, images: str | Path, output_dir: str | Path, *extra: str) -> list[str]:
+    """``make-shards build`` arguments for one cohort: the required three, then ``extra`` flags."""
+    required = ["--manifest", str(manifest), "--images", str(images), "--output_dir", str(output_dir)]
+    return ["build", *required, *extra]
+
+
 def build_synth_shards(
     root: Path,
     patients: int,

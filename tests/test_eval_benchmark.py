@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_model_config
+from conftest import build_argv, tiny_model_config
 from scipy import stats
 from sklearn.metrics import average_precision_score
 
@@ -370,16 +370,8 @@ def test_shipped_packs_cover_their_layouts_in_both_languages():
 
 def test_leakage_guard_matches_source_images_of_the_shards(tmp_path):
     manifest, root = synth.write_raw_archive(tmp_path / "raw", 4, seed=3, image_size=64, layout="dir")
-    args = [
-        "build",
-        "--manifest",
-        str(manifest),
-        "--images",
-        str(root),
-        "--output_dir",
-        str(tmp_path / "shards"),
-    ]
-    assert shards_cli.main([*args, "--image-size", "32", "--min-side", "32", "--no-progress"]) == 0
+    args = build_argv(manifest, root, tmp_path / "shards", "--image-size", "32", "--min-side", "32")
+    assert shards_cli.main([*args, "--no-progress"]) == 0
     digests = pretraining_hashes(str(tmp_path / "shards"))
     assert len(digests) == 8
     entry = json.loads((tmp_path / "shards" / "manifest.json").read_text())["shards"][0]
@@ -400,16 +392,8 @@ def test_leakage_guard_matches_source_images_of_the_shards(tmp_path):
 @pytest.mark.slow
 def test_benchmark_strict_refuses_a_leaking_suite_before_any_cell(tmp_path, tiny, capsys):
     manifest, root = synth.write_raw_archive(tmp_path / "raw", 2, seed=5, image_size=64, layout="dir")
-    args = [
-        "build",
-        "--manifest",
-        str(manifest),
-        "--images",
-        str(root),
-        "--output_dir",
-        str(tmp_path / "shards"),
-    ]
-    assert shards_cli.main([*args, "--image-size", "32", "--min-side", "32", "--no-progress"]) == 0
+    args = build_argv(manifest, root, tmp_path / "shards", "--image-size", "32", "--min-side", "32")
+    assert shards_cli.main([*args, "--no-progress"]) == 0
     evalset = B.retfound_split(tmp_path / "eval")
     shutil.copy(sorted(root.rglob("*.jpg"))[0], evalset / "val" / "bmilddr" / "img015.jpg")
     suite = {

@@ -11,6 +11,7 @@ import zipfile
 import numpy as np
 import pytest
 import webdataset as wds
+from conftest import build_argv
 from PIL import Image
 
 from retclip_dist import __version__, synth
@@ -129,21 +130,7 @@ def test_same_shards_from_dir_zip_and_targz_roots(tmp_path):
                 dst.write(src.read())
             root = gz
         out = tmp_path / f"out-{layout}"
-        assert (
-            cli.main(
-                [
-                    "build",
-                    "--manifest",
-                    str(manifest),
-                    "--images",
-                    str(root),
-                    "--output_dir",
-                    str(out),
-                    *SMALL,
-                ]
-            )
-            == 0
-        )
+        assert cli.main(build_argv(manifest, root, out, *SMALL)) == 0
         shards.append((out / "train-000000.tar").read_bytes())
     assert shards[0] == shards[1] == shards[2]
 

@@ -10,6 +10,7 @@ import tarfile
 import zipfile
 
 import pytest
+from conftest import build_argv
 from PIL import Image
 
 from retclip_dist.shards import cli
@@ -188,16 +189,7 @@ def test_pseudonyms_stable_per_key_and_splits_independent_of_key(cohort, tmp_pat
     assert set(a).isdisjoint(c)  # another key, other pseudonyms
     by_id_a = {pid: a[Pseudonymiser(KEY).pseudonym(pid)] for pid, _, _ in PATIENTS}
     by_id_c = {pid: c[Pseudonymiser(other.read_bytes()).pseudonym(pid)] for pid, _, _ in PATIENTS}
-    argv = [
-        "build",
-        "--manifest",
-        str(manifest),
-        "--images",
-        str(images),
-        "--output_dir",
-        str(tmp_path / "p"),
-    ]
-    assert cli.main([*argv, *SMALL, *extra]) == 0
+    assert cli.main(build_argv(manifest, images, tmp_path / "p", *SMALL, *extra)) == 0
     assert by_id_a == by_id_c == splits(tmp_path / "p")  # the split follows the original id
     assert set(by_id_a.values()) == {"train", "val"}
 

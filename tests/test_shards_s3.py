@@ -10,6 +10,7 @@ import unicodedata
 
 import fsspec
 import pytest
+from conftest import build_argv
 
 from retclip_dist import synth
 from retclip_dist.io.errors import AmbiguousName, ImageNotFound
@@ -89,16 +90,7 @@ def test_build_and_verify_from_and_to_s3(s3, tmp_path):
     assert checked.stdout.strip().endswith("3 shards, 10 samples checked: OK")
 
     # Same inputs read locally give the same shard bytes.
-    local = [
-        "build",
-        "--manifest",
-        str(manifest),
-        "--images",
-        str(root),
-        "--output_dir",
-        str(tmp_path / "local"),
-    ]
-    assert cli.main([*local, *opts]) == 0
+    assert cli.main(build_argv(manifest, root, tmp_path / "local", *opts)) == 0
     for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar"):
         remote_bytes = s3.get_object(Bucket="shard-sets", Key=f"v1/{name}")["Body"].read()
         assert remote_bytes == (tmp_path / "local" / name).read_bytes()
