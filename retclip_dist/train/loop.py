@@ -48,7 +48,7 @@ from retclip_dist.train.backend import (
 from retclip_dist.train.checkpoint import Checkpointer
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.fp8 import convert_fp8_
-from retclip_dist.train.metrics_log import MetricsLog
+from retclip_dist.train.metrics_log import MetricsLog, tracker_config
 from retclip_dist.train.optim import build_optimizer, freeze_, lr_at, set_lr
 from retclip_dist.train.preflight import check_run_config
 from retclip_dist.train.runlock import RunLock, RunLocked
@@ -150,8 +150,9 @@ def train(cfg: RunConfig) -> int:
         except ValueError as exc:
             raise ConfigError(f"checkpoint.resume: {restored.path}: {exc}") from exc
 
-    metrics = MetricsLog(out_dir, cfg.log.tensorboard) if acc.is_main_process else None
     config_dict = to_dict(cfg)
+    acc.init_trackers(cfg.log.project, config=tracker_config(config_dict))  # main process only
+    metrics = MetricsLog(out_dir, acc.log) if acc.is_main_process else None
     if acc.is_main_process:
         (out_dir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
         log.info(
