@@ -46,13 +46,16 @@ class MetricsLog:
         scales: dict[str, float],
         patients_per_s: float,
         skipped: int,
+        timing: dict[str, Any] | None = None,
     ) -> None:
         """One ``train`` record: ``losses`` holds the global-batch loss under "total" and one per level
-        (already averaged over ranks), ``scales`` the logit scale of each level (exp of the learnt log-scale)."""
+        (already averaged over ranks), ``scales`` the logit scale of each level (exp of the learnt log-scale),
+        ``timing`` the data wait, step time and peak memory fields (train/telemetry.py ``step_timing``)."""
         per_level = {f"loss_{k}": v for k, v in losses.items() if k != "total"}
         per_scale = {f"scale_{k}": v for k, v in scales.items()}
         record = {"epoch": epoch, "lr": lr, "loss": losses["total"], **per_level, **per_scale}
-        self.write("train", step, {**record, "patients_per_s": patients_per_s, "skipped_samples": skipped})
+        record.update(patients_per_s=patients_per_s, skipped_samples=skipped, **(timing or {}))
+        self.write("train", step, record)
 
     def epoch_end(self, step: int, epoch: int, used: int, unused: int, skipped: int) -> None:
         """One ``epoch`` record: used + unused = the split's patient count in the manifest."""
