@@ -56,6 +56,7 @@ LOOP = "retclip_dist/train/loop.py"
 LOADER = "retclip_dist/data/loader.py"
 PLAN = "retclip_dist/data/plan.py"
 STREAMS = "retclip_dist/data/streams.py"
+TELE = "retclip_dist/train/telemetry.py"
 
 T_AUG = "tests/test_data_augment.py"
 T_AUG_PATHS = f"{T_AUG}::test_cpu_and_device_paths_agree_on_real_crops"
@@ -73,6 +74,8 @@ T_GATHER = "tests/test_strength_gather.py"
 T_LOSS = "tests/test_loss.py"
 T_CKPT = "tests/test_strength_checkpoint.py"
 T_STEP = "tests/test_train_step.py"
+T_TELE_RANK = "tests/test_telemetry.py::test_max_over_ranks_names_the_rank_with_the_slow_loader"
+T_TELE_CLOCK = "tests/test_telemetry.py::test_step_clock_does_not_count_the_wait_for_the_end_of_the_loader"
 
 MUTANTS = [
     # --- augmentation
@@ -326,6 +329,28 @@ MUTANTS = [
         "sync = contextlib.nullcontext()",
         (T_STEP,),
         expect_survive="performance only: DDP would all-reduce every chunk, with the same gradients",
+    ),
+    # --- telemetry (which rank is slow)
+    Mutant(
+        "telemetry-max-rank-is-the-fastest",
+        TELE,
+        "top = int(column.argmax())",
+        "top = int(column.argmin())",
+        (T_TELE_RANK,),
+    ),
+    Mutant(
+        "telemetry-max-over-ranks-is-the-mean",
+        TELE,
+        'f"{name}_max": column[top].item()',
+        'f"{name}_max": column.mean().item()',
+        (T_TELE_RANK,),
+    ),
+    Mutant(
+        "telemetry-counts-the-wait-for-the-loaders-end",
+        TELE,
+        "            except StopIteration:\n                return\n",
+        "            except StopIteration:\n                self.total_wait += time.perf_counter() - start\n                return\n",
+        (T_TELE_CLOCK,),
     ),
 ]
 

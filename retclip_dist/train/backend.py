@@ -12,11 +12,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 
 from retclip_dist.config import ConfigError
 from retclip_dist.launch.env import accelerator_placement, world_info_from_env
 from retclip_dist.launch.lifetime import exit_with_parent
 from retclip_dist.train.config import RunConfig
+
+TRACKER_DIR = "tensorboard"  # under output_dir: the files of the trackers that write locally
 
 
 def build_accelerator(cfg: RunConfig) -> Accelerator:
@@ -27,7 +30,18 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
     # fp16 autocast needs a GPU; bf16 runs (slowly) on CPU too, so only fp16 falls back to float32.
     precision = cfg.train.precision if cuda or cfg.train.precision != "fp16" else "no"
-    return Accelerator(mixed_precision=precision, **accelerator_placement(cuda))
+    # Trackers that keep files (TensorBoard, Aim) keep them under output_dir/tensorboard, where TensorBoard's
+    # event files always were; check_run_config() refused names this Accelerate cannot start.
+    trackers = cfg.log.active_trackers()
+    project = ProjectConfiguration(
+        project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_DIR)
+    )
+    return Accelerator(
+        mixed_precision=precision,
+        log_with=trackers or None,  # an empty list makes Accelerate warn that nothing is installed
+        project_config=project,
+        **accelerator_placement(cuda),
+    )
 
 
 def uses_deepspeed(acc: Accelerator) -> bool:

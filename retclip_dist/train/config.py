@@ -64,9 +64,19 @@ class CheckpointSection:
 
 @dataclass
 class LogSection:
-    every_steps: int = 10  # metrics to JSONL/TensorBoard every N steps
-    tensorboard: bool = True  # also write TensorBoard event files
+    every_steps: int = 10  # metrics to metrics.jsonl and the trackers every N steps
+    # Accelerate trackers that get every record besides metrics.jsonl: tensorboard, wandb, mlflow, comet_ml,
+    # aim, clearml, dvclive, ... (whatever this Accelerate knows); each needs its package installed. The
+    # tracker reads its own environment (WANDB_MODE=offline, MLFLOW_TRACKING_URI, ...).
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "retclip"  # trackers' project name; TensorBoard writes to output_dir/tensorboard/<project>
+    tensorboard: bool = True  # false leaves "tensorboard" out of trackers (the switch older configs use)
     progress: bool = True  # tqdm bar on the main process
+
+    def active_trackers(self) -> list[str]:
+        """``trackers`` without "tensorboard" where ``tensorboard`` is false, each name once."""
+        names = [t for t in self.trackers if self.tensorboard or t != "tensorboard"]
+        return list(dict.fromkeys(names))
 
 
 @dataclass

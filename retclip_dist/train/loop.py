@@ -48,12 +48,13 @@ from retclip_dist.train.backend import (
 from retclip_dist.train.checkpoint import Checkpointer
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.fp8 import convert_fp8_
-from retclip_dist.train.metrics_log import MetricsLog
+from retclip_dist.train.metrics_log import MetricsLog, tracker_config
 from retclip_dist.train.optim import build_optimizer, freeze_, lr_at, set_lr
 from retclip_dist.train.preflight import check_run_config
 from retclip_dist.train.runlock import RunLock, RunLocked
 from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
 from retclip_dist.train.step import LossFn, forward_backward, output_loss
+from retclip_dist.train.telemetry import StepClock, step_timing, wait_share
 from retclip_dist.train.validate import total_skipped, validate
 
 log = logging.getLogger("retclip_dist.train")
@@ -150,8 +151,9 @@ def train(cfg: RunConfig) -> int:
         except ValueError as exc:
             raise ConfigError(f"checkpoint.resume: {restored.path}: {exc}") from exc
 
-    metrics = MetricsLog(out_dir, cfg.log.tensorboard) if acc.is_main_process else None
     config_dict = to_dict(cfg)
+    acc.init_trackers(cfg.log.project, config=tracker_config(config_dict))  # main process only
+    metrics = MetricsLog(out_dir, acc.log) if acc.is_main_process else None
     if acc.is_main_process:
         (out_dir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
         log.info(
@@ -166,11 +168,12 @@ def train(cfg: RunConfig) -> int:
     stop = StopRequest()
     bar = tqdm(total=total_steps, initial=step, disable=not (acc.is_main_process and cfg.log.progress))
     window_start, window_steps = time.perf_counter(), 0
+    clock = StepClock()
     model.train()
     exit_code = EXIT_OK
 
     while step < total_steps and exit_code == EXIT_OK:
-        for batch in data:
+        for batch in clock.batches(data):
             lr = lr_at(step, total_steps, cfg.train)
             loss, parts = train_step(model, optimizer, batch, device_augment, loss_fn, acc, cfg.train, lr)
             step += 1
@@ -180,6 +183,7 @@ def train(cfg: RunConfig) -> int:
             # One small collective per step: every rank must agree to stop, or one would wait forever
             # in the next all-gather. It also syncs the GPU once per step, which costs well under 1%.
             nonfinite, signalled = any_rank(acc, not math.isfinite(loss.item()), stop.received is not None)
+            clock.step_done()
             if nonfinite:
                 raise NonFiniteLoss(
                     f"loss became {loss.item()} at step {step} (lr {lr:.3g}); the last complete checkpoint "
@@ -199,6 +203,7 @@ def train(cfg: RunConfig) -> int:
                     lr,
                     window_steps / elapsed,
                     cfg,
+                    step_timing(acc, clock),
                 )
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 window_start, window_steps = time.perf_counter(), 0
@@ -228,8 +233,15 @@ def train(cfg: RunConfig) -> int:
             validate(model, val_data, acc, device_augment, cfg.val.max_samples, metrics, step, epoch)
         save_final_model(acc, model, out_dir / "model")
     skipped = total_skipped(acc, data.skipped)
+    share = wait_share(acc, clock)
     if metrics is not None:
-        metrics.write("end", step, {"exit_code": exit_code, "skipped_samples": skipped})
+        log.info(
+            "waiting for data: %.1f%% of the training-step time (most: rank %d, %.1f%%)",
+            100 * share["data_wait_share"],
+            share["data_wait_share_max_rank"],
+            100 * share["data_wait_share_max"],
+        )
+        metrics.write("end", step, {"exit_code": exit_code, "skipped_samples": skipped, **share})
         metrics.close()
     acc.wait_for_everyone()
     acc.end_training()
@@ -269,9 +281,10 @@ def log_train_step(
     lr: float,
     steps_per_s: float,
     cfg: RunConfig,
+    timing: dict[str, Any],
 ) -> float:
-    """Reduce this step's losses over ranks (every rank joins) and write the ``train`` record; returns the
-    global-batch loss."""
+    """Reduce this step's losses over ranks (every rank joins) and write the ``train`` record with the
+    ``timing`` fields; returns the global-batch loss."""
     # Each rank's loss is the mean over its own rows: their mean is the global-batch loss.
     local = torch.stack([loss, *parts.values(), torch.tensor(float(skipped), device=loss.device)])
     summed = sum_over_ranks(acc, local).tolist()
@@ -280,7 +293,7 @@ def log_train_step(
     if metrics is not None:
         scales = {k: p.exp().item() for k, p in acc.unwrap_model(model).logit_scale.items()}
         patients_per_s = steps_per_s * cfg.data.batch_size * world
-        metrics.train_step(step, epoch, lr, losses, scales, patients_per_s, int(summed[-1]))
+        metrics.train_step(step, epoch, lr, losses, scales, patients_per_s, int(summed[-1]), timing)
     return losses["total"]
 
 

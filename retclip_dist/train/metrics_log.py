@@ -1,34 +1,41 @@
-"""Where metrics go: one JSON object per line (for scripts and tests) and TensorBoard (for people)."""
+"""Where metrics go: one JSON object per line (the record scripts and tests read) and the experiment trackers
+(TensorBoard, wandb, mlflow, ...: for people), which get every finite number as ``{kind}/{key}``."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# Where the trackers go: Accelerator.log (main process only), or anything with its signature.
+Tracker = Callable[..., None]
+
 
 class MetricsLog:
-    """Appends to ``metrics.jsonl``; only the main process should own one."""
+    """Appends to ``metrics.jsonl`` and hands the same values to ``trackers``; only the main process should
+    own one."""
 
-    def __init__(self, out_dir: str | Path, tensorboard: bool) -> None:
+    def __init__(self, out_dir: str | Path, trackers: Tracker | None = None) -> None:
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
+        self._trackers = trackers
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         record = {"kind": kind, "step": step, **values}
         self._file.write(json.dumps(record, sort_keys=True) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+        if self._trackers is not None:
+            # Trackers take numbers only; None (peak_mem_gb on CPU) and NaN stay in the JSON record.
+            scalars = {
+                f"{kind}/{key}": value
+                for key, value in values.items()
+                if isinstance(value, (int, float)) and math.isfinite(value)
+            }
+            if scalars:
+                self._trackers(scalars, step=step)
 
     def train_step(
         self,
@@ -39,13 +46,16 @@ class MetricsLog:
         scales: dict[str, float],
         patients_per_s: float,
         skipped: int,
+        timing: dict[str, Any] | None = None,
     ) -> None:
         """One ``train`` record: ``losses`` holds the global-batch loss under "total" and one per level
-        (already averaged over ranks), ``scales`` the logit scale of each level (exp of the learnt log-scale)."""
+        (already averaged over ranks), ``scales`` the logit scale of each level (exp of the learnt log-scale),
+        ``timing`` the data wait, step time and peak memory fields (train/telemetry.py ``step_timing``)."""
         per_level = {f"loss_{k}": v for k, v in losses.items() if k != "total"}
         per_scale = {f"scale_{k}": v for k, v in scales.items()}
         record = {"epoch": epoch, "lr": lr, "loss": losses["total"], **per_level, **per_scale}
-        self.write("train", step, {**record, "patients_per_s": patients_per_s, "skipped_samples": skipped})
+        record.update(patients_per_s=patients_per_s, skipped_samples=skipped, **(timing or {}))
+        self.write("train", step, record)
 
     def epoch_end(self, step: int, epoch: int, used: int, unused: int, skipped: int) -> None:
         """One ``epoch`` record: used + unused = the split's patient count in the manifest."""
@@ -58,9 +68,22 @@ class MetricsLog:
         self.write("epoch", step, record)
 
     def close(self) -> None:
+        """Close ``metrics.jsonl``; the trackers end with ``Accelerator.end_training()``."""
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+
+
+def tracker_config(config: dict[str, Any]) -> dict[str, bool | int | float | str]:
+    """The run config (``to_dict``) as ``section.key`` pairs for the trackers' hyperparameter tables, which
+    take bool, int, float and str only: lists, mappings and None go as their JSON text."""
+    flat: dict[str, Any] = {}
+    for name, value in config.items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, item in items:
+            plain = isinstance(item, (bool, int, float, str))
+            flat[name if key is None else f"{name}.{key}"] = (
+                item if plain else json.dumps(item, sort_keys=True)
+            )
+    return flat
 
 
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:

@@ -18,6 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import accelerate.tracking
+from accelerate.utils import LoggerType
+
 from retclip_dist.config import ConfigError
 from retclip_dist.model.retclip import WEIGHTS_FILE
 from retclip_dist.model.tokenizer import build_tokenizer
@@ -98,6 +101,25 @@ def _ranges(cfg: RunConfig) -> None:
     betas = cfg.train.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise _fail("train.betas", betas, "must be two numbers in [0, 1)")
+
+
+def _trackers(cfg: RunConfig) -> None:
+    # Accelerate drops a tracker whose package is missing with a debug message only: the run would go on
+    # without the lab's tracker and nobody would notice until looking for the curves.
+    known = [t.value for t in LoggerType if t.value != "all"]
+    installed = {LoggerType(t).value for t in accelerate.tracking.get_available_trackers()}
+    for name in cfg.log.active_trackers():
+        if name not in known:
+            raise _fail(
+                "log.trackers", cfg.log.trackers, f"unknown tracker {name!r}; Accelerate knows {known}"
+            )
+        if name not in installed:
+            raise _fail(
+                "log.trackers",
+                cfg.log.trackers,
+                f"{name!r} needs its package, which is not installed here (pip install {name}, or leave it "
+                "out of log.trackers)",
+            )
 
 
 def _layout(cfg: RunConfig, world_size: int) -> None:
@@ -298,6 +320,7 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
     if world_size < 1:
         raise _fail("world size", world_size, "must be at least 1")
     _ranges(cfg)
+    _trackers(cfg)
     if cfg.checkpoint.resume is None:
         _layout(cfg, world_size)  # else after _resume, which may set the batch for a new world size
     _model_fit(cfg)
