@@ -56,6 +56,7 @@ LOOP = "retclip_dist/train/loop.py"
 LOADER = "retclip_dist/data/loader.py"
 PLAN = "retclip_dist/data/plan.py"
 STREAMS = "retclip_dist/data/streams.py"
+PROBE = "retclip_dist/train/probe.py"
 
 T_AUG = "tests/test_data_augment.py"
 T_AUG_PATHS = f"{T_AUG}::test_cpu_and_device_paths_agree_on_real_crops"
@@ -73,6 +74,10 @@ T_GATHER = "tests/test_strength_gather.py"
 T_LOSS = "tests/test_loss.py"
 T_CKPT = "tests/test_strength_checkpoint.py"
 T_STEP = "tests/test_train_step.py"
+T_KEEP_BEST = (
+    "tests/test_strength_checkpoint.py::test_keep_best_survives_keep_last_and_a_resume_knows_its_value"
+)
+T_PROBE = "tests/test_train_probe.py::test_probe_of_the_live_model_equals_retclip_eval_linear_probe"
 
 MUTANTS = [
     # --- augmentation
@@ -282,6 +287,27 @@ MUTANTS = [
         "for old in self.complete()[: -self.keep_last]:",
         "for old in self.complete()[: -self.keep_last - 1]:",
         (T_CKPT,),
+    ),
+    Mutant(
+        "keep-best-pruned-by-keep-last",
+        CKPT,
+        "                if old.name != kept:",
+        "                if True:",
+        (T_KEEP_BEST,),
+    ),
+    Mutant(
+        "resume-forgets-the-best",
+        CKPT,
+        'self.best = best if best is not None and best["metric"] == self.keep_best else None',
+        "self.best = None",
+        (T_KEEP_BEST,),
+    ),
+    Mutant(
+        "probe-on-tower-features",
+        PROBE,
+        'cfg.features.head = "projected"',
+        'cfg.features.head = "tower"',
+        (T_PROBE,),
     ),
     Mutant(
         "checkpoint-drops-loader-position",
