@@ -101,8 +101,11 @@ class TrainProbe:
             self._images = (a, b, c)
         assert self._images is not None
         was_training = model.training
+        # float32 matmuls as retclip-eval runs them: the trainer allows TF32 (train.allow_tf32) for speed.
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         model.eval()
         try:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             # Weights kept in half precision (DeepSpeed bf16/fp16) take float32 images through autocast.
             dtype = next(model.parameters()).dtype
             device = next(model.parameters()).device
@@ -110,6 +113,7 @@ class TrainProbe:
                 outcome = probe_model(model, self._splits.table, self._splits.parts, self._images, self.cfg)
         finally:
             model.train(was_training)
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         overall = outcome.metrics["overall"]
         return {
             "auroc": overall["macro_auroc"],  # macro AUROC on the test split (None: undefined)
