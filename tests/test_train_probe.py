@@ -176,10 +176,17 @@ def test_a_probe_that_fails_is_logged_and_training_goes_on(labelled, tiny_model,
     ck = Checkpointer(acc, tmp_path / "checkpoints", keep_last=1, keep_best="probe/auroc")
     metrics = MetricsLog(tmp_path, tensorboard=False)
     assert not run_probe(probe, model, acc, metrics, ck, step=5, epoch=1)
+    assert not run_probe(probe, model, acc, metrics, ck, step=10, epoch=2)  # tries again, fails the same
+    (images / "p00003_left.jpg").write_bytes((labelled[1] / "p00003_left.jpg").read_bytes())
+    assert run_probe(probe, model, acc, metrics, ck, step=15, epoch=3)  # mended: the probe is back
     metrics.close()
-    (row,) = read_metrics(tmp_path / "metrics.jsonl", "probe")
-    assert row["auroc"] is None and "labels.csv:8: image 'p00003_left.jpg' cannot be decoded" in row["error"]
-    assert ck.best is None
+    rows = read_metrics(tmp_path / "metrics.jsonl", "probe")
+    for row in rows[:2]:
+        assert (
+            row["auroc"] is None and "labels.csv:8: image 'p00003_left.jpg' cannot be decoded" in row["error"]
+        )
+    assert rows[2]["auroc"] is not None and "error" not in rows[2]
+    assert ck.best["step"] == 15
 
 
 # --- preflight -------------------------------------------------------------------------------------------

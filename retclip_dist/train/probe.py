@@ -94,12 +94,10 @@ class TrainProbe:
     def score(self, model: RetClip) -> dict[str, Any]:
         """The ``probe`` record of ``model`` as it is now (restored to its train/eval mode afterwards)."""
         start = time.perf_counter()
-        if self._splits is None:
-            self._splits = read_probe_splits(self.section)
-            size = model.image_input.size
-            a, b, c = (load_images(part, size) for part in self._splits.parts)
-            self._images = (a, b, c)
-        assert self._images is not None
+        if self._splits is None or self._images is None:  # both or neither: a failed read is retried
+            splits = read_probe_splits(self.section)
+            a, b, c = (load_images(part, model.image_input.size) for part in splits.parts)
+            self._splits, self._images = splits, (a, b, c)
         was_training = model.training
         # float32 matmuls as retclip-eval runs them: the trainer allows TF32 (train.allow_tf32) for speed.
         tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
