@@ -282,7 +282,7 @@ def read_labelled(cfg: DataConfig) -> LabelledSet:
     )
 
 
-# A table without a split column gets these shares of train, val and test from seeded_splits.
+# A table without a split column gets these shares of train, val and test from seeded_split.
 SEEDED_SHARES = (("train", 0.6), ("val", 0.2), ("test", 0.2))
 
 

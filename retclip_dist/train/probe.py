@@ -18,21 +18,21 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
 
 from retclip_dist.config import ConfigError
-from retclip_dist.eval.commands import probe_model, probe_splits
 from retclip_dist.eval.config import DataConfig, EvalConfig
-from retclip_dist.eval.data import LabelledSet, load_images, read_labelled, with_seeded_splits
-from retclip_dist.eval.features import describe
-from retclip_dist.model.retclip import RetClip
 from retclip_dist.train.checkpoint import Checkpointer
 from retclip_dist.train.config import ProbeSection
 from retclip_dist.train.metrics_log import MetricsLog
 from retclip_dist.train.signals import sum_over_ranks
+
+if TYPE_CHECKING:
+    from retclip_dist.eval.data import LabelledSet
+    from retclip_dist.model.retclip import RetClip
 
 log = logging.getLogger("retclip_dist.train")
 
@@ -66,6 +66,10 @@ def read_probe_splits(section: ProbeSection) -> ProbeSplits:
     The table's split column when any row has one (rows without are unused, as in retclip-eval), else a
     seeded 60/20/20 draw per row id (eval/data.py ``seeded_split``).
     """
+    # retclip-eval's commands bring scikit-learn and matplotlib: imported only by runs that probe.
+    from retclip_dist.eval.commands import probe_splits
+    from retclip_dist.eval.data import read_labelled, with_seeded_splits
+
     cfg = probe_eval_config(section)
     table = read_labelled(cfg.data)
     source = "split column"
@@ -93,6 +97,10 @@ class TrainProbe:
     @torch.no_grad()
     def score(self, model: RetClip) -> dict[str, Any]:
         """The ``probe`` record of ``model`` as it is now (restored to its train/eval mode afterwards)."""
+        from retclip_dist.eval.commands import probe_model
+        from retclip_dist.eval.data import load_images
+        from retclip_dist.eval.features import describe
+
         start = time.perf_counter()
         if self._splits is None or self._images is None:  # both or neither: a failed read is retried
             splits = read_probe_splits(self.section)
