@@ -86,7 +86,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: {value!r} fits none of {tp}")
+        choices = [o for o in options if o is not type(None)]
+        if all(get_origin(o) is Literal for o in choices):  # an optional choice: name the choices
+            words = [w for o in choices for w in get_args(o)] + ([None] if type(None) in options else [])
+            raise ConfigError(f"{where}: {plain!r} is not one of {words}")
+        raise ConfigError(f"{where}: {plain!r} fits none of {tp}")
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")

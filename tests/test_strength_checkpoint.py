@@ -77,3 +77,41 @@ def test_checkpointer_gives_every_saved_ranks_position_and_refuses_incomplete_di
     assert ck.latest() is None
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         ck.load(str(path))
+
+
+def test_keep_best_survives_keep_last_and_a_resume_knows_its_value(tmp_path):
+    acc = Accelerator(cpu=True)
+    _model_and_optimizer(acc)
+    root = tmp_path / "checkpoints"
+    ck = Checkpointer(acc, root, keep_last=1, keep_best="probe/auroc")
+    # (step, probe value): the best comes at step 2, a tie at step 6 keeps the earlier one.
+    offered = []
+    for step, value in ((1, 0.70), (2, 0.90), (3, 0.80), (4, float("nan")), (5, 0.60), (6, 0.90)):
+        offered.append(ck.offer("probe/auroc", value, step))
+        ck.save(step, 0, {}, {"step": step})
+    assert offered == [True, True, False, False, False, False]
+    assert [p.name for p in ck.complete()] == ["step_00000002", "step_00000006"]
+    best = {"metric": "probe/auroc", "value": 0.90, "step": 2, "checkpoint": "step_00000002"}
+    assert json.loads((root / "step_00000006" / "train_state.json").read_text())["best"] == best
+    assert not ck.offer("val/patient/i2t_r1", 1.0, 6)  # not the metric this run keeps
+
+    # A fresh checkpointer (a resumed run) knows the best value and keeps protecting its checkpoint.
+    resumed = Checkpointer(acc, root, keep_last=1, keep_best="probe/auroc")
+    resumed.load("auto")
+    assert resumed.best == best
+    assert not resumed.offer("probe/auroc", 0.85, 7)
+    resumed.save(7, 1, {}, {"step": 7})
+    assert [p.name for p in resumed.complete()] == ["step_00000002", "step_00000007"]
+    # A new best moves the protection: the old best goes with the next save's pruning.
+    assert resumed.offer("probe/auroc", 0.95, 8)
+    resumed.save(8, 1, {}, {"step": 8})
+    assert [p.name for p in resumed.complete()] == ["step_00000008"]
+    resumed.save(9, 1, {}, {"step": 9})
+    assert [p.name for p in resumed.complete()] == ["step_00000008", "step_00000009"]
+
+    # Without keep_best a resume ignores the saved best: keep_last alone decides.
+    plain = Checkpointer(acc, root, keep_last=1)
+    plain.load("auto")
+    assert plain.best is None
+    plain.save(10, 1, {}, {"step": 10})
+    assert [p.name for p in plain.complete()] == ["step_00000010"]

@@ -57,6 +57,7 @@ LOADER = "retclip_dist/data/loader.py"
 PLAN = "retclip_dist/data/plan.py"
 STREAMS = "retclip_dist/data/streams.py"
 TELE = "retclip_dist/train/telemetry.py"
+PROBE = "retclip_dist/train/probe.py"
 
 T_AUG = "tests/test_data_augment.py"
 T_AUG_PATHS = f"{T_AUG}::test_cpu_and_device_paths_agree_on_real_crops"
@@ -76,6 +77,10 @@ T_CKPT = "tests/test_strength_checkpoint.py"
 T_STEP = "tests/test_train_step.py"
 T_TELE_RANK = "tests/test_telemetry.py::test_max_over_ranks_names_the_rank_with_the_slow_loader"
 T_TELE_CLOCK = "tests/test_telemetry.py::test_step_clock_does_not_count_the_wait_for_the_end_of_the_loader"
+T_KEEP_BEST = (
+    "tests/test_strength_checkpoint.py::test_keep_best_survives_keep_last_and_a_resume_knows_its_value"
+)
+T_PROBE = "tests/test_train_probe.py::test_probe_of_the_live_model_equals_retclip_eval_linear_probe"
 
 MUTANTS = [
     # --- augmentation
@@ -285,6 +290,27 @@ MUTANTS = [
         "for old in self.complete()[: -self.keep_last]:",
         "for old in self.complete()[: -self.keep_last - 1]:",
         (T_CKPT,),
+    ),
+    Mutant(
+        "keep-best-pruned-by-keep-last",
+        CKPT,
+        "                if old.name != kept:",
+        "                if True:",
+        (T_KEEP_BEST,),
+    ),
+    Mutant(
+        "resume-forgets-the-best",
+        CKPT,
+        'self.best = best if best is not None and best["metric"] == self.keep_best else None',
+        "self.best = None",
+        (T_KEEP_BEST,),
+    ),
+    Mutant(
+        "probe-on-tower-features",
+        PROBE,
+        'cfg.features.head = "projected"',
+        'cfg.features.head = "tower"',
+        (T_PROBE,),
     ),
     Mutant(
         "checkpoint-drops-loader-position",

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+from torch import Tensor
 
 from retclip_dist.eval.config import EvalConfig
 from retclip_dist.eval.data import LabelledSet, load_images, read_labelled
@@ -22,9 +26,10 @@ from retclip_dist.eval.features import (
 )
 from retclip_dist.eval.finetune import finetune, predict
 from retclip_dist.eval.metrics import compute_metrics
-from retclip_dist.eval.probe import fit_probe, predict_probs
+from retclip_dist.eval.probe import ProbeFit, fit_probe, predict_probs
 from retclip_dist.eval.report import write_result
 from retclip_dist.eval.zeroshot import check_classes, class_embeddings, load_prompts, zero_shot_probs
+from retclip_dist.model.retclip import RetClip
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ def _selected(lset: LabelledSet, split: str | None) -> LabelledSet:
     return lset if split is None else lset.subset(split)
 
 
-def _splits(lset: LabelledSet, cfg: EvalConfig) -> tuple[LabelledSet, LabelledSet, LabelledSet]:
+def probe_splits(lset: LabelledSet, cfg: EvalConfig) -> tuple[LabelledSet, LabelledSet, LabelledSet]:
     """train/val/test, each with both outcomes present, and every class learnable from train."""
     parts = [lset.subset(s) for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)]
     for part, name in zip(
@@ -122,31 +127,51 @@ def run_zero_shot(cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
+@dataclass
+class ProbeOutcome:
+    metrics: dict[str, Any]  # compute_metrics of the test split
+    fit: ProbeFit  # the chosen C and the validation curve
+    heads: list[str]  # per-row heads of train, val and test, in that order
+    labels: np.ndarray  # test labels
+    probs: np.ndarray  # test probabilities, columns in class order
+
+
+def probe_model(
+    model: RetClip,
+    lset: LabelledSet,
+    parts: tuple[LabelledSet, LabelledSet, LabelledSet],
+    images: tuple[Tensor, Tensor, Tensor],
+    cfg: EvalConfig,
+) -> ProbeOutcome:
+    """Linear probe of ``model``'s image features: fit on train, C on val, metrics on test.
+
+    ``parts`` are ``lset``'s train/val/test (``probe_splits``), ``images`` their decoded photos. The model is
+    used as it is (eval mode is the caller's business): the trainer probes its live model with this too.
+    """
+    embedded = [
+        features_for(model, part, imgs, cfg.features, zero_shot=False)
+        for part, imgs in zip(parts, images, strict=True)
+    ]
+    (train, val, test), classes = [f.numpy() for f, _ in embedded], list(lset.classes)
+    fit = fit_probe((train, parts[0].labels()), (val, parts[1].labels()), classes, lset.multilabel, cfg.probe)
+    probs = predict_probs(fit.classifier, test)
+    labels = parts[2].labels()
+    metrics = compute_metrics(labels, probs, classes, lset.multilabel)
+    return ProbeOutcome(metrics, fit, [h for _, heads in embedded for h in heads], labels, probs)
+
+
 def run_linear_probe(cfg: EvalConfig) -> dict[str, Any]:
     """Logistic regression on frozen features of train; C picked on val; metrics on test."""
     lset = read_labelled(cfg.data)
-    train, val, test = _splits(lset, cfg)
+    parts = probe_splits(lset, cfg)
     model = load_model(cfg.model, pick_device(cfg.features.device))
     size = image_size(model)
-    embedded = {}
-    for name, part in (("train", train), ("val", val), ("test", test)):
-        features, heads = features_for(model, part, load_images(part, size), cfg.features, zero_shot=False)
-        embedded[name] = (features.numpy(), part.labels(), heads)
-    classes = list(lset.classes)
-    fit = fit_probe(embedded["train"][:2], embedded["val"][:2], classes, lset.multilabel, cfg.probe)
-    probs = predict_probs(fit.classifier, embedded["test"][0])
-    labels = embedded["test"][1]
-    heads = embedded["train"][2] + embedded["val"][2] + embedded["test"][2]
-    result = _result(
-        "linear-probe",
-        cfg,
-        lset,
-        cfg.data.test_split,
-        heads,
-        compute_metrics(labels, probs, classes, lset.multilabel),
-    )
+    images = (load_images(parts[0], size), load_images(parts[1], size), load_images(parts[2], size))
+    outcome = probe_model(model, lset, parts, images, cfg)
+    result = _result("linear-probe", cfg, lset, cfg.data.test_split, outcome.heads, outcome.metrics)
+    fit = outcome.fit
     result["probe"] = {"C": fit.c, "select_metric": cfg.probe.select_metric, "validation": fit.validation}
-    write_result(result, labels, probs, cfg.output_dir)
+    write_result(result, outcome.labels, outcome.probs, cfg.output_dir)
     return result
 
 
@@ -157,7 +182,7 @@ def run_finetune(cfg: EvalConfig) -> dict[str, Any]:
             f"finetune trains the vision tower under a new head; features.head {cfg.features.head!r} must be auto or tower"
         )
     lset = read_labelled(cfg.data)
-    train, val, test = _splits(lset, cfg)
+    train, val, test = probe_splits(lset, cfg)
     model = load_model(cfg.model, pick_device(cfg.features.device))
     size = image_size(model)
     classes = list(lset.classes)

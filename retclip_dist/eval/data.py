@@ -10,6 +10,7 @@ names the table row it comes from.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -279,6 +280,28 @@ def read_labelled(cfg: DataConfig) -> LabelledSet:
     return LabelledSet(
         tuple(rows), tuple(classes), multilabel, cfg.table, open_images(cfg.images), tuple(dropped)
     )
+
+
+# A table without a split column gets these shares of train, val and test from seeded_split.
+SEEDED_SHARES = (("train", 0.6), ("val", 0.2), ("test", 0.2))
+
+
+def seeded_split(row_id: str, seed: int) -> str:
+    """train, val or test for one row id: a fixed 60/20/20 draw from a hash of (seed, id), so a row keeps
+    its split whatever the table's order or length."""
+    digest = hashlib.sha256(f"{seed}\0{row_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    for name, share in SEEDED_SHARES:
+        if u < share:
+            return name
+        u -= share
+    return SEEDED_SHARES[-1][0]
+
+
+def with_seeded_splits(lset: LabelledSet, seed: int) -> LabelledSet:
+    """``lset`` with every row's split replaced by ``seeded_split`` of its id (a table without a split
+    column). Rows are split one by one: a patient's two eyes may land in different splits."""
+    return replace(lset, rows=tuple(replace(r, split=seeded_split(r.id, seed)) for r in lset.rows))
 
 
 def load_images(lset: LabelledSet, size: int) -> torch.Tensor:

@@ -6,12 +6,17 @@ the run config) and ``data_rankN.json`` (each rank's loader position). A run may
 world size (not under DeepSpeed): the loader then re-plans the rest of the epoch. All ranks write into a ``.tmp``
 directory first; the main process renames it only after every rank has finished, so a directory without
 the suffix is complete by construction and a run killed mid-save leaves nothing that looks usable.
+
+With ``keep_best`` (a metric such as "probe/auroc") the checkpointer also remembers the best value offered
+so far and the step it came from; that checkpoint is kept beside the last ``keep_last``. The record is
+``best`` in every later ``train_state.json``, so a resumed run knows it too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -66,11 +71,20 @@ class Restored:
     path: Path  # where it came from
 
 
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
 class Checkpointer:
-    def __init__(self, accelerator: Accelerator, root: str | Path, keep_last: int) -> None:
+    def __init__(
+        self, accelerator: Accelerator, root: str | Path, keep_last: int, keep_best: str | None = None
+    ) -> None:
         self.accelerator = accelerator
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
+        self.keep_best = keep_best
+        # {"metric", "value", "step", "checkpoint"} of the best value offered so far (None: none yet)
+        self.best: dict[str, Any] | None = None
         if accelerator.is_main_process:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("step_*.tmp"):
@@ -88,7 +102,7 @@ class Checkpointer:
 
     def save(self, step: int, epoch: int, config: dict[str, Any], data_state: dict[str, Any]) -> Path:
         acc = self.accelerator
-        final = self.root / f"step_{step:08d}"
+        final = self.root / checkpoint_name(step)
         tmp = final.with_name(final.name + ".tmp")
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -99,14 +113,29 @@ class Checkpointer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": step, "epoch": epoch, "world_size": acc.num_processes, "config": config}
+            if self.best is not None:
+                state["best"] = self.best
             (tmp / STATE_NAME).write_text(json.dumps(state, indent=1, sort_keys=True))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            kept = self.best["checkpoint"] if self.best is not None else None
             for old in self.complete()[: -self.keep_last]:
-                shutil.rmtree(old)
+                if old.name != kept:
+                    shutil.rmtree(old)
         acc.wait_for_everyone()
         return final
+
+    def offer(self, metric: str, value: float, step: int) -> bool:
+        """Whether ``value`` of ``metric`` at ``step`` is a new best (higher is better; a tie keeps the
+        earlier one). If so it is remembered, and the caller must save the checkpoint of ``step``, which
+        then survives ``keep_last``. Every rank must offer the same values to agree on the save."""
+        if metric != self.keep_best or not math.isfinite(value):
+            return False
+        if self.best is not None and value <= self.best["value"]:
+            return False
+        self.best = {"metric": metric, "value": value, "step": step, "checkpoint": checkpoint_name(step)}
+        return True
 
     def load(self, resume: str | None) -> Restored | None:
         """Restore from ``resume`` ("auto" or a path); None when there is nothing to resume from."""
@@ -133,5 +162,12 @@ class Checkpointer:
                 f"checkpoint.resume: {path} lacks {', '.join(missing)} (saved by {saved_world} ranks)"
             )
         data_state = None if missing else {"ranks": [json.loads(f.read_text()) for f in files]}
+        # The best so far as of this checkpoint (a best of another metric is not this run's concern).
+        best = state.get("best")
+        self.best = best if best is not None and best["metric"] == self.keep_best else None
+        if self.best is not None and not (self.root / best["checkpoint"]).is_dir():
+            log.warning(
+                "the best %s checkpoint %s is gone; keeping its value", best["metric"], best["checkpoint"]
+            )
         log.info("resumed from %s at step %d", path, state["step"])
         return Restored(step=state["step"], epoch=state["epoch"], data_state=data_state, path=path)

@@ -60,6 +60,9 @@ class CheckpointSection:
     every_steps: int = 1000  # save every N optimiser steps (0: only at the end and on signals)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     resume: str | None = None  # "auto" (latest complete checkpoint, if any) or a checkpoint path
+    # Also keep the checkpoint where this metric (kind/key of metrics.jsonl, higher is better) was best,
+    # beside the last keep_last; "probe/auroc" needs val.probe. None: keep only the last ones.
+    keep_best: Literal["probe/auroc"] | None = None
 
 
 @dataclass
@@ -80,11 +83,26 @@ class LogSection:
 
 
 @dataclass
+class ProbeSection:
+    """A linear probe of the current vision tower on a labelled table, on rank 0 (train/probe.py)."""
+
+    table: str = ""  # retclip-eval's CSV/JSONL of labelled single-eye images ("": no probe)
+    images: str = ""  # its image root: directory, .zip, .tar, s3:// prefix or shard set
+    label: str = "label"  # label column of a single-label task
+    labels: list[str] = field(default_factory=list)  # 0/1 columns of a multi-label task (label unused)
+    every_epochs: int = 1  # probe every N epochs, and after the last step
+    # Fit on train, pick C on val, score test from the table's split column; a table without one is split
+    # 60/20/20 per row by a hash of (split_seed, row id)
+    split_seed: int = 0
+
+
+@dataclass
 class ValSection:
     """Validation during training (retrieval recall on the held-out split); ``retclip-eval`` is separate."""
 
     every_epochs: int = 1  # validation recall every N epochs (0: never)
     max_samples: int | None = None  # cap on validation patients (None: the whole split)
+    probe: ProbeSection = field(default_factory=ProbeSection)  # downstream linear probe (off by default)
 
 
 @dataclass

@@ -44,6 +44,7 @@ from retclip_dist.train.backend import (
     save_final_model,
     to_device,
     uses_deepspeed,
+    zero_stage,
 )
 from retclip_dist.train.checkpoint import Checkpointer
 from retclip_dist.train.config import RunConfig, TrainSection
@@ -51,6 +52,7 @@ from retclip_dist.train.fp8 import convert_fp8_
 from retclip_dist.train.metrics_log import MetricsLog, tracker_config
 from retclip_dist.train.optim import build_optimizer, freeze_, lr_at, set_lr
 from retclip_dist.train.preflight import check_run_config
+from retclip_dist.train.probe import build_probe, run_probe
 from retclip_dist.train.runlock import RunLock, RunLocked
 from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
 from retclip_dist.train.step import LossFn, forward_backward, output_loss
@@ -119,6 +121,7 @@ def train(cfg: RunConfig) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     configure_deepspeed(acc, cfg)
+    probe = build_probe(cfg.val.probe, acc, zero_stage(acc))  # None without val.probe.table
     # Same seed everywhere: every rank must start from identical weights.
     set_seed(cfg.train.seed)
 
@@ -142,7 +145,9 @@ def train(cfg: RunConfig) -> int:
     model, optimizer, loss_fn = prepare_training(acc, model, cfg)
 
     # check_run_config() refused a fresh run over existing checkpoints, before any rank started.
-    checkpointer = Checkpointer(acc, out_dir / "checkpoints", cfg.checkpoint.keep_last)
+    checkpointer = Checkpointer(
+        acc, out_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_best
+    )
     restored = checkpointer.load(cfg.checkpoint.resume)
     step, epoch = (restored.step, restored.epoch) if restored else (0, 0)
     if restored and restored.data_state is not None:
@@ -225,9 +230,19 @@ def train(cfg: RunConfig) -> int:
             if cfg.val.every_epochs and epoch % cfg.val.every_epochs == 0:
                 validate(model, val_data, acc, device_augment, cfg.val.max_samples, metrics, step, epoch)
                 last_validated = step
+            # A new best is saved now, unless this is the last step, whose checkpoint follows the loop.
+            best = (
+                probe is not None
+                and probe.due(epoch)
+                and run_probe(probe, model, acc, metrics, checkpointer, step, epoch)
+            )
+            if best and step < total_steps:
+                save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
     bar.close()
 
     if exit_code == EXIT_OK:
+        if probe is not None and probe.last_step != step:
+            run_probe(probe, model, acc, metrics, checkpointer, step, epoch)  # a new best: the save below
         save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
         if cfg.val.every_epochs and last_validated != step:
             validate(model, val_data, acc, device_augment, cfg.val.max_samples, metrics, step, epoch)

@@ -2,11 +2,11 @@
 
 ``check_run_config(cfg, world_size)`` raises ``ConfigError`` for the first problem it finds, in this order:
 ranges of single fields, rules between fields (partitions and batch, image size and context length
-against the model), then what lies outside the config (paths, the shard manifest, the checkpoint to
-resume from and the global batch it was saved with, a live run in the same output_dir). It only reads,
-except that it creates ``output_dir`` to prove it writable, as the run would, and that a resume on
-another world size sets ``data.batch_size`` (and maybe ``data.partitions``) to keep the saved global
-batch.
+against the model), then what lies outside the config (paths, the shard manifest, the probe's table and
+its splits, the checkpoint to resume from and the global batch it was saved with, a live run in the same
+output_dir). It only reads, except that it creates ``output_dir`` to prove it writable, as the run would,
+and that a resume on another world size sets ``data.batch_size`` (and maybe ``data.partitions``) to keep
+the saved global batch.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import accelerate.tracking
 from accelerate.utils import LoggerType
 
 from retclip_dist.config import ConfigError
+from retclip_dist.io import files
 from retclip_dist.model.retclip import WEIGHTS_FILE
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import image_input, text_model_config, vision_input_size
@@ -31,6 +32,7 @@ from retclip_dist.train.checkpoint import read_train_state, resume_path
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.fp8 import fp8_unavailable_reason
 from retclip_dist.train.optim import TOWERS
+from retclip_dist.train.probe import METRIC, read_probe_splits
 
 log = logging.getLogger(__name__)
 _AT_LEAST_1 = (lambda v: v >= 1, "must be at least 1")
@@ -74,6 +76,7 @@ def _ranges(cfg: RunConfig) -> None:
         ("checkpoint.keep_last", cfg.checkpoint.keep_last, _AT_LEAST_1),
         ("log.every_steps", cfg.log.every_steps, _AT_LEAST_1),
         ("val.every_epochs", cfg.val.every_epochs, _AT_LEAST_0),
+        ("val.probe.every_epochs", cfg.val.probe.every_epochs, _AT_LEAST_1),
     ]
     optional = [
         ("train.max_steps", cfg.train.max_steps, _AT_LEAST_1),
@@ -210,6 +213,27 @@ def _shards(cfg: RunConfig) -> None:
         raise _fail("data.train_split", cfg.data.train_split, f"{manifest.location} has only splits {have}")
 
 
+def _probe(cfg: RunConfig) -> None:
+    """The probe's table and images, read and split as the probe will (a few seconds for thousands of
+    rows): a missing column or a split without both outcomes fails now, not after the first epoch."""
+    probe = cfg.val.probe
+    if cfg.checkpoint.keep_best == METRIC and not probe.table:
+        raise _fail("checkpoint.keep_best", METRIC, "is only produced by val.probe: set val.probe.table")
+    if not probe.table:
+        if probe.images:
+            raise _fail("val.probe.images", probe.images, "is set but val.probe.table is not")
+        return
+    if not probe.images:
+        raise _fail("val.probe.images", probe.images, "must name the image root of val.probe.table")
+    for field, value in (("val.probe.table", probe.table), ("val.probe.images", probe.images)):
+        if not files.exists(value):
+            raise _fail(field, value, "no such file or directory")
+    try:
+        read_probe_splits(probe)
+    except ValueError as exc:  # LabelError: names the table row
+        raise ConfigError(f"val.probe: {exc}") from exc
+
+
 def _output_dir(cfg: RunConfig) -> None:
     out = Path(cfg.output_dir)
     try:
@@ -326,6 +350,7 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
     _model_fit(cfg)
     _fp8(cfg)
     _shards(cfg)
+    _probe(cfg)
     _output_dir(cfg)
     if check_lock:
         try:

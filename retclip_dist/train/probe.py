@@ -1,0 +1,195 @@
+"""A downstream check while pretraining: a linear probe of the current vision tower, on rank 0.
+
+The contrastive loss and retrieval recall say little about what the image features are worth downstream
+(the release probed RFMiD during training; open_clip runs zero-shot ImageNet). Every
+``val.probe.every_epochs`` epochs, and after the last step, the main process runs ``retclip-eval
+linear-probe``'s own code (eval/commands.py ``probe_model``) on the model as it is: features from the
+shared projection (D-wide, the release's eval_*.py feature), logistic regression fitted on train, C picked
+on val, macro AUROC on test. It writes one ``probe`` record to metrics.jsonl (TensorBoard ``probe/auroc``).
+
+The other ranks wait in one collective that then hands them the value, so that every rank agrees whether
+``checkpoint.keep_best`` saves this step. The probe is deterministic: no random draw (the split without a
+split column is a hash of the row ids), eval mode, float32 features, lbfgs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate import Accelerator
+
+from retclip_dist.config import ConfigError
+from retclip_dist.eval.config import DataConfig, EvalConfig
+from retclip_dist.train.checkpoint import Checkpointer
+from retclip_dist.train.config import ProbeSection
+from retclip_dist.train.metrics_log import MetricsLog
+from retclip_dist.train.signals import sum_over_ranks
+
+if TYPE_CHECKING:
+    from retclip_dist.eval.data import LabelledSet
+    from retclip_dist.model.retclip import RetClip
+
+log = logging.getLogger("retclip_dist.train")
+
+KIND = "probe"  # the metrics.jsonl record kind
+METRIC = "probe/auroc"  # its value as checkpoint.keep_best names it (kind/key)
+
+
+def probe_eval_config(section: ProbeSection) -> EvalConfig:
+    """The ``retclip-eval linear-probe`` config the in-training probe runs (its C grid, batch, columns)."""
+    data = DataConfig(
+        table=section.table,
+        images=section.images,
+        label_column=section.label,
+        label_columns=list(section.labels),
+    )
+    cfg = EvalConfig(data=data)
+    cfg.features.head = "projected"  # what the release's linear probes use, and retclip-eval's default
+    return cfg
+
+
+@dataclass
+class ProbeSplits:
+    table: LabelledSet  # every labelled row
+    parts: tuple[LabelledSet, LabelledSet, LabelledSet]  # train, val, test
+    source: str  # "split column" or "seeded 60/20/20 (split_seed N)"
+
+
+def read_probe_splits(section: ProbeSection) -> ProbeSplits:
+    """The table read and split, each part checked to give a defined AUROC (``LabelError`` otherwise).
+
+    The table's split column when any row has one (rows without are unused, as in retclip-eval), else a
+    seeded 60/20/20 draw per row id (eval/data.py ``seeded_split``).
+    """
+    # retclip-eval's commands bring scikit-learn and matplotlib: imported only by runs that probe.
+    from retclip_dist.eval.commands import probe_splits
+    from retclip_dist.eval.data import read_labelled, with_seeded_splits
+
+    cfg = probe_eval_config(section)
+    table = read_labelled(cfg.data)
+    source = "split column"
+    if all(r.split is None for r in table.rows):
+        table = with_seeded_splits(table, section.split_seed)
+        source = f"seeded 60/20/20 (split_seed {section.split_seed})"
+    return ProbeSplits(table, probe_splits(table, cfg), source)
+
+
+class TrainProbe:
+    """The probe of one run; ``score`` on the main process only. The table is read and its images decoded
+    once, at the first probe, and kept (uint8 at the model's input size) for the later ones."""
+
+    def __init__(self, section: ProbeSection) -> None:
+        self.section = section
+        self.cfg = probe_eval_config(section)
+        self._splits: ProbeSplits | None = None
+        self._images: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.last_step = -1  # the step last probed
+
+    def due(self, epoch: int) -> bool:
+        """Whether the probe runs once ``epoch`` epochs are done."""
+        return epoch % self.section.every_epochs == 0
+
+    @torch.no_grad()
+    def score(self, model: RetClip) -> dict[str, Any]:
+        """The ``probe`` record of ``model`` as it is now (restored to its train/eval mode afterwards)."""
+        from retclip_dist.eval.commands import probe_model
+        from retclip_dist.eval.data import load_images
+        from retclip_dist.eval.features import describe
+
+        start = time.perf_counter()
+        if self._splits is None or self._images is None:  # both or neither: a failed read is retried
+            splits = read_probe_splits(self.section)
+            a, b, c = (load_images(part, model.image_input.size) for part in splits.parts)
+            self._splits, self._images = splits, (a, b, c)
+        was_training = model.training
+        # float32 matmuls as retclip-eval runs them: the trainer allows TF32 (train.allow_tf32) for speed.
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        model.eval()
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            # Weights kept in half precision (DeepSpeed bf16/fp16) take float32 images through autocast.
+            dtype = next(model.parameters()).dtype
+            device = next(model.parameters()).device
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                outcome = probe_model(model, self._splits.table, self._splits.parts, self._images, self.cfg)
+        finally:
+            model.train(was_training)
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        overall = outcome.metrics["overall"]
+        return {
+            "auroc": overall["macro_auroc"],  # macro AUROC on the test split (None: undefined)
+            "accuracy": overall.get("accuracy"),
+            "C": outcome.fit.c,
+            "test_images": outcome.metrics["n"],
+            "features_from": describe(outcome.heads),
+            "split": self._splits.source,
+            "table": self.section.table,
+            "seconds": time.perf_counter() - start,
+        }
+
+
+def build_probe(cfg_probe: ProbeSection, acc: Accelerator, zero_stage: int) -> TrainProbe | None:
+    """The run's probe, None when ``val.probe.table`` is empty. ZeRO-3 is refused: each rank holds only a
+    shard of the weights, and rank 0 could not embed alone."""
+    if not cfg_probe.table:
+        return None
+    if zero_stage == 3:
+        raise ConfigError(
+            "val.probe: the probe embeds on rank 0 alone, which ZeRO-3's sharded weights do not allow; "
+            "use ZeRO-2 or DDP, or probe the saved model with retclip-eval linear-probe"
+        )
+    return TrainProbe(cfg_probe)
+
+
+def run_probe(
+    probe: TrainProbe,
+    model: torch.nn.Module,
+    acc: Accelerator,
+    metrics: MetricsLog | None,
+    checkpointer: Checkpointer,
+    step: int,
+    epoch: int,
+) -> bool:
+    """Probe on the main process and write its record; every rank must call it (one collective).
+
+    Returns whether the value is a new best that ``checkpointer`` keeps: the caller then saves this step.
+    A probe that fails (an image that cannot be read, a table changed since the check) is logged with its
+    reason and gives no value; training goes on.
+    """
+    value, record = math.nan, None
+    if acc.is_main_process:
+        try:
+            record = probe.score(acc.unwrap_model(model))
+        except (ValueError, OSError) as exc:  # LabelError is a ValueError
+            log.error("probe at step %d failed, training goes on: %s", step, exc)
+            record = {"auroc": None, "error": str(exc)}
+        if record["auroc"] is not None:
+            value = float(record["auroc"])
+    # The other ranks wait here while rank 0 probes, then all hold rank 0's value.
+    mine = torch.tensor([value if acc.is_main_process else 0.0], dtype=torch.float64, device=acc.device)
+    value = float(sum_over_ranks(acc, mine).item())
+    probe.last_step = step
+    best = checkpointer.offer(METRIC, value, step)
+    if record is not None:
+        if checkpointer.keep_best == METRIC:
+            record["kept_as_best"] = best
+        if metrics is not None:
+            metrics.write(KIND, step, {"epoch": epoch, **record})
+        if "error" not in record:
+            auroc = "n/a" if record["auroc"] is None else f"{record['auroc']:.4f}"
+            log.info(
+                "probe at step %d (epoch %d): macro AUROC %s on %d test images (C %g, %.1f s)%s",
+                step,
+                epoch,
+                auroc,
+                record["test_images"],
+                record["C"],
+                record["seconds"],
+                "; a new best, its checkpoint is kept" if best else "",
+            )
+    return best
