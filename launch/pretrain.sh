@@ -14,18 +14,24 @@
 # (tests, launch/local_slurm.sh): sbatch --gpus-per-node=0 with GPUS_PER_NODE=2 and
 # ACCELERATE_CONFIG=configs/accelerate/cpu_2proc.yaml; the trainer puts each process on the CPU itself.
 #
-# Time limit: Slurm signals this script (B:USR1) 120 s ahead; it forwards the signal to the training
-# processes, which save and exit, and the job requeues itself. The config is checked once before srun
-# (retclip-train --check): a bad one ends the job with one line and status 2. PYTHON names the
-# interpreter of the environment (default: python on PATH). Preemption: Slurm sends SIGTERM to
-# every process, the trainer saves, and Slurm requeues the job (PreemptMode=REQUEUE).
+# Time limit: Slurm signals this script (B:USR2) 120 s ahead; it sends the requeue signal to the training
+# processes, which save and exit, and the job requeues itself. The requeue signal is USR2 unless
+# RETCLIP_REQUEUE_SIGNAL=USR1 (retclip_dist/launch/stop_signals.py says why USR2: NCCL 2.12 took USR1,
+# submitit uses USR2, torchrun takes TERM/INT/HUP/QUIT). #SBATCH lines cannot read variables, so to
+# change it, change both:
+#   RETCLIP_REQUEUE_SIGNAL=USR1 sbatch --signal=B:USR1@120 launch/pretrain.sh CONFIG.yaml ...
+# (This shell answers USR1 and USR2 alike, so a mismatch still saves; the training processes and node.sh
+# know only the configured one.) The config is checked once before srun (retclip-train --check): a bad
+# one ends the job with one line and status 2. PYTHON names the interpreter of the environment (default:
+# python on PATH). Preemption: Slurm sends SIGTERM to every process, the trainer saves, and Slurm
+# requeues the job (PreemptMode=REQUEUE).
 #SBATCH --job-name=retclip
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16
 #SBATCH --time=24:00:00
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=B:USR2@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
@@ -57,6 +63,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # NCCL defaults that suit most InfiniBand clusters; anything already set in the environment wins.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+# The requeue signal, checked (USR1 or USR2, not one NCCL_PROXY_DUMP_SIGNAL takes) and exported for
+# node.sh and the trainer; its one home is retclip_dist/launch/stop_signals.py.
+RETCLIP_REQUEUE_SIGNAL=$(${PYTHON:-python} -m retclip_dist.launch.stop_signals) || exit $?
+export RETCLIP_REQUEUE_SIGNAL
 
 # Check the config, paths and output_dir once, here, before any node starts: a bad field is one line in
 # the log and exit 2, not a traceback from every process on every node.
@@ -64,15 +74,20 @@ ${PYTHON:-python} -m retclip_dist.train --check --world-size "$((NNODES * GPUS_P
     --config "$@" --checkpoint.resume auto || exit $?
 
 echo "retclip: job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}:" \
-    "${NNODES} node(s) x ${GPUS_PER_NODE} process(es), main ${MAIN_HOST}:${MAIN_PORT}"
+    "${NNODES} node(s) x ${GPUS_PER_NODE} process(es), main ${MAIN_HOST}:${MAIN_PORT}," \
+    "requeue signal ${RETCLIP_REQUEUE_SIGNAL}"
 
 stop_requested=0
 forward_stop() {
     stop_requested=1
-    echo "retclip: $1 received, asking the training processes to save and stop"
-    scancel --signal=USR1 "${SLURM_JOB_ID}" 2>/dev/null || true
+    echo "retclip: $1 received, asking the training processes to save and stop (${RETCLIP_REQUEUE_SIGNAL})"
+    # Without --batch or --full, scancel signals every process of the job's steps, not this shell.
+    scancel --signal="${RETCLIP_REQUEUE_SIGNAL}" "${SLURM_JOB_ID}" 2>/dev/null || true
 }
+# Either user signal: sbatch --signal may name the other one than RETCLIP_REQUEUE_SIGNAL, and this shell
+# holds no NCCL that could want it.
 trap 'forward_stop USR1' USR1
+trap 'forward_stop USR2' USR2
 trap 'forward_stop TERM' TERM
 
 # srun in the background so the traps run while it is going (bash defers traps during a foreground wait).

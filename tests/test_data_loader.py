@@ -417,12 +417,17 @@ def test_missing_val_split_disables_validation(tmp_path: Path) -> None:
     assert build_val_data(_cfg(tmp_path, val_split=None), TOKENIZER, 0, 1) is None
 
 
-def test_loader_workers_ignore_stop_signals(tmp_path):
-    # Slurm signals every process of a job; workers must survive until the trainer has saved.
+@pytest.mark.parametrize("requeue", ["USR1", "USR2"])
+def test_loader_workers_ignore_stop_signals(tmp_path, monkeypatch, requeue):
+    # Slurm signals every process of a job; workers must survive until the trainer has saved, whichever
+    # requeue signal the job was given (the forked workers see this environment).
+    monkeypatch.setenv("RETCLIP_REQUEUE_SIGNAL", requeue)
+    requeue_signal = getattr(signal, f"SIG{requeue}")
+
     class Pids(torch.utils.data.IterableDataset):
         def __iter__(self):
             os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), requeue_signal)
             yield os.getpid()
 
     pids = list(data_loader(Pids(), DataConfig(num_workers=1, pin_memory=False)))

@@ -1,9 +1,10 @@
 """launch/pretrain.sh on a real Slurm cluster (the one-node CPU cluster of launch/local_slurm.sh).
 
 Every test submits the tiny config on 2 CPU processes and compares the final weights, bit for bit, with
-a direct `accelerate launch` of the same run: once straight through; once signalled half-way the way
-Slurm warns of a time limit (USR1 to the batch shell); once preempted (SIGTERM to every process, then a
-requeue). The interrupted runs must be requeued and resume from the checkpoint saved on the signal.
+a direct `accelerate launch` of the same run: once straight through; signalled half-way the way Slurm
+warns of a time limit (the requeue signal to the batch shell: USR2 by default, USR1 when
+RETCLIP_REQUEUE_SIGNAL says so); once preempted (SIGTERM to every process, then a requeue). The
+interrupted runs must be requeued and resume from the checkpoint saved on the signal.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from slurm_helpers import (
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 
-def submit(shards: Path, out_dir: Path, log: Path) -> str:
+def submit(shards: Path, out_dir: Path, log: Path, **env_extra: str) -> str:
     """sbatch launch/pretrain.sh on the CPU cluster: no GPUs, 2 CPU processes from cpu_2proc.yaml."""
     cmd = [
         "sbatch", "--parsable", "--nodes=1", "--job-name=retclip-test",
@@ -44,7 +45,7 @@ def submit(shards: Path, out_dir: Path, log: Path) -> str:
         "--gpus-per-node=0", "--cpus-per-task=2", f"--output={log}",
         "launch/pretrain.sh", "configs/tiny.yaml", *run_overrides(shards, out_dir),
     ]  # fmt: skip
-    env = job_env(GPUS_PER_NODE="2", ACCELERATE_CONFIG=CPU_2PROC, MAIN_PORT=str(free_port()))
+    env = job_env(GPUS_PER_NODE="2", ACCELERATE_CONFIG=CPU_2PROC, MAIN_PORT=str(free_port()), **env_extra)
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0]
@@ -80,13 +81,15 @@ def test_sbatch_run_completes_and_matches_direct_run(cluster, tmp_path_factory, 
     assert_same_weights(load_weights(out), want)
 
 
-def run_interrupted(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, interrupt: list[str]) -> Path:
+def run_interrupted(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, interrupt: list[str], **env_extra: str
+) -> Path:
     """Submit, run ``interrupt`` once training is past SIGNAL_AFTER_STEP, and wait through the requeue.
 
     Asserts what any requeued run must show; returns the run directory for the test's own checks.
     """
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = submit(shard_set(tmp_path_factory), out, log)
+    job = submit(shard_set(tmp_path_factory), out, log, **env_extra)
     try:
         wait_for(lambda: latest_step(out) >= SIGNAL_AFTER_STEP or None, 180, f"step {SIGNAL_AFTER_STEP}")
         subprocess.run([*interrupt, job], timeout=20, check=True)
@@ -116,12 +119,17 @@ def assert_resumed_from_the_stop(out: Path, log: Path, want: dict) -> None:
     assert_same_weights(load_weights(out), want)
 
 
-def test_time_limit_signal_requeues_and_resumes_bit_exactly(cluster, tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("configured", [None, "USR1"], ids=["default-usr2", "usr1"])
+def test_time_limit_signal_requeues_and_resumes_bit_exactly(cluster, tmp_path_factory, tmp_path, configured):
     want = reference_weights(tmp_path_factory)
-    # What `#SBATCH --signal=B:USR1@120` does ahead of the time limit: signal the batch shell only.
-    out = run_interrupted(tmp_path_factory, tmp_path, ["scancel", "--signal=USR1", "--batch"])
+    sig = configured or "USR2"
+    env = {"RETCLIP_REQUEUE_SIGNAL": configured} if configured else {}
+    # What `#SBATCH --signal=B:USR2@120` (or `sbatch --signal=B:USR1@120` with RETCLIP_REQUEUE_SIGNAL=USR1)
+    # does ahead of the time limit: signal the batch shell only.
+    out = run_interrupted(tmp_path_factory, tmp_path, ["scancel", f"--signal={sig}", "--batch"], **env)
     text = (tmp_path / "job.out").read_text()
-    assert "retclip: USR1 received, asking the training processes to save and stop" in text
+    assert f"requeue signal {sig}" in text
+    assert f"retclip: {sig} received, asking the training processes to save and stop ({sig})" in text
     assert "retclip: requeueing job" in text
     assert_resumed_from_the_stop(out, tmp_path / "job.out", want)
 

@@ -1,6 +1,7 @@
 """retclip_dist.launch.submit: the sbatch script it writes, the command each node runs, its requeue hook,
-its local mode, and submitit on a real Slurm cluster (straight through and requeued after SIGUSR2), where
-the final weights must equal those of a direct `accelerate launch` of the same run bit for bit."""
+its local mode, and submitit on a real Slurm cluster (straight through, and requeued after the requeue
+signal: USR2 by default, USR1 when asked), where the final weights must equal those of a direct
+`accelerate launch` of the same run bit for bit."""
 
 from __future__ import annotations
 
@@ -63,7 +64,43 @@ def test_dry_run_prints_sbatch_script_for_gpu_nodes(tmp_path, capsys):
         # submitit's requeue hook listens for USR2; the default warning comes 120 s ahead of the limit.
         "#SBATCH --signal=USR2@120",
         f"#SBATCH --output={tmp_path}/%j_0_log.out",
+        # submitit's handler and the trainer in the task are told the same signal.
+        "export SUBMITIT_PREEMPT_SIGNAL=USR2",
+        "export RETCLIP_REQUEUE_SIGNAL=USR2",
     } <= lines
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_dry_run_honours_the_configured_requeue_signal(tmp_path, capsys, monkeypatch, how):
+    argv = ["--config", "configs/tiny.yaml", "--cpu", "--log-dir", str(tmp_path), "--signal-delay-s", "300"]
+    if how == "flag":
+        argv += ["--requeue-signal", "usr1"]
+    else:
+        monkeypatch.setenv("RETCLIP_REQUEUE_SIGNAL", "USR1")
+    lines = _script_lines(argv, capsys)
+    assert {
+        "#SBATCH --signal=USR1@300",
+        "export SUBMITIT_PREEMPT_SIGNAL=USR1",
+        "export RETCLIP_REQUEUE_SIGNAL=USR1",
+    } <= lines
+    assert not [line for line in lines if "USR2" in line]
+
+
+def test_dry_run_refuses_a_requeue_signal_other_than_usr1_or_usr2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(
+            [
+                "--config",
+                "configs/tiny.yaml",
+                "--log-dir",
+                str(tmp_path),
+                "--requeue-signal",
+                "HUP",
+                "--dry-run",
+            ]
+        )
+    assert exited.value.code == 2
+    assert "requeue signal 'HUP' is not one of USR1 or USR2" in capsys.readouterr().err
 
 
 def test_dry_run_with_cpu_asks_slurm_for_no_gpus(tmp_path, capsys):
@@ -104,6 +141,11 @@ code = job._proc.wait()
 fresh, saved = seen[0]
 print(code, saved, type(fresh.function).__name__, fresh.function.overrides, fresh.function._proc)
 """
+
+
+def test_a_requeued_job_keeps_its_requeue_signal():
+    job = PretrainJob("run.yaml", [], "acc.yaml", 2, 29500, "USR1")
+    assert pickle.loads(pickle.dumps(job)).checkpoint().function.requeue == "USR1"
 
 
 def test_checkpoint_hook_waits_for_the_trainer_inside_popen_wait(tmp_path):
@@ -173,16 +215,22 @@ def test_submitit_slurm_run_completes_and_matches_direct_run(cluster, tmp_path_f
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_submitit_requeues_on_usr2_and_resumes_bit_exactly(cluster, tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("configured", [None, "USR1"], ids=["default-usr2", "usr1"])
+def test_submitit_requeues_on_its_signal_and_resumes_bit_exactly(
+    cluster, tmp_path_factory, tmp_path, configured
+):
     want = reference_weights(tmp_path_factory)
+    sig = configured or "USR2"
     out, log_dir = tmp_path / "run", tmp_path / "submitit"
-    stdout = submit(out, log_dir, shard_set(tmp_path_factory), "--cpu", "--cpus-per-task", "2")
+    flags = ["--cpu", "--cpus-per-task", "2", *(["--requeue-signal", configured] if configured else [])]
+    stdout = submit(out, log_dir, shard_set(tmp_path_factory), *flags)
     job = re.search(r"^job (\d+)$", stdout, re.MULTILINE).group(1)
     err_log = log_dir / f"{job}_0_log.err"
     try:
         wait_for(lambda: latest_step(out) >= SIGNAL_AFTER_STEP or None, 180, f"step {SIGNAL_AFTER_STEP}")
-        # What `#SBATCH --signal=USR2@120` does ahead of the time limit: signal every process of the step.
-        subprocess.run(["scancel", "--signal=USR2", job], timeout=20, check=True)
+        # What `#SBATCH --signal=USR2@120` (USR1 with --requeue-signal USR1) does ahead of the time limit:
+        # signal every process of the step.
+        subprocess.run(["scancel", f"--signal={sig}", job], timeout=20, check=True)
         fields = wait_for_job(job, 300, err_log)
     finally:
         cancel(job)
@@ -190,7 +238,7 @@ def test_submitit_requeues_on_usr2_and_resumes_bit_exactly(cluster, tmp_path_fac
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1")
     # submitit logs to the task's stdout; the trainer's own log is on stderr.
     submitit_log = (log_dir / f"{job}_0_log.out").read_text()
-    assert "Caught signal SIGUSR2" in submitit_log
+    assert f"Caught signal SIG{sig}" in submitit_log
     assert f"Requeued job {job}" in submitit_log
     assert "stop requested by signal; saved step" in err_log.read_text()
     assert _result(log_dir, job) == ("success", 0)

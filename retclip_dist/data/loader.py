@@ -27,6 +27,7 @@ from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import stream_samples
 from retclip_dist.launch.lifetime import exit_with_parent
+from retclip_dist.launch.stop_signals import stop_signals
 from retclip_dist.model.config import ImageInput
 from retclip_dist.shardset import Manifest, read_manifest
 
@@ -41,15 +42,16 @@ class LoaderError(RuntimeError):
     """A loader worker (or the in-process reader) failed with an error that is not a counted skip."""
 
 
-# Slurm signals every process of a job on preemption or before a time limit. The trainer answers by
-# saving a checkpoint, which needs its loader workers alive until then; they stop when it exits.
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# Slurm signals every process of a job on preemption or before a time limit (the stop signals, defined in
+# retclip_dist.launch.stop_signals). The trainer answers by saving a checkpoint, which needs its loader
+# workers alive until then; they stop when it exits.
 
 
 def _worker_init(worker_id: int) -> None:
-    for sig in _STOP_SIGNALS:
+    stops = stop_signals()
+    for sig in stops:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked since the fork: see _start
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # blocked since the fork: see _start
     # Ignoring SIGTERM also means multiprocessing cannot terminate them: they must go with the trainer.
     exit_with_parent()
 
@@ -86,7 +88,7 @@ def _start(loader: Iterable[Any]) -> Iterator[Any]:
     signal in that window killed it and failed the run instead of saving. Blocked across the fork, the
     signals reach the trainer when the call returns, and the workers never see them.
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
     try:
         return iter(loader)
     finally:

@@ -1,4 +1,8 @@
-"""The one place that reads launcher environment variables (torchrun, accelerate launch, Slurm)."""
+"""The one place that reads launcher environment variables (torchrun, accelerate launch, Slurm).
+
+The requeue signal's ``RETCLIP_REQUEUE_SIGNAL`` is read beside its signal list, in ``stop_signals.py``
+(stdlib only, so the shell launchers can ask it quickly).
+"""
 
 from __future__ import annotations
 

@@ -8,12 +8,19 @@ it signals every process of the step: the training processes save a checkpoint a
 ``checkpoint()`` in the task, which waits for that save, and the job is requeued with
 ``--checkpoint.resume auto``. ``--local`` runs the same job with submitit's local executor (no Slurm).
 ``--cpu`` asks Slurm for no GPUs (tests, CPU clusters); the trainer runs each process on the CPU itself.
+
+The warning signal is the requeue signal of ``retclip_dist.launch.stop_signals`` (USR2, submitit's own
+default; ``--requeue-signal USR1`` or ``RETCLIP_REQUEUE_SIGNAL=USR1`` to change it). It is one setting
+for three listeners: the ``#SBATCH --signal`` line, submitit's handler in the task (which reads
+``SUBMITIT_PREEMPT_SIGNAL`` when it is imported, so the script exports it before ``srun``) and the
+trainer (``RETCLIP_REQUEUE_SIGNAL``, exported too).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -24,13 +31,20 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
+from retclip_dist.launch.stop_signals import (
+    DEFAULT_REQUEUE_SIGNAL,
+    REQUEUE_SIGNAL_ENV,
+    requeue_signal,
+    short_name,
+)
 
-# Signals that mean "save and stop" to the trainer; the launcher process between them must ignore them.
-_STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+# submitit's handler in the task listens for the signal this variable names (USR2 if unset), read once
+# when submitit is imported (submitit 1.5: JobEnvironment.USR_SIG).
+_SUBMITIT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
 
 
-def _ignore_stop_signals() -> None:
-    for sig in _STOP_SIGNALS:
+def _ignore(signals: tuple[signal.Signals, ...]) -> None:
+    for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -44,12 +58,14 @@ class PretrainJob(Checkpointable):
         accelerate_config: str,
         gpus_per_node: int,
         port: int,
+        requeue: str = short_name(DEFAULT_REQUEUE_SIGNAL),
     ) -> None:
         self.config = config
         self.overrides = overrides
         self.accelerate_config = accelerate_config
         self.gpus_per_node = gpus_per_node
         self.port = port
+        self.requeue = requeue  # the requeue signal's short name, e.g. "USR2"
         self._proc: subprocess.Popen | None = None
 
     def command(self, num_nodes: int, node_rank: int, main_host: str) -> list[str]:
@@ -84,7 +100,11 @@ class PretrainJob(Checkpointable):
         env = submitit.JobEnvironment()
         cmd = self.command(env.num_nodes, env.node, env.hostnames[0] if env.hostnames else "127.0.0.1")
         print("retclip submit:", " ".join(cmd), flush=True)
-        self._proc = subprocess.Popen(cmd, preexec_fn=_ignore_stop_signals)
+        # The trainer is told the requeue signal itself, whatever the job's environment says; the launcher
+        # between it and us ignores the stop signals, so it cannot die of one meant for the trainer.
+        child_env = {**os.environ, REQUEUE_SIGNAL_ENV: self.requeue}
+        stops = (signal.SIGTERM, requeue_signal(self.requeue))
+        self._proc = subprocess.Popen(cmd, env=child_env, preexec_fn=functools.partial(_ignore, stops))
         code = self._proc.wait()
         if code != EXIT_OK:
             raise RuntimeError(
@@ -102,7 +122,7 @@ class PretrainJob(Checkpointable):
             with contextlib.suppress(ChildProcessError):
                 os.waitid(os.P_PID, self._proc.pid, os.WEXITED | os.WNOWAIT)
         fresh = PretrainJob(
-            self.config, self.overrides, self.accelerate_config, self.gpus_per_node, self.port
+            self.config, self.overrides, self.accelerate_config, self.gpus_per_node, self.port, self.requeue
         )
         return DelayedSubmission(fresh)
 
@@ -131,6 +151,14 @@ def build_executor(args: argparse.Namespace) -> submitit.AutoExecutor:
     }
     if not args.local:
         params["slurm_signal_delay_s"] = args.signal_delay_s
+        # submitit writes `--signal=<its USR_SIG>@delay` from the submitting process's environment; the
+        # line is replaced so it names our signal, and the exports reach submitit and the trainer in the
+        # task even on clusters that submit with --export=NONE.
+        params["slurm_additional_parameters"] = {"signal": f"{args.requeue_signal}@{args.signal_delay_s}"}
+        params["slurm_setup"] = [
+            f"export {_SUBMITIT_SIGNAL_ENV}={args.requeue_signal}",
+            f"export {REQUEUE_SIGNAL_ENV}={args.requeue_signal}",
+        ]
         if args.gpus_per_node and not args.cpu:
             params["gpus_per_node"] = args.gpus_per_node
         if args.partition:
@@ -151,6 +179,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time-min", type=int, default=24 * 60, help="time limit per job in minutes")
     parser.add_argument("--cpus-per-task", type=int, default=16, help="CPU cores per node (data loading)")
     parser.add_argument("--signal-delay-s", type=int, default=120, help="warning before the time limit")
+    parser.add_argument(
+        "--requeue-signal",
+        help=f"signal sent --signal-delay-s before the time limit: USR1 or USR2 (default: ${REQUEUE_SIGNAL_ENV}, "
+        f"else {short_name(DEFAULT_REQUEUE_SIGNAL)}; USR2 avoids NCCL versions that take USR1)",
+    )
     parser.add_argument("--accelerate-config", default="configs/accelerate/multi_node.yaml")
     parser.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node")
     parser.add_argument("--log-dir", default="logs/submitit", help="submitit's job folder (logs, pickles)")
@@ -163,6 +196,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.overrides and args.overrides[0] == "--":
         args.overrides = args.overrides[1:]
+    try:
+        args.requeue_signal = short_name(requeue_signal(args.requeue_signal))
+    except ValueError as exc:
+        parser.error(str(exc))  # exit code 2, as for any bad option
     return args
 
 
@@ -180,7 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if checked != EXIT_OK:
             return checked  # EXIT_CONFIG, the line saying why already printed
-    job = PretrainJob(args.config, args.overrides, args.accelerate_config, args.gpus_per_node, args.port)
+    job = PretrainJob(
+        args.config,
+        args.overrides,
+        args.accelerate_config,
+        args.gpus_per_node,
+        args.port,
+        args.requeue_signal,
+    )
     executor = build_executor(args)
     if args.dry_run:
         if args.local:
@@ -189,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         # submitit has no public "render only" call; this is the text its own submit() writes.
         print(executor._executor._make_submission_file_text("<submitit task command>", "<uid>"))
         return EXIT_OK
-    submitted = executor.submit(job)
+    # The local executor's controller and sbatch both take this process's environment: the same signal
+    # for submitit's handler there (a patch, so main() called in-process leaves os.environ as it was).
+    signal_env = {_SUBMITIT_SIGNAL_ENV: args.requeue_signal, REQUEUE_SIGNAL_ENV: args.requeue_signal}
+    with mock.patch.dict(os.environ, signal_env):
+        submitted = executor.submit(job)
     print(f"job {submitted.job_id}")
     print(f"stdout {submitted.paths.stdout}")
     print(f"stderr {submitted.paths.stderr}")

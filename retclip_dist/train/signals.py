@@ -1,8 +1,9 @@
-"""Turn SIGTERM/SIGUSR1/SIGUSR2 into a flag the loop checks between steps; agree on flags across ranks.
+"""Turn the stop signals into a flag the loop checks between steps; agree on flags across ranks.
 
-Slurm sends SIGUSR1 ahead of a time limit (``--signal=USR1@120``; submitit asks for SIGUSR2) and SIGTERM
-on preemption; all of them mean "save and leave". Acting inside the handler would interrupt a collective half-way, so the handler only
-records the request and every rank stops after the same step.
+The stop signals are SIGTERM (preemption) and the requeue signal the launchers send ahead of a time limit
+(SIGUSR2, or SIGUSR1 under ``RETCLIP_REQUEUE_SIGNAL``); ``retclip_dist.launch.stop_signals`` is their one
+home. Both mean "save and leave". Acting inside the handler would interrupt a collective half-way, so the
+handler only records the request and every rank stops after the same step.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import types
 import torch
 from accelerate import Accelerator
 
+from retclip_dist.launch.stop_signals import stop_signals
+
 
 class StopRequest:
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)) -> None:
+    def __init__(self, signals: tuple[int, ...] | None = None) -> None:
         self.received: int | None = None
-        for sig in signals:
+        for sig in stop_signals() if signals is None else signals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:

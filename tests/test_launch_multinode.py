@@ -1,0 +1,195 @@
+"""launch/pretrain.sh -> srun -> launch/node.sh -> accelerate launch, on one machine without Slurm.
+
+Stand-ins for srun, scontrol and scancel (written by the ``fake_slurm`` fixture) give each "node" the
+environment Slurm would: srun starts node.sh once per node with SLURM_NODEID/SLURM_PROCID set, so two
+nodes of two gloo processes rendezvous at 127.0.0.1 exactly as on a cluster, and must train like one node
+of four. The same stand-ins check the requeue path of the batch shell: the configured requeue signal,
+sent to the script as ``sbatch --signal=B:SIG@120`` would, reaches every training process, which save and
+exit 3, and the script requeues the job. Real Slurm runs of the same script are in tests/test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import build_synth_shards, free_port
+
+from retclip_dist.exit_codes import EXIT_STOPPED
+from retclip_dist.train.metrics_log import read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+JOB_ID = "4242"
+
+# srun: one task per node on SLURM_NNODES "nodes", each with the variables Slurm sets per task; its exit
+# status is the highest of its tasks', as srun's is. It records its pid for the scancel stand-in.
+_SRUN = """#!/usr/bin/env bash
+while [[ ${1:-} == -* ]]; do shift; done  # srun's own options (--kill-on-bad-exit=0)
+echo $$ >"$FAKE_SLURM_DIR/srun.pid"
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+    SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 SLURM_NTASKS=$SLURM_NNODES "$@" &
+    pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do
+    wait "$pid" || { code=$?; ((code > status)) && status=$code; }
+done
+exit "$status"
+"""
+# scontrol: `show hostnames LIST` names every node 127.0.0.1; anything else (requeue) is recorded.
+_SCONTROL = """#!/usr/bin/env bash
+case $1 in
+    show) for ((i = 0; i < SLURM_NNODES; i++)); do echo 127.0.0.1; done ;;
+    *) echo "scontrol $*" >>"$FAKE_SLURM_DIR/calls" ;;
+esac
+"""
+# scancel --signal=SIG JOB: like Slurm's without --batch, the signal goes to every process of the job's
+# step (here: everything srun started, down to the loader workers), not to the batch shell.
+_SCANCEL = """#!/usr/bin/env bash
+echo "scancel $*" >>"$FAKE_SLURM_DIR/calls"
+sig=${1#--signal=}
+tree() { local child; for child in $(ps -o pid= --ppid "$1"); do echo "$child"; tree "$child"; done; }
+for pid in $(tree "$(cat "$FAKE_SLURM_DIR/srun.pid")"); do kill -s "$sig" "$pid" 2>/dev/null || true; done
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "fake-slurm"
+    bin_dir.mkdir()
+    for name, text in (("srun", _SRUN), ("scontrol", _SCONTROL), ("scancel", _SCANCEL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # 60 training patients: 3 global batches of 16 per epoch; no val split, so no validation.
+    root = tmp_path_factory.mktemp("multinode-data")
+    return build_synth_shards(root, 60, seed=1, raw_size=96, size=64, max_count=20, val_fraction=0.0)
+
+
+def overrides(shards: Path, out: Path, per_rank_batch: int, *extra: str) -> list[str]:
+    return [
+        "--data.shards", str(shards),
+        "--output_dir", str(out),
+        "--data.batch_size", str(per_rank_batch),
+        "--data.num_workers", "0",
+        "--data.partitions", "4",  # the same data order whatever the layout
+        "--train.warmup_steps", "1",
+        "--log.every_steps", "1",
+        "--val.every_epochs", "0",
+        "--checkpoint.every_steps", "0",
+        "--log.tensorboard", "false",
+        "--log.progress", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def job_env(fake_slurm: Path, nodes: int, per_node: int, **extra: str) -> dict[str, str]:
+    """What sbatch and the cluster give the batch shell: job id, node count and list; our knobs on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RETCLIP_"))}
+    return {
+        **env,
+        "PATH": os.pathsep.join([str(fake_slurm), str(VENV_BIN), env.get("PATH", "")]),
+        "FAKE_SLURM_DIR": str(fake_slurm),
+        "SLURM_JOB_ID": JOB_ID,
+        "SLURM_NNODES": str(nodes),
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_JOB_NODELIST": f"node[1-{nodes}]",
+        "GPUS_PER_NODE": str(per_node),
+        "ACCELERATE_CONFIG": "configs/accelerate/cpu_2proc.yaml",
+        "MAIN_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def pretrain(env: dict[str, str], args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        ["bash", "launch/pretrain.sh", "configs/tiny.yaml", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout_s: float) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"pretrain.sh did not finish within {timeout_s} s:\n{out[-4000:]}")
+    return out
+
+
+def test_two_nodes_of_two_train_like_one_node_of_four(fake_slurm, shards, tmp_path):
+    runs = {}
+    for nodes, per_node in ((2, 2), (1, 4)):
+        out = tmp_path / f"run-{nodes}x{per_node}"
+        args = overrides(shards, out, 4, "--train.max_steps", "3")
+        env = job_env(fake_slurm, nodes, per_node)
+        proc = pretrain(env, args)
+        log = finish(proc, 150)
+        assert proc.returncode == 0, log[-4000:]
+        main = f"main 127.0.0.1:{env['MAIN_PORT']}, requeue signal USR2"
+        assert f"{nodes} node(s) x {per_node} process(es), {main}" in log
+        assert "4 processes x 4 patients per step" in log
+        runs[nodes, per_node] = out
+
+    two, one = (read_metrics(runs[k] / "metrics.jsonl", "train") for k in ((2, 2), (1, 4)))
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3]
+    for a, b in zip(two, one, strict=True):
+        for key in ("loss", "loss_patient", "loss_left", "loss_right"):
+            assert a[key] == pytest.approx(b[key], abs=1e-4), (a["step"], key)
+    # Training moved the loss: equal losses are not two runs that did nothing.
+    assert two[0]["loss"] != two[-1]["loss"]
+    for out in runs.values():
+        assert read_metrics(out / "metrics.jsonl", "end") == [
+            {"kind": "end", "step": 3, "exit_code": 0, "skipped_samples": 0}
+        ]
+
+
+def test_configured_requeue_signal_makes_the_trainers_save_and_the_job_requeue(fake_slurm, shards, tmp_path):
+    # USR1, not the default USR2: what `RETCLIP_REQUEUE_SIGNAL=USR1 sbatch --signal=B:USR1@120` does
+    # ahead of the time limit, on one node of two processes.
+    out = tmp_path / "run"
+    env = job_env(fake_slurm, 1, 2, RETCLIP_REQUEUE_SIGNAL="USR1")
+    proc = pretrain(env, overrides(shards, out, 8, "--train.epochs", "50"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(read_metrics(metrics, "train")) >= 2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no second step (exit {proc.poll()}):\n{finish(proc, 30)[-4000:]}")
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGUSR1)  # the batch shell only, as --signal=B: does
+    log = finish(proc, 90)
+
+    # Every rank saved and exited 3; torchrun's agent turns a rank's 3 into its own 1, so the script's
+    # status says only "not done" (Slurm ignores it: the job is requeued).
+    assert proc.returncode != 0, log[-4000:]
+    assert "requeue signal USR1" in log
+    assert "retclip: USR1 received, asking the training processes to save and stop (USR1)" in log
+    assert "stop requested by signal; saved step" in log
+    calls = (fake_slurm / "calls").read_text().splitlines()
+    assert calls == [f"scancel --signal=USR1 {JOB_ID}", f"scontrol requeue {JOB_ID}"]
+    (end,) = read_metrics(metrics, "end")
+    assert end["exit_code"] == EXIT_STOPPED
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{end['step']:08d}"]
+    assert not (out / "model").exists()
