@@ -1,9 +1,10 @@
 """``retclip-train``: tripartite RET-CLIP pretraining under Accelerate (DDP or DeepSpeed ZeRO).
 
 Reads top to bottom: ``train`` builds the run and restores it, then calls ``train_step`` until done,
-``save_checkpoint`` on a schedule and on a stop signal (launch/stop_signals.py), ``validate`` (train/validate.py) each epoch,
-and writes the model with ``save_pretrained``. Backend details (DeepSpeed, ZeRO-3 gathers) live in
-train/backend.py, the config checks run before any process starts in train/preflight.py.
+``save_checkpoint`` on a schedule and on a stop signal (launch/stop_signals.py), ``validate``
+(train/validate.py) each epoch, and writes the model with ``save_pretrained``. Backend details (DeepSpeed,
+ZeRO-3 gathers) live in train/backend.py, the config checks run before any process starts in
+train/preflight.py.
 """
 
 from __future__ import annotations
