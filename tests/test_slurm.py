@@ -71,7 +71,8 @@ def test_sbatch_run_completes_and_matches_direct_run(cluster, tmp_path_factory, 
     assert "retclip: training exited with status 0" in text
     rows = metrics(out)
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, TOTAL_STEPS + 1))
-    assert rows[-1] == {"kind": "end", "step": TOTAL_STEPS, "exit_code": 0, "skipped_samples": 0}
+    end = rows[-1]
+    assert (end["kind"], end["step"], end["exit_code"], end["skipped_samples"]) == ("end", TOTAL_STEPS, 0, 0)
     assert [r["epoch"] for r in rows if r["kind"] == "val"] == list(range(1, 9))
     assert sorted(p.name for p in (out / "model").iterdir()) == [
         "config.json",
