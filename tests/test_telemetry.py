@@ -22,7 +22,7 @@ from conftest import build_synth_shards, free_port, run_gloo_ranks
 
 from retclip_dist.exit_codes import EXIT_CONFIG
 from retclip_dist.train import telemetry
-from retclip_dist.train.loop import main
+from retclip_dist.train.cli import main
 from retclip_dist.train.metrics_log import MetricsLog, read_metrics, tracker_config
 from retclip_dist.train.telemetry import StepClock, peak_memory_gb, step_timing, wait_share
 
@@ -182,7 +182,7 @@ def test_tensorboard_false_leaves_it_out_of_the_trackers(monkeypatch, capsys):
 SLOW_LOADER = """\
 import os, sys, time
 from retclip_dist.data.loader import TrainLoader
-from retclip_dist.train.loop import main
+from retclip_dist.train.cli import main
 
 if int(os.environ["RANK"]) == int(os.environ["SLOW_RANK"]):
     plain = TrainLoader.__iter__

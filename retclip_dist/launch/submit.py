@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run:
         # Check the config once before submitting: a bad field is one line here and exit code 2, not a
         # traceback per rank in the job's logs after it waited in the queue.
-        from retclip_dist.train.loop import main as train_main
+        from retclip_dist.train.cli import main as train_main
 
         world_size = str(args.nodes * args.gpus_per_node)
         resume = ["--checkpoint.resume", "auto"]  # what the job adds

@@ -1,5 +1,5 @@
 import sys
 
-from retclip_dist.train.loop import main
+from retclip_dist.train.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""``retclip-train``: tripartite RET-CLIP pretraining under Accelerate (DDP or DeepSpeed ZeRO).
+"""Tripartite RET-CLIP pretraining under Accelerate (DDP or DeepSpeed ZeRO).
 
 Reads top to bottom: ``train`` builds the run and restores it, then calls ``train_step`` until done,
 ``save_checkpoint`` on a schedule and on a stop signal (launch/stop_signals.py), ``validate``
@@ -9,31 +9,25 @@ train/preflight.py.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import multiprocessing
-import os
-import sys
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from retclip_dist.config import ConfigError, load_config, to_dict
+from retclip_dist.config import ConfigError, to_dict
 from retclip_dist.data.augment import DeviceAugment
-from retclip_dist.data.loader import LoaderError, TrainLoader, build_train_data
+from retclip_dist.data.loader import TrainLoader, build_train_data
 from retclip_dist.data.samples import REPORT_HASH
 from retclip_dist.data.validation import build_val_data
-from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
-from retclip_dist.launch.env import world_info_from_env
+from retclip_dist.exit_codes import EXIT_OK, EXIT_STOPPED
 from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
@@ -52,9 +46,7 @@ from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.fp8 import convert_fp8_
 from retclip_dist.train.metrics_log import MetricsLog, tracker_config
 from retclip_dist.train.optim import build_optimizer, freeze_, lr_at, set_lr
-from retclip_dist.train.preflight import check_run_config
 from retclip_dist.train.probe import build_probe, run_probe
-from retclip_dist.train.runlock import RunLock, RunLocked
 from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
 from retclip_dist.train.step import LossFn, forward_backward, output_loss
 from retclip_dist.train.telemetry import StepClock, step_timing, wait_share
@@ -332,131 +324,3 @@ def log_epoch(acc: Accelerator, metrics: MetricsLog | None, data: TrainLoader, e
         data.unused_per_epoch,
         skipped,
     )
-
-
-def _say(rank: int, message: str) -> None:
-    """One line on stderr; config errors come from rank 0 only, since every rank finds the same one."""
-    if rank == 0:
-        print(f"retclip-train: {message}", file=sys.stderr, flush=True)
-
-
-def _lost_peer(exc: RuntimeError) -> bool:
-    """Whether ``exc`` is a collective that failed because another rank went away."""
-    if isinstance(exc, torch.distributed.DistError):
-        return True
-    # gloo reports a dead peer as a plain RuntimeError naming its transport.
-    text = str(exc)
-    return "gloo" in text and ("Connection reset by peer" in text or "Connection closed by peer" in text)
-
-
-def _end_children() -> None:
-    # Loader workers ignore SIGTERM (they must outlive a stop signal until the save); on an error they
-    # would keep multiprocessing's exit handler waiting forever.
-    for child in multiprocessing.active_children():
-        child.kill()
-
-
-def _accelerate_world_size(path: str, num_processes: int | None) -> int:
-    if num_processes is not None:
-        return num_processes
-    try:
-        return int(yaml.safe_load(Path(path).read_text())["num_processes"])
-    except (OSError, KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"--launch {path}: cannot read num_processes from it ({exc})") from exc
-
-
-def _launch_command(args: argparse.Namespace, argv: list[str]) -> list[str]:
-    """``accelerate launch`` of this trainer with the same config and overrides, once they are checked."""
-    own = {"--launch", "--num_processes", "--main_process_port"}
-    rest, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in own:
-            skip = True
-        elif arg.split("=", 1)[0] not in own:
-            rest.append(arg)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.launch]
-    if args.num_processes is not None:
-        cmd += ["--num_processes", str(args.num_processes)]
-    if args.main_process_port is not None:
-        cmd += ["--main_process_port", str(args.main_process_port)]
-    return [*cmd, "-m", "retclip_dist.train", *rest]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="retclip-train",
-        description="RET-CLIP pretraining. Any config field can be overridden: --section.key value",
-    )
-    parser.add_argument("--config", help="YAML preset, e.g. configs/retclip_vitb16.yaml")
-    parser.add_argument("--print-config", action="store_true", help="print the final config and exit")
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="check the config, paths and output_dir, then exit (0: fine, 2: not)",
-    )
-    parser.add_argument(
-        "--world-size", type=int, help="with --check: processes the run will have (default 1)"
-    )
-    parser.add_argument(
-        "--launch",
-        metavar="ACCELERATE_CONFIG",
-        help="check once, then start `accelerate launch` with this config file on the same arguments",
-    )
-    parser.add_argument(
-        "--num_processes", type=int, help="with --launch: override the config's process count"
-    )
-    parser.add_argument("--main_process_port", type=int, help="with --launch: rendezvous port")
-    argv = sys.argv[1:] if argv is None else argv
-    args, overrides = parser.parse_known_args(argv)
-    world = world_info_from_env()
-    preflight = args.check or args.launch is not None
-    try:
-        cfg = load_config(RunConfig, args.config, overrides)
-        if args.print_config:
-            print(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
-            return EXIT_OK
-        if args.launch is not None:
-            world_size = _accelerate_world_size(args.launch, args.num_processes)
-        else:
-            world_size = args.world_size or world.world_size
-        check_run_config(cfg, world_size, check_lock=preflight)
-    except ConfigError as exc:
-        _say(0 if preflight else world.rank, str(exc))
-        return EXIT_CONFIG
-    if args.check:
-        print(f"retclip-train: config fine for {world_size} process(es)", flush=True)
-        return EXIT_OK
-    if args.launch is not None:
-        cmd = _launch_command(args, argv)
-        os.execv(cmd[0], cmd)  # the launcher takes this process's place: signals and exit code are its
-    lock = RunLock(cfg.output_dir) if world.rank == 0 else None
-    try:
-        if lock is not None:
-            lock.acquire()
-        return train(cfg)
-    except (ConfigError, RunLocked) as exc:
-        _say(world.rank, str(exc))
-        return EXIT_CONFIG
-    except NonFiniteLoss as exc:
-        log.error("%s", exc)
-        return EXIT_NONFINITE
-    except LoaderError as exc:
-        print(f"retclip-train: rank {world.rank}: {exc}", file=sys.stderr, flush=True)
-        return EXIT_FAILED
-    except RuntimeError as exc:
-        if not _lost_peer(exc):
-            raise
-        # Another rank died (its own line says why); this one was waiting for it in a collective.
-        first = str(exc).strip().splitlines()[0]
-        print(f"retclip-train: rank {world.rank}: lost contact with another rank ({first})", file=sys.stderr)
-        return EXIT_FAILED
-    finally:
-        _end_children()
-        if lock is not None:
-            lock.release()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
