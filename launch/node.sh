@@ -5,12 +5,12 @@
 # while the trainer already runs each process on the CPU when the node has no GPU (retclip_dist/launch/env.py).
 set -euo pipefail
 
-# Only the training processes act on the stop signals, SIGTERM and the requeue signal that pretrain.sh
-# exports (RETCLIP_REQUEUE_SIGNAL, from retclip_dist/launch/stop_signals.py): they save, then exit. The
-# launcher ignores both so it cannot die mid-save; an ignored signal stays ignored across exec, and
+# Only the training processes act on the stop signals, SIGTERM and both user signals (the requeue signal
+# that pretrain.sh sends is one of them: retclip_dist/launch/stop_signals.py): they save, then exit. The
+# launcher ignores them so it cannot die mid-save; an ignored signal stays ignored across exec, and
 # Python's handlers in the trainer override it. (torchrun's agent still takes SIGTERM: it passes it on
 # to the ranks and kills them 30 s later.)
-trap '' "${RETCLIP_REQUEUE_SIGNAL:?is exported by launch/pretrain.sh}" TERM
+trap '' USR1 USR2 TERM
 exec accelerate launch --config_file "$ACCELERATE_CONFIG" \
     --num_machines "$NNODES" --machine_rank "${SLURM_NODEID:-0}" \
     --num_processes "$((NNODES * GPUS_PER_NODE))" \

@@ -82,7 +82,9 @@ forward_stop() {
     stop_requested=1
     echo "retclip: $1 received, asking the training processes to save and stop (${RETCLIP_REQUEUE_SIGNAL})"
     # Without --batch or --full, scancel signals every process of the job's steps, not this shell.
-    scancel --signal="${RETCLIP_REQUEUE_SIGNAL}" "${SLURM_JOB_ID}" 2>/dev/null || true
+    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        scancel --signal="${RETCLIP_REQUEUE_SIGNAL}" "${SLURM_JOB_ID}" 2>/dev/null || true
+    fi
 }
 # Either user signal: sbatch --signal may name the other one than RETCLIP_REQUEUE_SIGNAL, and this shell
 # holds no NCCL that could want it.

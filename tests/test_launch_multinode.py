@@ -170,7 +170,8 @@ def test_configured_requeue_signal_makes_the_trainers_save_and_the_job_requeue(f
     # ahead of the time limit, on one node of two processes.
     out = tmp_path / "run"
     env = job_env(fake_slurm, 1, 2, RETCLIP_REQUEUE_SIGNAL="USR1")
-    proc = pretrain(env, overrides(shards, out, 8, "--train.epochs", "50"))
+    # One loader worker per rank: scancel's signal reaches it too, and it must outlive the save.
+    proc = pretrain(env, overrides(shards, out, 8, "--train.epochs", "50", "--data.num_workers", "1"))
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(read_metrics(metrics, "train")) >= 2):

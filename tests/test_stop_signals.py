@@ -19,14 +19,14 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_default_is_usr2_with_sigterm():
-    assert stop_signals() == (signal.SIGTERM, signal.SIGUSR2)
+def test_default_is_usr2_with_sigterm_and_the_other_user_signal_also_stops():
+    assert stop_signals() == (signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR1)
 
 
 @pytest.mark.parametrize("value", ["USR1", "SIGUSR1", "usr1", " USR1 "])
 def test_env_picks_usr1_in_any_spelling(monkeypatch, value):
     monkeypatch.setenv(REQUEUE_SIGNAL_ENV, value)
-    assert stop_signals() == (signal.SIGTERM, signal.SIGUSR1)
+    assert stop_signals() == (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 @pytest.mark.parametrize("value", ["HUP", "TERM", "12", "USR3"])
@@ -44,6 +44,8 @@ def test_a_signal_nccl_is_told_to_take_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"NCCL_PROXY_DUMP_SIGNAL=12 makes NCCL take SIGUSR2.*use USR1"):
         requeue_signal()
     assert requeue_signal("USR1") == signal.SIGUSR1  # the other one is fine
+    monkeypatch.setenv(REQUEUE_SIGNAL_ENV, "USR1")
+    assert stop_signals() == (signal.SIGTERM, signal.SIGUSR1)  # NCCL's USR2 is left to NCCL
 
 
 def test_shell_launchers_get_the_name_or_one_line_and_status_2():
@@ -60,17 +62,37 @@ def test_shell_launchers_get_the_name_or_one_line_and_status_2():
 
 
 @pytest.mark.parametrize(("configured", "other"), [("USR1", signal.SIGUSR2), ("USR2", signal.SIGUSR1)])
-def test_trainer_handles_sigterm_and_the_configured_signal_only(monkeypatch, configured, other):
+def test_trainer_saves_on_sigterm_and_either_user_signal(monkeypatch, configured, other):
+    # The other user signal stops too: a plain `sbatch --signal=USR1@120` must save, not kill the step.
     monkeypatch.setenv(REQUEUE_SIGNAL_ENV, configured)
-    wanted = getattr(signal, f"SIG{configured}")
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
     try:
         stop = StopRequest()
-        assert signal.getsignal(other) is before[other]  # left as it was
-        os.kill(os.getpid(), wanted)
-        assert stop.received == wanted
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.received == signal.SIGTERM
+        for sig in (getattr(signal, f"SIG{configured}"), other, signal.SIGTERM):
+            os.kill(os.getpid(), sig)
+            assert stop.received == sig
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_a_user_signal_nccl_takes_is_left_to_it(monkeypatch):
+    monkeypatch.setenv("NCCL_PROXY_DUMP_SIGNAL", str(int(signal.SIGUSR1)))
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        StopRequest()
+        assert signal.getsignal(signal.SIGUSR1) is before[signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGUSR2) is not before[signal.SIGUSR2]
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_a_bad_requeue_signal_is_one_config_line_before_anything_starts(monkeypatch, capsys):
+    from retclip_dist.train.cli import main
+
+    monkeypatch.setenv(REQUEUE_SIGNAL_ENV, "HUP")
+    assert main(["--check", "--config", "configs/tiny.yaml"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"retclip-train: {REQUEUE_SIGNAL_ENV}: requeue signal 'HUP' is not one of USR1 or USR2"
+    ]

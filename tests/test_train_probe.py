@@ -365,3 +365,26 @@ def test_two_ranks_wait_for_the_probe_and_agree_on_the_best_save(shards, labelle
     last = read_metrics(out / "metrics.jsonl", "train")[-1]["step"]
     assert _kept(out) == sorted({f"step_{best['step']:08d}", f"step_{last:08d}"})
     assert all((out / "checkpoints" / name / "data_rank1.json").exists() for name in _kept(out))
+
+
+def test_an_unexpected_probe_error_is_logged_and_training_goes_on(
+    labelled, tiny_model, tmp_path, monkeypatch
+):
+    # E.g. CUDA running out of memory beside the training state: rank 0 must still reach the collective.
+    model, _ = tiny_model
+    probe = TrainProbe(_section(labelled))
+    ck = Checkpointer(Accelerator(cpu=True), tmp_path / "checkpoints", keep_last=1, keep_best="probe/auroc")
+
+    def out_of_memory(_model):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(probe, "score", out_of_memory)
+    metrics = MetricsLog(tmp_path)
+    assert not run_probe(probe, model, Accelerator(cpu=True), metrics, ck, step=5, epoch=1)
+    metrics.close()
+    (row,) = read_metrics(tmp_path / "metrics.jsonl", "probe")
+    assert (row["auroc"], row["error"]) == (
+        None,
+        "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB",
+    )
+    assert ck.best is None and probe.last_step == 5

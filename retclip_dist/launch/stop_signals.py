@@ -29,6 +29,11 @@ DeepSpeed 0.19, NCCL 2.30 from the nvidia-nccl-cu13 wheel):
 
 A requeue signal that ``NCCL_PROXY_DUMP_SIGNAL`` also names is refused: NCCL's handler would replace the
 trainer's, and the run would be killed at the time limit without saving.
+
+The launchers send only the requeue signal, but every process that must survive until the save (trainer,
+loader workers, node.sh) treats *both* user signals as stop signals: a job can still get the other one
+(``sbatch --signal=USR1@120`` without ``B:``, a hand-typed ``scancel --signal``), and its default action
+would kill the whole step unsaved. Nothing in the stack wants them otherwise (see above).
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ DEFAULT_REQUEUE_SIGNAL = signal.SIGUSR2
 REQUEUE_CHOICES = (signal.SIGUSR1, signal.SIGUSR2)
 # NCCL's opt-in debug dumps on a signal (by number), which must not be the requeue signal.
 _NCCL_DUMP_ENVS = ("NCCL_PROXY_DUMP_SIGNAL", "NCCL_RMA_PROXY_DUMP_SIGNAL")
+
+
+def _nccl_takes(sig: signal.Signals, *envs: str) -> bool:
+    """Whether NCCL is told to dump its state on ``sig`` (by any of ``envs``, default all)."""
+    return any(os.environ.get(env, "").strip() == str(int(sig)) for env in envs or _NCCL_DUMP_ENVS)
 
 
 def short_name(sig: signal.Signals) -> str:
@@ -73,7 +83,7 @@ def requeue_signal(name: str | None = None) -> signal.Signals:
     except ValueError as exc:
         raise ValueError(f"{REQUEUE_SIGNAL_ENV}: {exc}" if name is None else str(exc)) from None
     for env in _NCCL_DUMP_ENVS:
-        if os.environ.get(env, "").strip() == str(int(sig)):
+        if _nccl_takes(sig, env):
             other = next(s for s in REQUEUE_CHOICES if s != sig)
             raise ValueError(
                 f"{env}={int(sig)} makes NCCL take SIG{short_name(sig)}, the requeue signal; "
@@ -84,8 +94,16 @@ def requeue_signal(name: str | None = None) -> signal.Signals:
 
 
 def stop_signals() -> tuple[signal.Signals, ...]:
-    """Every signal that means "save and stop": SIGTERM and the requeue signal."""
-    return (signal.SIGTERM, requeue_signal())
+    """Every signal that means "save and stop": SIGTERM and both user signals, the requeue signal first.
+
+    The launchers send only the requeue signal, but a job may get the other one too (a plain
+    ``sbatch --signal=USR1@120``, a habit from older recipes, or a hand-typed ``scancel --signal``): left
+    at its default action it would kill every process without a save. A user signal that
+    ``NCCL_PROXY_DUMP_SIGNAL`` gives to NCCL is left to NCCL. ValueError as ``requeue_signal``.
+    """
+    requeue = requeue_signal()
+    other = [s for s in REQUEUE_CHOICES if s != requeue and not _nccl_takes(s)]
+    return (signal.SIGTERM, requeue, *other)
 
 
 def main() -> int:

@@ -51,6 +51,9 @@ def _ignore(signals: tuple[signal.Signals, ...]) -> None:
 class PretrainJob(Checkpointable):
     """One node's share of a run; picklable (it is what submitit stores and resubmits)."""
 
+    # A job pickled before the requeue signal was configurable has no attribute of its own: it used USR2.
+    requeue = short_name(DEFAULT_REQUEUE_SIGNAL)
+
     def __init__(
         self,
         config: str,
@@ -103,7 +106,7 @@ class PretrainJob(Checkpointable):
         # The trainer is told the requeue signal itself, whatever the job's environment says; the launcher
         # between it and us ignores the stop signals, so it cannot die of one meant for the trainer.
         child_env = {**os.environ, REQUEUE_SIGNAL_ENV: self.requeue}
-        stops = (signal.SIGTERM, requeue_signal(self.requeue))
+        stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # see launch/stop_signals.py
         self._proc = subprocess.Popen(cmd, env=child_env, preexec_fn=functools.partial(_ignore, stops))
         code = self._proc.wait()
         if code != EXIT_OK:

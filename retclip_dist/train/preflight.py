@@ -23,6 +23,7 @@ from accelerate.utils import LoggerType
 
 from retclip_dist.config import ConfigError
 from retclip_dist.io import files
+from retclip_dist.launch.stop_signals import stop_signals
 from retclip_dist.model.retclip import WEIGHTS_FILE
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import image_input, text_model_config, vision_input_size
@@ -335,6 +336,15 @@ def _fp8(cfg: RunConfig) -> None:
             raise _fail("train.fp8", True, reason)
 
 
+def _stop_signals() -> None:
+    # Read from the environment (RETCLIP_REQUEUE_SIGNAL, NCCL_PROXY_DUMP_SIGNAL), not the config, but a bad
+    # one would otherwise surface only when the loop installs its handlers, as a traceback on every rank.
+    try:
+        stop_signals()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) -> None:
     """Raise ``ConfigError`` (one line: field and reason) for the first problem in ``cfg``.
 
@@ -343,6 +353,7 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
     """
     if world_size < 1:
         raise _fail("world size", world_size, "must be at least 1")
+    _stop_signals()
     _ranges(cfg)
     _trackers(cfg)
     if cfg.checkpoint.resume is None:

@@ -158,16 +158,22 @@ def run_probe(
     """Probe on the main process and write its record; every rank must call it (one collective).
 
     Returns whether the value is a new best that ``checkpointer`` keeps: the caller then saves this step.
-    A probe that fails (an image that cannot be read, a table changed since the check) is logged with its
-    reason and gives no value; training goes on.
+    A probe that fails (an image that cannot be read, a table changed since the check, a GPU out of memory
+    beside the training state) is logged with its reason and gives no value; training goes on. Whatever
+    the error, rank 0 must still join the collective below, or the other ranks would wait in it forever.
     """
     value, record = math.nan, None
     if acc.is_main_process:
         try:
             record = probe.score(acc.unwrap_model(model))
-        except (ValueError, OSError) as exc:  # LabelError is a ValueError
+        except (ValueError, OSError) as exc:  # bad input (LabelError is a ValueError): its one line says why
             log.error("probe at step %d failed, training goes on: %s", step, exc)
             record = {"auroc": None, "error": str(exc)}
+        except Exception as exc:
+            log.exception("probe at step %d failed, training goes on", step)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # what the probe held, back for training
+            record = {"auroc": None, "error": f"{type(exc).__name__}: {exc}"}
         if record["auroc"] is not None:
             value = float(record["auroc"])
     # The other ranks wait here while rank 0 probes, then all hold rank 0's value.
