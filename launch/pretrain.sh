@@ -20,8 +20,8 @@
 # submitit uses USR2, torchrun takes TERM/INT/HUP/QUIT). #SBATCH lines cannot read variables, so to
 # change it, change both:
 #   RETCLIP_REQUEUE_SIGNAL=USR1 sbatch --signal=B:USR1@120 launch/pretrain.sh CONFIG.yaml ...
-# (This shell answers USR1 and USR2 alike, so a mismatch still saves; the training processes and node.sh
-# know only the configured one.) The config is checked once before srun (retclip-train --check): a bad
+# (This shell, node.sh and the training processes answer USR1 and USR2 alike, so a mismatch still
+# saves.) The config is checked once before srun (retclip-train --check): a bad
 # one ends the job with one line and status 2. PYTHON names the interpreter of the environment (default:
 # python on PATH). Preemption: Slurm sends SIGTERM to every process, the trainer saves, and Slurm
 # requeues the job (PreemptMode=REQUEUE).
