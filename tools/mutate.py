@@ -130,8 +130,8 @@ MUTANTS = [
     Mutant(
         "shuffle-buffer-seed-ignores-epoch",
         LOADER,
-        "derive_seed(self.seed, self.epoch, p, w)",
-        "derive_seed(self.seed, p, w)",
+        "stream_seed(self.seed, self.epoch, p, w, self.generation)",
+        "stream_seed(self.seed, 0, p, w, self.generation)",
         (T_SHUFFLE,),
     ),
     Mutant(
@@ -315,7 +315,7 @@ MUTANTS = [
     Mutant(
         "checkpoint-drops-loader-position",
         CKPT,
-        "data_state = json.loads(data_file.read_text()) if data_file.exists() else None",
+        'data_state = None if missing else {"ranks": [json.loads(f.read_text()) for f in files]}',
         "data_state = None",
         (T_CKPT,),
     ),
