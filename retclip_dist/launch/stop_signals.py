@@ -48,6 +48,9 @@ REQUEUE_SIGNAL_ENV = "RETCLIP_REQUEUE_SIGNAL"
 DEFAULT_REQUEUE_SIGNAL = signal.SIGUSR2
 # The two signals Slurm, submitit and torchrun leave to the application (see the module docstring).
 REQUEUE_CHOICES = (signal.SIGUSR1, signal.SIGUSR2)
+# What a launcher between the job and the trainer ignores so that it cannot die mid-save: every stop
+# signal, whatever NCCL may take in the ranks (it holds no NCCL; node.sh spells the same in shell).
+LAUNCHER_IGNORES = (signal.SIGTERM, *REQUEUE_CHOICES)
 # NCCL's opt-in debug dumps on a signal (by number), which must not be the requeue signal.
 _NCCL_DUMP_ENVS = ("NCCL_PROXY_DUMP_SIGNAL", "NCCL_RMA_PROXY_DUMP_SIGNAL")
 

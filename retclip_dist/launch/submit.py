@@ -33,6 +33,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
 from retclip_dist.launch.stop_signals import (
     DEFAULT_REQUEUE_SIGNAL,
+    LAUNCHER_IGNORES,
     REQUEUE_SIGNAL_ENV,
     requeue_signal,
     short_name,
@@ -106,8 +107,8 @@ class PretrainJob(Checkpointable):
         # The trainer is told the requeue signal itself, whatever the job's environment says; the launcher
         # between it and us ignores the stop signals, so it cannot die of one meant for the trainer.
         child_env = {**os.environ, REQUEUE_SIGNAL_ENV: self.requeue}
-        stops = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)  # see launch/stop_signals.py
-        self._proc = subprocess.Popen(cmd, env=child_env, preexec_fn=functools.partial(_ignore, stops))
+        ignore = functools.partial(_ignore, LAUNCHER_IGNORES)
+        self._proc = subprocess.Popen(cmd, env=child_env, preexec_fn=ignore)
         code = self._proc.wait()
         if code != EXIT_OK:
             raise RuntimeError(
