@@ -28,7 +28,7 @@ from conftest import (
 )
 from PIL import Image
 
-from retclip_dist.io.roots import ImageStore
+from retclip_dist.io.roots import DirStore, ImageStore
 from retclip_dist.shards import cli, dicom
 from retclip_dist.shards.images import ImageOptions, process_image
 from retclip_dist.shards.pseudonym import Pseudonymiser
@@ -458,6 +458,22 @@ def test_a_visit_split_over_studies_of_one_day_says_how_to_pair_it(tmp_path, cap
     assert set(_samples(tmp_path / "date")) == {"P9-v1"}
 
 
+def test_a_searched_directory_lists_nested_files_and_stays_inside(tmp_path):
+    root = tmp_path / "export"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "IM1").write_bytes(_op())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "IM9").write_bytes(_op(PatientID="P9"))
+    (root / "linked_dir").symlink_to(outside)  # not entered
+    (root / "linked_file").symlink_to(outside / "IM9")  # listed, and refused when read
+    store = DirStore(str(root))
+    assert store.names() == ["a/b/IM1", "linked_file"]
+    assert isinstance(dicom.scan_file(store, 1, "a/b/IM1"), dicom.Photo)
+    refused = dicom.scan_file(store, 2, "linked_file")
+    assert isinstance(refused, dicom.FileReject) and refused.reason == "unsafe_path"
+
+
 # --- reports ---
 
 
@@ -538,19 +554,27 @@ def test_reports_are_joined_by_the_key_named(tmp_path, key, table, expected):
         (["--dicom", "EXPORT", "--reports", "EXPORT"], "reports EXPORT: cannot read"),
         (["--dicom", "EXPORT", "--reports", "BADREPORTS"], "missing required column(s) ['AccessionNumber']"),
         (["--dicom", "EXPORT", "--manifest", "REPORTS", "--images", "EXPORT"], "give one of --manifest"),
+        (
+            ["--dicom", "EXPORT", "--reports", "REPORTS", "--images", "EXPORT"],
+            "--images is the image root of",
+        ),
+        (["--dicom", "EMPTY", "--reports", "REPORTS"], "EMPTY: no files found"),
+        (["--dicom", "EXPORT.zip", "--reports", "REPORTS"], "--dicom EXPORT.zip: no such file"),
     ],
 )
 def test_unusable_dicom_options_exit_2_with_one_line(tmp_path, capsys, extra, message):
     root = _export_of_two_visits(tmp_path)
     (tmp_path / "r.csv").write_text("AccessionNumber,report\nA1,x\n")
     (tmp_path / "bad.csv").write_text("accession,report\nA1,x\n")
+    (tmp_path / "empty").mkdir()
     paths = {"EXPORT": str(root), "REPORTS": str(tmp_path / "r.csv"), "BADREPORTS": str(tmp_path / "bad.csv")}
+    paths |= {"EMPTY": str(tmp_path / "empty"), "EXPORT.zip": str(root) + ".zip"}
     paths["OUT/derived.csv"] = str(tmp_path / "out" / "sub" / "derived.csv")
     argv = ["build", *(paths.get(a, a) for a in extra), "--output_dir", str(tmp_path / "out"), *SMALL]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("make-shards: error:"), err
-    assert message.replace("EXPORT", str(root)) in err[0]
+    assert message.replace("EXPORT", str(root)).replace("EMPTY", str(tmp_path / "empty")) in err[0]
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 

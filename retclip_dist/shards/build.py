@@ -94,6 +94,10 @@ class BuildOptions:
         self.dicom.validate(self.out)
         if self.manifest is not None and self.images is None:
             raise ShardInputError("--manifest needs --images (the root its image paths are relative to)")
+        if self.images is not None and self.manifest is None:
+            raise ShardInputError(
+                "--images is the image root of --manifest; --retclip-dir and --dicom take none"
+            )
         if not valid_split(self.split):
             raise ShardInputError(f"--split {self.split!r} must be a plain word ([A-Za-z0-9_])")
         checks = {
