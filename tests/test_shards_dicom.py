@@ -340,7 +340,9 @@ def _op(**tags) -> bytes:
 def _with(data: bytes, **changes) -> bytes:
     ds = pydicom.dcmread(io.BytesIO(data))
     for keyword, value in changes.items():
-        if keyword == "TransferSyntaxUID":
+        if value is None:
+            delattr(ds, keyword)
+        elif keyword == "TransferSyntaxUID":
             ds.file_meta.TransferSyntaxUID = value
         else:
             setattr(ds, keyword, value)
@@ -365,6 +367,8 @@ def _with(data: bytes, **changes) -> bytes:
             "no_decoder",
             "MPEG2",
         ),
+        (lambda: _with(_op(), Rows=None), "undecodable", "Rows"),
+        (lambda: _with(_op(), BitsAllocated=None), "undecodable", "BitsAllocated"),
         (lambda: _op(PatientID=None), "missing_tag", "PatientID"),
         (lambda: _op(StudyInstanceUID=None), "missing_tag", "StudyInstanceUID"),
         (lambda: _op(ImageLaterality="B"), "no_laterality", "'B'"),

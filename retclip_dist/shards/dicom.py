@@ -36,7 +36,7 @@ from retclip_dist.io.files import OutputDir
 from retclip_dist.io.roots import ImageStore, open_image_root
 from retclip_dist.shards.plan import hash_unit
 from retclip_dist.shards.records import PatientRecord, Reject, RejectError, ShardInputError, read_reject
-from retclip_dist.shards.sources import table_rows
+from retclip_dist.shards.sources import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, table_rows
 from retclip_dist.shardset import EYES
 
 log = logging.getLogger(__name__)
@@ -68,21 +68,19 @@ PHOTO_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image",
 }
 PHOTO_MODALITIES = ("OP", "XC")  # ophthalmic photography, external-camera photography
-# Photometric interpretations decoded to RGB or grey (PS3.3 C.7.6.3.1.2); YBR_PARTIAL_* are video only.
-_COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
-_GREY = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")
+# Photometric interpretations decoded to RGB or grey (PS3.3 C.7.6.3.1.2) -> their samples per pixel;
+# YBR_PARTIAL_* are video only, ARGB, CMYK and HSV retired.
+_SAMPLES = {
+    **dict.fromkeys(("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"), "3"),
+    **dict.fromkeys(("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"), "1"),
+}
 _LATERALITY = {"L": "left", "R": "right"}
 REPORT_COLUMN = "report"
 _EYE_REPORT_COLUMNS = ("left_report", "right_report")
-# Columns of the --write-manifest table: the --manifest columns first, then what the pairing saw.
+# Columns of the --write-manifest table: the --manifest columns, then what the pairing saw.
 MANIFEST_COLUMNS = (
-    "patient_id",
-    "left_image",
-    "right_image",
-    "report",
-    "left_report",
-    "right_report",
-    "split",
+    *REQUIRED_COLUMNS,
+    *OPTIONAL_COLUMNS,
     "patient",
     "visit",
     "study_date",
@@ -284,7 +282,7 @@ def photo_from(pydicom: ModuleType, ds: Any, number: int, ref: str) -> Photo:
     if frames != "1":
         raise RejectError("not_photo", f"{frames} frames; one photograph per file is read")
     interpretation, samples = _text(ds, "PhotometricInterpretation"), _text(ds, "SamplesPerPixel")
-    if (interpretation, samples) not in {*((pi, "3") for pi in _COLOUR), *((pi, "1") for pi in _GREY)}:
+    if _SAMPLES.get(interpretation) != samples:
         raise RejectError(
             "undecodable", f"photometric interpretation {interpretation!r} with {samples} samples per pixel"
         )
@@ -326,8 +324,12 @@ def scan_file(store: ImageStore, number: int, ref: str) -> Photo | FileReject:
     try:
         return photo_from(pydicom, ds, number, ref)
     except RejectError as exc:
-        # The patient helps the owner find a rejected file; a pseudonymised rejects.jsonl hashes it.
-        return FileReject(number, ref, _text(ds, "PatientID"), exc.reason, f"{ref}: {exc.detail}")
+        reason, detail = exc.reason, exc.detail
+    except Exception as exc:
+        # A tag a photo needs is missing or malformed (Rows, Bits Allocated, ...): pydicom raises many types.
+        reason, detail = "undecodable", f"{type(exc).__name__}: {exc}"
+    # The patient helps the owner find a rejected file; a pseudonymised rejects.jsonl hashes it.
+    return FileReject(number, ref, _text(ds, "PatientID"), reason, f"{ref}: {detail}")
 
 
 _scan_store: ImageStore | None = None
@@ -555,26 +557,26 @@ def manifest_csv(visits: list[Visit]) -> str:
     """The derived table: one row per visit (rejected ones too, with the reason, so they can be fixed
     by hand), readable by ``--manifest`` with paths relative to the export."""
     out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
+    writer = csv.DictWriter(out, MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
     for visit in visits:
-        chosen = {eye: visit.chosen(eye) for eye in EYES}
         report = visit.report or Report("", None, None)
         photos = [p for ps in visit.photos.values() for p in ps]
+        row = {f"{eye}_image": getattr(visit.chosen(eye), "ref", "") for eye in EYES}
         writer.writerow(
-            [
-                visit.id,
-                *(p.ref if p is not None else "" for p in chosen.values()),
-                report.text,
-                report.left or "",
-                report.right or "",
-                visit.split,
-                visit.patient,
-                visit.number,
-                min(p.study_date for p in photos),
-                ";".join(sorted({p.study for p in photos})),
-                visit.reject.reason if visit.reject is not None else "",
-            ]
+            row
+            | {
+                "patient_id": visit.id,
+                "report": report.text,
+                "left_report": report.left or "",
+                "right_report": report.right or "",
+                "split": visit.split,
+                "patient": visit.patient,
+                "visit": visit.number,
+                "study_date": min(p.study_date for p in photos),
+                "studies": ";".join(sorted({p.study for p in photos})),
+                "rejected": visit.reject.reason if visit.reject is not None else "",
+            }
         )
     return out.getvalue()
 
