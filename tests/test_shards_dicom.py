@@ -26,7 +26,7 @@ from conftest import (
     write_dicom_export,
     ybr_full,
 )
-from PIL import Image
+from PIL import Image, features
 
 from retclip_dist.io.roots import DirStore, ImageStore
 from retclip_dist.shards import cli, dicom
@@ -276,6 +276,21 @@ def test_colour_photos_decode_to_rgb_as_the_standard_defines():
     decoded = _decoded(dicom_photo(rgb, encoding="jpeg"))
     assert (decoded == np.asarray(Image.open(stream).convert("RGB"))).all()
     assert np.abs(decoded.astype(int) - rgb).mean() < JPEG_MEAN_TOLERANCE
+
+
+def test_jpeg_2000_with_reversible_colour_transform_decodes_through_pillow():
+    if not features.check_codec("jpg_2000"):
+        pytest.skip("this Pillow has no OpenJPEG")
+    rgb = _photo()
+    stream = io.BytesIO()
+    Image.fromarray(rgb).save(stream, "JPEG2000", irreversible=False, no_jp2=True, mct=1)  # lossless, RCT
+    data = _with(
+        dicom_photo(rgb),
+        TransferSyntaxUID=pydicom.uid.JPEG2000Lossless,
+        PhotometricInterpretation="YBR_RCT",
+        PixelData=encapsulate([stream.getvalue()]),
+    )
+    assert (_decoded(data) == rgb).all()
 
 
 def test_planar_rgb_is_interleaved():
