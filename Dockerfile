@@ -23,7 +23,7 @@ COPY retclip_dist ./retclip_dist
 # torch first from the index that matches the base image, at pyproject.toml's bounds (hadolint wants a
 # version here; tests/test_dockerfile.py checks they agree). DeepSpeed builds its ops JIT on first use.
 RUN pip install --index-url "${TORCH_INDEX}" "torch>=2.11" "torchvision>=0.26" \
-    && DS_BUILD_OPS=0 pip install "/src[deepspeed,s3]"
+    && DS_BUILD_OPS=0 pip install "/src[deepspeed,s3,dicom]"
 
 # hadolint ignore=DL3006
 FROM base-${VARIANT} AS runtime

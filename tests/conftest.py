@@ -8,6 +8,7 @@ make-shards' own writer, the one tiny vocabulary as a tokenizer, and a free TCP 
 
 from __future__ import annotations
 
+import csv
 import datetime
 import io
 import itertools
@@ -244,3 +245,250 @@ def build_synth_shards(
     )
     assert result.kept == patients, result.rejected
     return out
+
+
+# --- DICOM exports (make-shards build --dicom); pydicom is imported only when a test writes one ---
+
+OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"  # Ophthalmic Photography 8 Bit Image Storage
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"  # a document, not a photo
+
+
+def ybr_full(rgb: np.ndarray) -> np.ndarray:
+    """RGB -> YBR_FULL by the equations of DICOM PS3.3 C.7.6.3.1.2 (written out here, not pydicom's)."""
+    r, g, b = (rgb[..., i].astype(np.float64) for i in range(3))
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
+    return np.clip(np.rint(np.stack([y, cb, cr], axis=-1)), 0, 255).astype(np.uint8)
+
+
+def rgb_from_ybr_full(ybr: np.ndarray) -> np.ndarray:
+    """YBR_FULL -> RGB by the inverse equations of the same section."""
+    y, cb, cr = (ybr[..., i].astype(np.float64) for i in range(3))
+    r = y + 1.402 * (cr - 128)
+    g = y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128)
+    b = y + 1.772 * (cb - 128)
+    return np.clip(np.rint(np.stack([r, g, b], axis=-1)), 0, 255).astype(np.uint8)
+
+
+def dicom_photo(
+    pixels: np.ndarray,
+    *,
+    encoding: str = "native",
+    photometric: str | None = None,
+    sop_class: str = OP_8BIT,
+    modality: str = "OP",
+    bits_stored: int | None = None,
+    file_meta_only: bool = False,
+    **tags: Any,
+) -> bytes:
+    """A Part 10 DICOM file holding ``pixels`` (rows x columns [x 3], uint8 or uint16) as one photo.
+
+    ``encoding``: "native" (RGB, YBR_FULL: converted here by ybr_full, YBR_FULL_422: subsampled here,
+    MONOCHROME1/2, PALETTE COLOR: ``pixels`` are indices and ``tags`` give the LUT), "jpeg" (Pillow's JPEG
+    of the RGB pixels, 4:2:2, quality 95, as YBR_FULL_422 in JPEG Baseline) or "rle" (pydicom's RLE Lossless
+    encoder). ``tags`` are set by keyword (PatientID=..., ImageLaterality=...); a None value is left out.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, generate_uid
+
+    colour = pixels.ndim == 3
+    photometric = photometric or ("RGB" if colour else "MONOCHROME2")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+        entropy_srcs=[pixels.tobytes()[:64].hex(), repr(sorted(tags.items()))]
+    )
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality = modality
+    for keyword, value in tags.items():
+        if value is not None:
+            setattr(ds, keyword, value)
+    if file_meta_only:
+        return _dicom_bytes(ds)
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 3 if colour else 1
+    ds.PhotometricInterpretation = photometric
+    if colour:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = 8 * pixels.dtype.itemsize
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    if encoding == "jpeg":
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "JPEG", quality=95, subsampling=1)
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+        ds.PixelData = encapsulate([out.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.LossyImageCompression = "01"
+    elif photometric == "YBR_FULL":
+        ds.PixelData = ybr_full(pixels).tobytes()
+    elif photometric == "YBR_FULL_422":
+        # Native 4:2:2: each pair of pixels stores Y1 Y2 Cb Cr, the chroma of the pair's first pixel.
+        ybr = ybr_full(pixels)
+        pairs = ybr.reshape(ybr.shape[0], -1, 2, 3)
+        ds.PixelData = np.stack(
+            [pairs[:, :, 0, 0], pairs[:, :, 1, 0], pairs[:, :, 0, 1], pairs[:, :, 0, 2]], axis=-1
+        ).tobytes()
+    else:
+        ds.PixelData = pixels.tobytes()
+    if encoding == "rle":
+        ds.compress(RLELossless)
+    return _dicom_bytes(ds)
+
+
+def _dicom_bytes(ds: Any) -> bytes:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@dataclass
+class DicomFile:
+    path: str  # inside the export
+    data: bytes  # the file
+    # the photo's RGB/grey pixels as the file defines them (YBR_FULL through the standard's equations; a
+    # JPEG's before compression); None: not a photo
+    pixels: np.ndarray | None
+    reject: str | None = None  # the reason make-shards rejects the file for, if it does
+
+
+@dataclass
+class DicomExport:
+    """A small PACS export as make-shards --dicom meets it, and what it must make of it."""
+
+    root: Path  # the export directory
+    reports: Path  # reports.csv keyed by AccessionNumber
+    files: dict[str, DicomFile]  # path -> file
+    visits: dict[str, tuple[str, str, str] | str]  # visit id -> (left path, right path, report) or reject
+    identifiers: set[str]  # every tag value (and name part) that identifies someone or something
+
+
+# (PatientID, PatientName, birth date) of the export's patients; the ids look like hospitals write them.
+_DICOM_PATIENTS = {
+    "p1": ("HOSP0091427", "Müller^Hans", "19570304"),
+    "p2": ("HOSP0115518", "Dupont^Marie", "19610912"),
+    "p3": ("MRN77120934", "Rossi^Anna", "19480121"),
+    "p4": ("PAT4471XY", "Garcia^Luis", "19750630"),
+}
+
+
+def dicom_tag_strings(data: bytes) -> set[str]:
+    """Every text value of every tag in a DICOM file (names also split at ``^``), of 4 characters or more."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    found: set[str] = set()
+    for elem in [*ds.file_meta, *ds.iterall()]:
+        values = elem.value if isinstance(elem.value, pydicom.multival.MultiValue) else [elem.value]
+        for value in values:
+            if isinstance(value, str | pydicom.valuerep.PersonName):
+                found |= {str(value), *str(value).split("^")}
+    return {s.strip() for s in found if len(s.strip()) >= 4}
+
+
+def write_dicom_export(root: Path, size: tuple[int, int] = (96, 80), seed: int = 0) -> DicomExport:
+    """Write a PACS-style export (DICOM/PAnnnnnn/STnnnnnn/IMnnnnnn: no tag value in any path) and
+    reports.csv into ``root``.
+
+    p1: two visits; the first has a JPEG-compressed right eye and an uncompressed left eye chosen over a
+    later colour photo and an earlier red-free (grey) one; the second a YBR_FULL left and an RLE right
+    eye. p2: laterality from (0020,0060) only, and a truncated extra photo. p3: no right eye, and a photo
+    without laterality. p4: complete, but no report row. Plus an encapsulated PDF and a README.
+    ``size`` is (columns, rows) of every photo.
+    """
+    rng = np.random.default_rng(seed)
+    studies: list[dict[str, str]] = []
+    files: dict[str, DicomFile] = {}
+    identifiers: set[str] = set()
+
+    def study(patient: str, date: str, accession: str) -> dict[str, str]:
+        pid, name, birth = _DICOM_PATIENTS[patient]
+        uid = f"1.2.826.0.1.3680043.10.543.{70001 + len(studies)}"
+        studies.append(
+            {
+                "PatientID": pid,
+                "PatientName": name,
+                "PatientBirthDate": birth,
+                "PatientSex": "M" if patient in ("p1", "p4") else "F",
+                "StudyInstanceUID": uid,
+                "SeriesInstanceUID": uid + ".1",
+                "StudyDate": date,
+                "StudyTime": "093000",
+                "StudyID": "S" + accession[-4:],
+                "AccessionNumber": accession,
+                "InstitutionName": "Klinikum Nord Augenklinik",
+                "ReferringPhysicianName": "Schmidt^Eva",
+                "OperatorsName": "Weber^Jonas",
+                "DeviceSerialNumber": "FC-5529317",
+            }
+        )
+        return studies[-1]
+
+    def add(tags: dict[str, str], pixels: np.ndarray | None, data: bytes, reject: str | None) -> str:
+        patient = [v[0] for v in _DICOM_PATIENTS.values()].index(tags["PatientID"])
+        path = f"DICOM/PA{patient:06d}/ST{studies.index(tags):06d}/IM{len(files):06d}"
+        files[path] = DicomFile(path, data, pixels, reject)
+        identifiers.update(dicom_tag_strings(data))
+        return path
+
+    def photo(tags: dict[str, str], pixels: np.ndarray, reject: str | None = None, **kw: Any) -> str:
+        return add(tags, pixels, dicom_photo(pixels, **tags, **kw), reject)
+
+    def rgb() -> np.ndarray:
+        return np.asarray(fundus_image(rng, max(size)).resize(size))
+
+    reports = {
+        "ACC1001": "Left eye: a few drusen. Right eye: no abnormality.",
+        "ACC1002": "Left eye: scattered haemorrhages. Right eye: a cotton wool spot.",
+        "ACC2001": "Left eye: numerous drusen. Right eye: a few drusen.",
+        "ACC3001": "Left eye: no abnormality.",
+    }
+    visits: dict[str, tuple[str, str, str] | str] = {}
+    tags = study("p1", "20190304", "ACC1001")
+    grey = np.asarray(Image.fromarray(rgb()).convert("L"))
+    photo(tags, grey, "extra_photo", ImageLaterality="L", AcquisitionDateTime="20190304093500")
+    left = photo(tags, rgb(), ImageLaterality="L", AcquisitionDateTime="20190304094000")
+    right = photo(tags, rgb(), encoding="jpeg", ImageLaterality="R", AcquisitionDateTime="20190304094100")
+    photo(tags, rgb(), "extra_photo", ImageLaterality="L", AcquisitionDateTime="20190304094500")
+    visits["HOSP0091427-v1"] = (left, right, reports["ACC1001"])
+    tags = study("p1", "20201112", "ACC1002")
+    left = photo(tags, rgb(), photometric="YBR_FULL", ImageLaterality="L")
+    files[left].pixels = rgb_from_ybr_full(ybr_full(files[left].pixels))
+    right = photo(tags, rgb(), encoding="rle", ImageLaterality="R")
+    visits["HOSP0091427-v2"] = (left, right, reports["ACC1002"])
+    tags = study("p2", "20210105", "ACC2001")
+    left = photo(tags, rgb(), Laterality="L")
+    right = photo(tags, rgb(), Laterality="R")
+    cut = photo(tags, rgb(), "truncated", Laterality="R", AcquisitionDateTime="20210105080000")
+    files[cut].data = files[cut].data[: len(files[cut].data) // 2]
+    visits["HOSP0115518-v1"] = (left, right, reports["ACC2001"])
+    tags = study("p3", "20220220", "ACC3001")
+    photo(tags, rgb(), ImageLaterality="L")
+    photo(tags, rgb(), "no_laterality")
+    visits["MRN77120934-v1"] = "missing_eye"
+    tags = study("p4", "20230317", "ACC4001")
+    photo(tags, rgb(), ImageLaterality="L")
+    photo(tags, rgb(), ImageLaterality="R")
+    visits["PAT4471XY-v1"] = "missing_report"
+    tags = study("p1", "20190304", "ACC1001")
+    pdf = dicom_photo(
+        np.zeros((1, 1), np.uint8), sop_class=ENCAPSULATED_PDF, modality="DOC", file_meta_only=True, **tags
+    )
+    add(tags, None, pdf, "not_photo")
+    files["README.TXT"] = DicomFile("README.TXT", b"Exported by PACS viewer 4.2\n", None, "not_dicom")
+
+    export = root / "PACS_Klinikum_Nord"
+    for f in files.values():
+        (export / f.path).parent.mkdir(parents=True, exist_ok=True)
+        (export / f.path).write_bytes(f.data)
+    table = root / "reports.csv"
+    with table.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["AccessionNumber", "report"])
+        writer.writerows(reports.items())
+    return DicomExport(export, table, files, visits, identifiers)

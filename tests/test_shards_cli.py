@@ -8,6 +8,7 @@ import pytest
 
 from retclip_dist.shards import cli
 from retclip_dist.shards.build import BuildOptions
+from retclip_dist.shards.dicom import DicomOptions
 from retclip_dist.shards.images import ImageOptions
 
 # The interface users and scripts rely on (flag -> BuildOptions field path); it must not drift.
@@ -16,6 +17,11 @@ FLAGS = {
     "--manifest": "manifest",
     "--images": "images",
     "--retclip-dir": "retclip_dir",
+    "--dicom": "dicom.root",
+    "--reports": "dicom.reports",
+    "--report-key": "dicom.report_key",
+    "--dicom-visit": "dicom.visit",
+    "--write-manifest": "dicom.write_manifest",
     "--split": "split",
     "--val-fraction": "val_fraction",
     "--image-size": "image.size",
@@ -46,7 +52,11 @@ def test_flags_are_the_documented_interface_with_the_field_comments_as_help():
         if a.option_strings != ["-h", "--help"] and a.help != argparse.SUPPRESS
     ]
     assert {a.option_strings[0]: a.dest for a in actions} == FLAGS
-    comments = {**cli.field_comments(BuildOptions), **cli.field_comments(ImageOptions)}
+    comments = {
+        **cli.field_comments(BuildOptions),
+        **cli.field_comments(ImageOptions),
+        **cli.field_comments(DicomOptions),
+    }
     for action in actions:
         assert action.help.replace("%%", "%").startswith(comments[action.dest.split(".")[-1]])
     assert comments["pseudonymise"].startswith("secret key file of the data owner")  # comment above

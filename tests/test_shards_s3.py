@@ -123,3 +123,7 @@ def test_s3_image_root_matches_unicode_forms(s3, monkeypatch):
         store.read("twice/\u1ec7.jpg")
     with pytest.raises(ImageNotFound):
         store.read("eyes/none.jpg")
+    # A searched root (make-shards --dicom) lists every object under the prefix, as references read() takes.
+    names = ["eyes/" + nfd, "twice/e\u0323\u0302.jpg", "twice/\u00ea\u0323.jpg"]
+    assert store.names() == sorted(names)
+    assert store.read(store.names()[0]) == b"left eye"

@@ -49,6 +49,7 @@ AUG = "retclip_dist/data/augment.py"
 MET = "retclip_dist/eval/metrics.py"
 ZS = "retclip_dist/eval/zeroshot.py"
 IMG = "retclip_dist/shards/images.py"
+DICOM = "retclip_dist/shards/dicom.py"
 LOSS = "retclip_dist/loss.py"
 CKPT = "retclip_dist/train/checkpoint.py"
 STEP = "retclip_dist/train/step.py"
@@ -71,6 +72,7 @@ T_MET = "tests/test_eval_metrics.py"
 T_MACRO = "tests/test_strength_metrics.py"
 T_ZS = "tests/test_strength_zeroshot.py"
 T_IMG = "tests/test_strength_images.py"
+T_DICOM = "tests/test_shards_dicom.py"
 T_GATHER = "tests/test_strength_gather.py"
 T_LOSS = "tests/test_loss.py"
 T_CKPT = "tests/test_strength_checkpoint.py"
@@ -239,6 +241,42 @@ MUTANTS = [
         "if min(width, height) < opts.min_side:",
         "if min(width, height) <= opts.min_side:",
         (T_IMG,),
+    ),
+    # --- DICOM exports (make-shards build --dicom)
+    Mutant(
+        "dicom-eyes-swapped",
+        DICOM,
+        '_LATERALITY = {"L": "left", "R": "right"}',
+        '_LATERALITY = {"L": "right", "R": "left"}',
+        (f"{T_DICOM}::test_laterality_comes_from_image_laterality_else_laterality",),
+    ),
+    Mutant(
+        "dicom-ybr-kept-as-stored",
+        DICOM,
+        "decoder.as_array(ds, index=0, decoding_plugin=plugin)",
+        "decoder.as_array(ds, index=0, decoding_plugin=plugin, raw=True)",
+        (f"{T_DICOM}::test_colour_photos_decode_to_rgb_as_the_standard_defines",),
+    ),
+    Mutant(
+        "dicom-monochrome1-not-inverted",
+        DICOM,
+        "eight = 255 - eight",
+        "eight = eight",
+        (f"{T_DICOM}::test_grey_and_palette_photos_decode_as_the_standard_defines",),
+    ),
+    Mutant(
+        "dicom-grey-photo-chosen-before-colour",
+        DICOM,
+        "return (not photo.colour, not photo.acquired",
+        "return (photo.colour, not photo.acquired",
+        (f"{T_DICOM}::test_one_photo_per_eye_is_chosen_by_the_documented_rule_and_the_rest_counted",),
+    ),
+    Mutant(
+        "dicom-val-split-per-visit",
+        DICOM,
+        "visit = Visit(patient, number, per_eye, split_of(patient))",
+        'visit = Visit(patient, number, per_eye, split_of(f"{patient}-v{number}"))',
+        (f"{T_DICOM}::test_val_fraction_keeps_all_visits_of_a_patient_in_one_split",),
     ),
     # --- loss and its collective
     Mutant(

@@ -45,6 +45,11 @@ class ImageStore(ABC):
     @abstractmethod
     def read(self, ref: str) -> bytes: ...
 
+    def names(self) -> list[str]:
+        """Every file of the root as a reference read() takes, sorted (a root searched rather than named
+        by a manifest, e.g. a DICOM export)."""
+        raise ImageRootError(f"{type(self).__name__} cannot list its files")
+
     def describe(self, ref: str) -> str:
         """The image's origin as written into the sample's JSON."""
         return ref
@@ -95,6 +100,20 @@ class DirStore(ImageStore):
             if not os.path.isdir(url):
                 raise ImageRootError(f"image root {url}: not a directory, .zip, .tar or .tar.gz")
             self.real_root = os.path.realpath(url)
+
+    def names(self) -> list[str]:
+        if not self.local:
+            fs, path = fsspec.core.url_to_fs(self.url)
+            root = path.rstrip("/") + "/"
+            return sorted(p[len(root) :] for p in fs.find(path) if p.startswith(root))
+        found = []
+        # Symlinked directories are not entered (a link can leave the root); a symlinked file is listed and
+        # read() decides whether it stays inside.
+        for directory, _, file_names in os.walk(self.real_root):
+            rel = os.path.relpath(directory, self.real_root)
+            prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            found += [prefix + name for name in file_names]
+        return sorted(found)
 
     def _listing(self, directory: str) -> dict[str, list[str]]:
         """Entries of a local directory by NFC form, listed once per process."""
@@ -181,6 +200,9 @@ class ZipStore(ImageStore):
             raise ImageRootError(f"image root {url}: not a readable zip archive ({exc})") from exc
         self.index = MemberIndex(members, url)
 
+    def names(self) -> list[str]:
+        return sorted(self.index.names())
+
     def read(self, ref: str) -> bytes:
         name = self.index.find(ref)
         if getattr(self, "_fh_zip", None) is None:
@@ -205,6 +227,9 @@ class TarStore(ImageStore):
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise ImageRootError(f"image root {self.shown_as}: not a readable tar archive ({exc})") from exc
         self.index = MemberIndex(members, self.shown_as)
+
+    def names(self) -> list[str]:
+        return sorted(self.index.names())
 
     def read(self, ref: str) -> bytes:
         loc = self.index.find(ref)

@@ -24,6 +24,7 @@ from retclip_dist.cli_args import OUTPUT_DIR_FLAG
 from retclip_dist.io.errors import ImageReadError, ImageRootError
 from retclip_dist.io.files import OutputDir
 from retclip_dist.io.roots import ImageStore, open_image_root
+from retclip_dist.shards.dicom import DicomOptions, image_bytes, read_dicom_export
 from retclip_dist.shards.images import ImageOptions, process_image
 from retclip_dist.shards.journal import JOURNAL_NAME, Journal, Progress
 from retclip_dist.shards.plan import plan
@@ -71,6 +72,7 @@ class BuildOptions:
     manifest: str | None = None
     images: str | None = None  # image root of the manifest: directory, .zip, .tar or .tar.gz
     retclip_dir: str | None = None  # directory with the RET-CLIP release's {split}_imgs.tsv/_texts.jsonl
+    dicom: DicomOptions = field(default_factory=DicomOptions)  # DICOM exports (--dicom)
     split: str = "train"  # split of patients without one (and which RET-CLIP files to read)
     val_fraction: float = 0.0  # share of patients without an explicit split sent to "val" (seeded id hash)
     image: ImageOptions = field(default_factory=ImageOptions)  # resize, JPEG and reject thresholds
@@ -85,10 +87,17 @@ class BuildOptions:
     pseudonymise: str | None = field(default=None, metadata={"metavar": "KEYFILE"})
 
     def validate(self) -> None:
-        if (self.retclip_dir is None) == (self.manifest is None):
-            raise ShardInputError("give either --manifest with --images, or --retclip-dir")
+        if sum(x is not None for x in (self.manifest, self.retclip_dir, self.dicom.root)) != 1:
+            raise ShardInputError(
+                "give one of --manifest with --images, --retclip-dir, or --dicom with --reports"
+            )
+        self.dicom.validate(self.out)
         if self.manifest is not None and self.images is None:
             raise ShardInputError("--manifest needs --images (the root its image paths are relative to)")
+        if self.images is not None and self.manifest is None:
+            raise ShardInputError(
+                "--images is the image root of --manifest; --retclip-dir and --dicom take none"
+            )
         if not valid_split(self.split):
             raise ShardInputError(f"--split {self.split!r} must be a plain word ([A-Za-z0-9_])")
         checks = {
@@ -110,10 +119,17 @@ class BuildOptions:
         still told apart) and the key file's location is only ``true``.
         """
         recorded = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_ONLY}
+        # Builds without --dicom record no dicom options, so their manifests (and resumes) stay as they were.
+        recorded.pop("dicom")
+        if self.dicom.root is not None:
+            recorded["dicom"] = self.dicom.recorded()
         if pseudonymiser is not None:
             for name in _INPUT_PATHS:
                 if recorded[name] is not None:
                     recorded[name] = pseudonymiser.option_digest(recorded[name])
+            if "dicom" in recorded:
+                for name in ("root", "reports"):
+                    recorded["dicom"][name] = pseudonymiser.option_digest(recorded["dicom"][name])
             recorded["pseudonymise"] = True
         return recorded
 
@@ -165,7 +181,7 @@ def process_record(store: ImageStore, opts: ImageOptions, rec: PatientRecord) ->
         try:
             raw = _read_image(store, ref)
             digests.append(hashlib.sha256(raw).hexdigest())
-            members[IMAGE_MEMBER[eye]], size = process_image(raw, opts)
+            members[IMAGE_MEMBER[eye]], size = process_image(image_bytes(raw, opts.max_pixels), opts)
         except RejectError as exc:
             return Reject(rec.order, rec.patient_id, rec.source, exc.reason, f"{eye} eye: {exc.detail}")
         sizes[eye] = list(size)
@@ -214,6 +230,10 @@ def _fingerprint(recorded: dict[str, Any], planned: Iterable[PatientRecord]) -> 
 
 
 def _read_inputs(opts: BuildOptions) -> tuple[list[PatientRecord], list[Reject], ImageStore]:
+    if opts.dicom.root is not None:
+        return read_dicom_export(
+            opts.dicom, opts.split, opts.val_fraction, opts.seed, opts.workers, opts.progress
+        )
     if opts.retclip_dir is not None:
         return read_retclip(opts.retclip_dir, opts.split)
     assert opts.manifest is not None and opts.images is not None  # validate() guarantees both
@@ -316,7 +336,10 @@ def build_shards(opts: BuildOptions) -> BuildResult:
     recorded = opts.recorded(pseudonymiser)
     out = OutputDir(opts.out)
     if out.exists(MANIFEST_NAME) and not out.exists(JOURNAL_NAME):
-        return _already_built(out, opts, recorded, start)
+        result = _already_built(out, opts, recorded, start)
+        if opts.dicom.write_manifest is not None:
+            _read_inputs(opts)[2].cleanup()  # the derived table was asked for: read the export to write it
+        return result
     records, rejects, store = _read_inputs(opts)
     scrub: Callable[[Reject], Reject] = pseudonymiser.reject if pseudonymiser else (lambda r: r)
     try:

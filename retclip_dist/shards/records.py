@@ -21,6 +21,13 @@ from retclip_dist.io.errors import (
 # The only reasons a patient can be rejected for; rejects.jsonl and the summary table use these names.
 REJECT_REASONS: dict[str, str] = {
     "bad_row": "row cannot be parsed (field count, JSON, patient id, split name)",
+    # --dicom: one file of the export (shards/dicom.py)
+    "not_dicom": "file in the DICOM export is not a DICOM file (no DICM marker after the preamble)",
+    "not_photo": "DICOM object is not one ophthalmic photograph (SOP class, modality, frames, no pixels)",
+    "no_decoder": "no pixel-data decoder is installed for the file's transfer syntax",
+    "missing_tag": "a tag the pairing needs is missing: PatientID (0010,0020) or StudyInstanceUID (0020,000D)",
+    "no_laterality": "neither ImageLaterality (0020,0062) nor Laterality (0020,0060) says L or R, or they disagree",
+    "extra_photo": "another photo of the same eye and visit was chosen by the selection rule",
     "missing_eye": "left or right image is not given",
     "empty_path": "image path is blank or normalises to nothing",
     "missing_file": "image path is not in the image root",
@@ -32,6 +39,7 @@ REJECT_REASONS: dict[str, str] = {
     "too_many_pixels": "width x height is above --max-pixels (read from the header)",
     "blank_report": "report is empty or whitespace",
     "missing_report": "no report exists for the patient",
+    "ambiguous_report": "the report table gives this visit different reports (repeated key, or one per eye)",
     "duplicate_id": "patient id was already used by an earlier row",
 }
 

@@ -80,31 +80,33 @@ def record_from_row(row: Mapping[str, Any], order: int, source: str) -> PatientR
     )
 
 
-def _read_text(url: str) -> str:
+def _read_text(url: str, what: str = "manifest") -> str:
     try:
         data = files.read_bytes(url)
     except FileNotFoundError:
-        raise ShardInputError(f"manifest {url}: no such file") from None
+        raise ShardInputError(f"{what} {url}: no such file") from None
     except OSError as exc:
-        raise ShardInputError(f"manifest {url}: cannot read ({exc})") from exc
+        raise ShardInputError(f"{what} {url}: cannot read ({exc})") from exc
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ShardInputError(f"manifest {url}: not UTF-8 text ({exc})") from exc
+        raise ShardInputError(f"{what} {url}: not UTF-8 text ({exc})") from exc
 
 
-def _csv_rows(text: str, url: str, delimiter: str) -> Iterator[tuple[int, Mapping[str, Any] | RejectError]]:
+def _csv_rows(
+    text: str, url: str, delimiter: str, required: tuple[str, ...], what: str
+) -> Iterator[tuple[int, Mapping[str, Any] | RejectError]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         first = next(reader, None)
     except csv.Error as exc:
-        raise ShardInputError(f"manifest {url}: header row is not CSV ({exc})") from None
+        raise ShardInputError(f"{what} {url}: header row is not CSV ({exc})") from None
     if first is None:
-        raise ShardInputError(f"manifest {url}: empty file")
+        raise ShardInputError(f"{what} {url}: empty file")
     header = [h.strip() for h in first]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = [c for c in required if c not in header]
     if missing:
-        raise ShardInputError(f"manifest {url}: missing required column(s) {missing}; header is {header}")
+        raise ShardInputError(f"{what} {url}: missing required column(s) {missing}; header is {header}")
     while True:
         try:
             cells = next(reader)
@@ -121,7 +123,7 @@ def _csv_rows(text: str, url: str, delimiter: str) -> Iterator[tuple[int, Mappin
             yield reader.line_num, dict(zip(header, cells, strict=True))
 
 
-def _jsonl_rows(text: str, url: str) -> Iterator[tuple[int, Mapping[str, Any] | RejectError]]:
+def _jsonl_rows(text: str, url: str, what: str) -> Iterator[tuple[int, Mapping[str, Any] | RejectError]]:
     parsed = 0
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -137,21 +139,28 @@ def _jsonl_rows(text: str, url: str) -> Iterator[tuple[int, Mapping[str, Any] | 
         parsed += 1
         yield line_no, obj
     if parsed == 0:
-        raise ShardInputError(f"manifest {url}: no line is a JSON object; is this really JSONL?")
+        raise ShardInputError(f"{what} {url}: no line is a JSON object; is this really JSONL?")
 
 
-def read_patient_table(url: str) -> tuple[list[PatientRecord], list[Reject]]:
-    """The patient table given as ``--manifest`` (one row per patient; not a shard set's manifest.json):
-    CSV (``.csv``; ``.tsv`` tab-separated) or JSONL (``.jsonl``/``.ndjson``, or content starting ``{``)."""
-    text = _read_text(url)
-    name = files.basename(url)
-    lower = name.lower()
+def table_rows(
+    url: str, required: tuple[str, ...] = REQUIRED_COLUMNS, what: str = "manifest"
+) -> Iterator[tuple[int, Mapping[str, Any] | RejectError]]:
+    """(line number, row or why it cannot be parsed) of a CSV (``.csv``; ``.tsv`` tab-separated) or JSONL
+    (``.jsonl``/``.ndjson``, or content starting ``{``) table; a CSV header lacking ``required`` columns, or
+    an unreadable file, is a ShardInputError naming it as ``what``."""
+    text = _read_text(url, what)
+    lower = files.basename(url).lower()
     if lower.endswith((".jsonl", ".ndjson")) or (
         not lower.endswith((".csv", ".tsv")) and text.lstrip()[:1] == "{"
     ):
-        rows = _jsonl_rows(text, url)
-    else:
-        rows = _csv_rows(text, url, "\t" if lower.endswith(".tsv") else ",")
+        return _jsonl_rows(text, url, what)
+    return _csv_rows(text, url, "\t" if lower.endswith(".tsv") else ",", required, what)
+
+
+def read_patient_table(url: str) -> tuple[list[PatientRecord], list[Reject]]:
+    """The patient table given as ``--manifest`` (one row per patient; not a shard set's manifest.json)."""
+    rows = table_rows(url)
+    name = files.basename(url)
     records, rejects = [], []
     for order, (line_no, row) in enumerate(rows):
         source = f"{name}:{line_no}"
