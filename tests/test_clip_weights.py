@@ -216,3 +216,15 @@ def test_clip_file_without_a_projection_is_refused(tmp_path, visual):
         RetClip(cfg)
     cfg.vision_weights_ignore = ["image_proj.weight"]  # the user says so: it starts random
     assert RetClip(cfg).load_reports["vision"].missing == ["image_proj.weight"]
+
+
+def test_model_started_from_clip_scale_reloads_without_the_clip_file(tmp_path, visual):
+    """A saved model holds every scale: its config's patient_scale_from_clip needs no CLIP file to reload."""
+    torch.save(_openai_layout(visual), tmp_path / "clip.pt")
+    cfg = _cfg(tmp_path)
+    cfg.vision_weights, cfg.patient_scale_from_clip = str(tmp_path / "clip.pt"), True
+    saved = RetClip(cfg).save_pretrained(tmp_path / "model")
+    (tmp_path / "clip.pt").unlink()
+    loaded = RetClip.from_pretrained(saved)
+    assert loaded.logit_scale["patient"].item() == pytest.approx(CLIP_SCALE)
+    assert torch.equal(loaded.image_proj.weight, visual.proj.T)

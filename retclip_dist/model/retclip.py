@@ -273,6 +273,9 @@ class RetClip(nn.Module):
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; was it written by save_pretrained?")
         cfg = from_dict(ModelConfig, json.loads(config_path.read_text()), where=str(config_path))
+        # Every scale is in the saved weights: a model trained with patient_scale_from_clip has no CLIP file
+        # to read here, and needs none.
+        cfg = replace(cfg, patient_scale_from_clip=False)
         if (directory / TOKENIZER_DIR).is_dir():
             cfg = replace(cfg, tokenizer_path=str(directory / TOKENIZER_DIR))
         state = load_file(str(directory / WEIGHTS_FILE))
