@@ -162,6 +162,7 @@ def test_run_refuses_a_model_that_does_not_fit(shards, tmp_path):
     small = _saved(_tiny(tmp_path), tmp_path / "small")
     done = _train(shards, tmp_path / "run", "--model.init_from", str(small), expect=2)
     line = done.stderr.strip().splitlines()[-1]
-    assert line.startswith("retclip-train: model.init_from: ") and "visual.pos_embed saved" in line, line
+    assert line.startswith("retclip-train: model.init_from: ") and "image_proj.weight saved" in line, line
+    assert line.endswith(" (83 in all)") and not (tmp_path / "run" / "metrics.jsonl").exists()
     done = _train(shards, tmp_path / "run2", "--model.init_from", str(tmp_path), expect=2)
     assert "model.init_from=" in done.stderr and "no model.safetensors" in done.stderr
