@@ -325,6 +325,21 @@ def test_vision_weights_bad_file_errors(cfg, tmp_path):
     cfg.vision_weights = str(tmp_path / "w.npz")
     with pytest.raises(ModelConfigError, match=r"w.npz: unsupported suffix '.npz'"):
         RetClip(cfg)
+    # Unreadable files are one line too, not a traceback of torch or safetensors.
+    source = _tiny_vit(cfg).state_dict()
+    torch.save(source, tmp_path / "vit.pt")
+    save_file(source, str(tmp_path / "vit.safetensors"))
+    for name in ("vit.pt", "vit.safetensors"):
+        (tmp_path / f"cut-{name}").write_bytes((tmp_path / name).read_bytes()[:100])
+        cfg.vision_weights = str(tmp_path / f"cut-{name}")
+        with pytest.raises(ModelConfigError, match=rf"^weights file \S*cut-{name}: cannot read it \(\S.*\)$"):
+            RetClip(cfg)
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "jit.pt"))
+    cfg.vision_weights = str(tmp_path / "jit.pt")
+    with pytest.raises(
+        ModelConfigError, match=r"jit\.pt is a TorchScript archive .* save its state_dict\(\)"
+    ):
+        RetClip(cfg)
 
 
 def _save_text_dir(cfg: ModelConfig, directory, vocab_size: int | None = None, weights: bool = True):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -106,11 +107,25 @@ def _torch_load(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"(?:Unsupported global|unsupported)[^\n]*?GLOBAL ([\w.]+)", str(exc))
-        what = f" (it holds {found.group(1)})" if found else ""
+        if found is None:
+            raise ValueError(f"weights file {path}: cannot read it ({_first_line(exc)})") from None
         raise ValueError(
-            f"weights file {path} holds objects other than tensors, numbers, strings and numpy scalars{what}; "
-            "refusing to unpickle it"
+            f"weights file {path} holds objects other than tensors, numbers, strings and numpy scalars "
+            f"(it holds {found.group(1)}); refusing to unpickle it"
         ) from None
+    except RuntimeError as exc:
+        if "TorchScript" in str(exc):
+            raise ValueError(
+                f"weights file {path} is a TorchScript archive (OpenAI's CLIP download is one): load it "
+                "with torch.jit.load and save its state_dict() to load that"
+            ) from None
+        raise ValueError(f"weights file {path}: cannot read it ({_first_line(exc)})") from None
+    except EOFError:
+        raise ValueError(f"weights file {path}: cannot read it (it ends early)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def load_weights_file(path: str | Path) -> object:
@@ -127,7 +142,12 @@ def load_weights_file(path: str | Path) -> object:
             f"weights file {path}: unsupported suffix {path.suffix!r}; use .safetensors, .bin, .pt or .pth"
         )
     with torch.device("cpu"):
-        return load_file(str(path)) if path.suffix == ".safetensors" else _torch_load(path)
+        if path.suffix != ".safetensors":
+            return _torch_load(path)
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise ValueError(f"weights file {path}: cannot read it ({_first_line(exc)})") from None
 
 
 def unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
