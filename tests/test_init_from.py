@@ -108,6 +108,10 @@ def test_missing_and_unexpected_keys_refused_unless_not_strict(tmp_path):
 def test_not_a_saved_model_is_refused(tmp_path):
     with pytest.raises(InitFromError, match=r"no model\.safetensors"):
         _tiny(tmp_path, init_from=str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00")  # cut short
+    with pytest.raises(InitFromError, match=r"model\.safetensors: cannot read it \(") as err:
+        _tiny(tmp_path, init_from=str(tmp_path))
+    assert err.value.field == "model.init_from" and "\n" not in str(err.value)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from retclip_dist.model.towers import (
     load_vision_weights,
     tower_input_size,
 )
-from retclip_dist.model.weights import InitFromError, LoadReport, load_whole_model
+from retclip_dist.model.weights import InitFromError, LoadReport, load_whole_model, read_state_dict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -132,7 +132,11 @@ class RetClip(nn.Module):
         path = Path(directory) / WEIGHTS_FILE
         if not path.is_file():
             raise InitFromError(f"{directory}: no {WEIGHTS_FILE} (not a save_pretrained directory)")
-        return load_whole_model(self, load_file(str(path)), str(directory), strict)
+        try:
+            state = read_state_dict(path)
+        except ValueError as exc:
+            raise InitFromError(str(exc)) from None
+        return load_whole_model(self, state, str(directory), strict)
 
     @property
     def image_input(self) -> ImageInput:
