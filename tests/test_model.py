@@ -455,6 +455,9 @@ def test_text_weights_of_other_library_versions_and_precisions_load(cfg, tmp_pat
     assert report.source.endswith("model.safetensors.index.json") and report.loaded == len(tower.state_dict())
     for name, value in sharded.state_dict().items():
         assert torch.equal(value, tower.state_dict()[name]), name
+    (tmp_path / "bert" / "b.safetensors").unlink()
+    with pytest.raises(ModelConfigError, match=r"^weights file \S*b\.safetensors does not exist$"):
+        build_text_tower(cfg)
 
 
 def test_text_file_with_a_tensor_twice_is_refused(cfg, tmp_path):

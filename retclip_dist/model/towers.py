@@ -226,15 +226,18 @@ def _text_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str] | None
     if found is None:
         return None
     try:
-        if found.name.endswith(".index.json"):
+        if not found.name.endswith(".index.json"):
+            return read_state_dict(found), str(found)
+        try:
             shards = sorted(set(json.loads(found.read_text())["weight_map"].values()))
-            merged: dict[str, object] = {}
-            for shard in shards:
-                merged.update(load_weights_file(directory / shard))
-            return unwrap_state_dict(merged, str(found)), str(found)
-        return read_state_dict(found), str(found)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelConfigError("model.text_path", f"{found}: {exc}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{found}: not a weight index with a 'weight_map' ({exc!r})") from None
+        merged: dict[str, object] = {}
+        for shard in shards:
+            merged.update(load_weights_file(directory / shard))
+        return unwrap_state_dict(merged, str(found)), str(found)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelConfigError("model.text_path", str(exc)) from None
 
 
 def _tower_names(
