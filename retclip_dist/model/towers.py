@@ -46,11 +46,11 @@ PROJECTION = "image_proj.weight"
 # DINOv2 checkpoint, used only in their pretraining.
 VISION_UNUSED = ("head.*", "decoder_*", "mask_token")
 # Tensors of a text file that the tower has no place for by design: BERT's pretraining heads (masked LM,
-# next sentence), a masked-LM head of other architectures, and the pooler (built without: our heads read
-# the [CLS] state; the release drops it too). Some transformers versions save the position and
-# token-type id buffers, others do not: they may be missing or extra.
-_TEXT_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
-TEXT_UNUSED = ("cls.*", "lm_head.*", "pooler.*", *_TEXT_BUFFERS)
+# next sentence) and a masked-LM head of other architectures. Tensors that may be missing or extra: the
+# pooler (built without where the architecture allows; our heads read the [CLS] state, and the release
+# drops it too), and the position and token-type id buffers, which some transformers versions save.
+_TEXT_EITHER_WAY = ("pooler.*", "embeddings.position_ids", "embeddings.token_type_ids")
+TEXT_UNUSED = ("cls.*", "lm_head.*", *_TEXT_EITHER_WAY)
 
 
 class VisionInit(NamedTuple):
@@ -287,7 +287,7 @@ def build_text_tower(cfg: ModelConfig) -> tuple[PreTrainedModel, LoadReport | No
         tower="text",
         source=source,
         field="model.text_path",
-        may_lack=[*_TEXT_BUFFERS, *cfg.text_weights_ignore],
+        may_lack=[*_TEXT_EITHER_WAY, *cfg.text_weights_ignore],
         may_leave=[*TEXT_UNUSED, *cfg.text_weights_ignore],
         remedy="name those that may stay out in model.text_weights_ignore",
     )
