@@ -16,12 +16,14 @@ biases) get dL_k/ds locally and their average is dL/ds as well.
 ``TripartiteLoss(gather=False)`` is the public release's only distributed mode (``--skip-aggregate``):
 each rank's negatives are its own b rows, and the averaged gradient is that of mean_k L_k(local batch).
 
-Identical reports (``duplicates="mask"``). Two patients whose cleaned report texts are equal are not a
-negative pair: the text tower cannot tell their texts apart, so pushing them apart only teaches it noise.
-Each sample carries a 64-bit hash of its cleaned report per level; ``gather_report_hashes`` gathers them
-beside the features, and every row's logits against columns with its own hash are removed from the
-softmax (-inf), except the row's own column, which stays the positive. The mask depends only on the
-hashes, so each global row has the same mask on every world size and the loss stays exact across ranks.
+Identical reports (``duplicates="mask"``). Two patients whose reports reach the text tower as the same
+token ids are not a negative pair: the tower cannot tell their texts apart, so pushing them apart only
+teaches it noise. Each sample carries a 64-bit hash of those ids per level (data/samples.py
+``token_hash``: after truncation to context_length and the tokenizer's normalisation);
+``gather_report_hashes`` gathers them beside the features, and every row's logits against columns with
+its own hash are removed from the softmax (-inf), except the row's own column, which stays the positive.
+The mask depends only on the hashes, so each global row has the same mask on every world size and the
+loss stays exact across ranks.
 """
 
 from __future__ import annotations
@@ -239,7 +241,7 @@ class TripartiteLoss(nn.Module):
 
         Each argument holds one entry per level in LEVELS order, e.g. the model's PerLevel tuples; the
         argument names are RetClipOutput's field names (train/step.py ``output_loss`` passes them by name).
-        ``report_hash`` [b, 3] int64: each local row's cleaned-report hash per level (the batch's
+        ``report_hash`` [b, 3] int64: each local row's report token-id hash per level (the batch's
         ``report_hash``), needed with ``duplicates="mask"``.
         """
         if self.duplicates == "mask" and report_hash is None:

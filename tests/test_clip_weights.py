@@ -14,7 +14,7 @@ from conftest import tiny_model_config
 from release_reference import Visual
 from safetensors.torch import save_file
 
-from retclip_dist.model.config import ModelConfig
+from retclip_dist.model.config import ModelConfig, ModelConfigError
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.vocab import write_vocab
 
@@ -117,7 +117,7 @@ def test_gelu_tower_refuses_quickgelu_clip_weights_by_name(tmp_path, visual):
     cfg = _cfg(tmp_path, "vit_base_patch16_clip_224")
     cfg.vision_weights = str(tmp_path / "clip.pt")
     with pytest.raises(
-        ValueError,
+        ModelConfigError,
         match=r"clip\.pt: these CLIP weights were trained with quick_gelu but model\.vision_name "
         r"'vit_base_patch16_clip_224' uses gelu; use model\.vision_name 'vit_base_patch16_clip_quickgelu_224'",
     ):
@@ -132,6 +132,99 @@ def test_patient_scale_from_clip_needs_a_logit_scale(tmp_path, visual):
     cfg = _cfg(tmp_path)
     cfg.vision_weights, cfg.patient_scale_from_clip = str(tmp_path / "clip.pt"), True
     with pytest.raises(
-        ValueError, match=r"clip\.pt: model\.patient_scale_from_clip is set but the file has no"
+        ModelConfigError, match=r"clip\.pt: has no 'logit_scale', which the patient scale"
+    ) as err:
+        RetClip(cfg)
+    assert err.value.field == "model.patient_scale_from_clip"
+    # Without any vision weights (configs/retclip_release.yaml as shipped) it was silently ignored.
+    cfg.vision_weights = None
+    with pytest.raises(ModelConfigError, match=r"^is true but model\.vision_weights is not set") as err:
+        RetClip(cfg)
+    assert err.value.field == "model.patient_scale_from_clip"
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: {f"module.{k}": v for k, v in s.items()},  # DDP
+        lambda s: {f"model.{k}": v for k, v in s.items()},  # Lightning-style
+        lambda s: {
+            "epoch": 3,
+            "state_dict": {f"module.{k}": v for k, v in s.items()},
+        },  # a training checkpoint
+        lambda s: {"model": s, "optimizer": {"lr": 0.1}},
+    ],
+    ids=["module", "model", "state_dict+module", "model-key"],
+)
+def test_unambiguous_wrappers_of_a_clip_file_are_unwrapped(tmp_path, visual, wrap):
+    torch.save(wrap(_openai_layout(visual)), tmp_path / "clip.pt")
+    cfg = _cfg(tmp_path)
+    cfg.vision_weights, cfg.patient_scale_from_clip = str(tmp_path / "clip.pt"), True
+    model = RetClip(cfg)
+    assert model.load_reports["vision"].loaded == len(visual.state_dict())
+    assert torch.equal(model.image_proj.weight, visual.proj.T)
+    assert model.logit_scale["patient"].item() == pytest.approx(CLIP_SCALE)
+
+
+def test_ambiguous_wrappers_are_refused_by_name(tmp_path, visual):
+    state = _openai_layout(visual)
+    cfg = _cfg(tmp_path)
+    cfg.vision_weights = str(tmp_path / "two.pt")
+    torch.save({"model": state, "state_dict": state}, tmp_path / "two.pt")
+    with pytest.raises(ModelConfigError, match=r"two\.pt holds 2 state dicts \('state_dict', 'model'\)"):
+        RetClip(cfg)
+    # "module." on some keys only: not stripped, and the tensors that keep it are named.
+    part = {(f"module.{k}" if "resblocks.1." in k else k): v for k, v in state.items()}
+    torch.save(part, tmp_path / "part.pt")
+    cfg.vision_weights = str(tmp_path / "part.pt")
+    with pytest.raises(ModelConfigError) as err:
+        RetClip(cfg)
+    message = str(err.value)
+    assert "part.pt: does not fit the vision tower: 12 of the tower's tensors are not in the file" in message
+    assert "blocks.1.attn.proj.bias" in message and "\n" not in message
+
+
+def test_timm_clip_weights_keep_their_projection(tmp_path, visual):
+    """timm's own CLIP files (vit_base_patch16_clip_224.openai) hold CLIP's projection as the head, with
+    the zero bias timm's converter writes; it is the shared projection, not a classifier to drop."""
+    cfg = _cfg(tmp_path)
+    torch.manual_seed(4)
+    tower = RetClip(cfg).visual.state_dict()
+    state = {**tower, "head.weight": visual.proj.detach().T.contiguous(), "head.bias": torch.zeros(EMBED)}
+    save_file(state, str(tmp_path / "timm_clip.safetensors"))
+    cfg.vision_weights = str(tmp_path / "timm_clip.safetensors")
+    model = RetClip(cfg)
+    report = model.load_reports["vision"]
+    assert report.missing == [] and report.unexpected == [] and report.loaded == len(tower) + 1
+    assert torch.equal(model.image_proj.weight, visual.proj.T)
+    # A trained bias makes it a classifier head: not used (a known name), and the projection starts random.
+    state["head.bias"] = torch.full((EMBED,), 0.1)
+    save_file(state, str(tmp_path / "classifier.safetensors"))
+    cfg.vision_weights = str(tmp_path / "classifier.safetensors")
+    report = RetClip(cfg).load_reports["vision"]
+    assert report.missing == ["image_proj.weight"] and report.unexpected == ["head.bias", "head.weight"]
+
+
+def test_clip_file_without_a_projection_is_refused(tmp_path, visual):
+    state = {k: v for k, v in _openai_layout(visual).items() if k != "visual.proj"}
+    torch.save(state, tmp_path / "noproj.pt")
+    cfg = _cfg(tmp_path)
+    cfg.vision_weights = str(tmp_path / "noproj.pt")
+    with pytest.raises(
+        ModelConfigError, match=r"1 of the tower's tensors are not in the file \(image_proj\.weight\)"
     ):
         RetClip(cfg)
+    cfg.vision_weights_ignore = ["image_proj.weight"]  # the user says so: it starts random
+    assert RetClip(cfg).load_reports["vision"].missing == ["image_proj.weight"]
+
+
+def test_model_started_from_clip_scale_reloads_without_the_clip_file(tmp_path, visual):
+    """A saved model holds every scale: its config's patient_scale_from_clip needs no CLIP file to reload."""
+    torch.save(_openai_layout(visual), tmp_path / "clip.pt")
+    cfg = _cfg(tmp_path)
+    cfg.vision_weights, cfg.patient_scale_from_clip = str(tmp_path / "clip.pt"), True
+    saved = RetClip(cfg).save_pretrained(tmp_path / "model")
+    (tmp_path / "clip.pt").unlink()
+    loaded = RetClip.from_pretrained(saved)
+    assert loaded.logit_scale["patient"].item() == pytest.approx(CLIP_SCALE)
+    assert torch.equal(loaded.image_proj.weight, visual.proj.T)

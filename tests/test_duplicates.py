@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,8 +12,8 @@ import torch.nn.functional as F
 from conftest import run_gloo_ranks, tiny_model_config
 
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.samples import REPORT_HASH, Patient, collate, report_hash
-from retclip_dist.loss import TripartiteLoss
+from retclip_dist.data.samples import REPORT_HASH, Patient, collate, token_hash
+from retclip_dist.loss import TripartiteLoss, duplicate_mask
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.vocab import write_vocab
 
@@ -60,31 +61,70 @@ def _hand_masked_infonce(image: torch.Tensor, text: torch.Tensor, scale: float, 
     return total / (2 * n)
 
 
-def test_report_hash_follows_the_cleaned_text():
-    assert report_hash("No abnormality \u201cOD\u201d") == report_hash('no abnormality "od"')
-    assert report_hash("no abnormality") != report_hash("no abnormality.")
-    assert report_hash("x") == report_hash("x") and -(2**63) <= report_hash("x") < 2**63
+def test_token_hash_is_a_stable_hash_of_the_ids():
+    assert token_hash([2, 5, 3]) == token_hash([2, 5, 3]) and -(2**63) <= token_hash([2, 5, 3]) < 2**63
+    assert token_hash([2, 5, 3]) != token_hash([2, 3, 5]) != token_hash([2, 5, 3, 0])
+    # The same in every process and run (not Python's salted hash): a fixed value.
+    assert token_hash([2, 3]) == token_hash(np.array([2, 3]).tolist()) == 2068279573001530991
+
+
+def _patients(reports: list[dict[str, str]]) -> list[Patient]:
+    image = torch.zeros(3, 4, 4)
+    return [Patient(f"p{i}", {"left": image, "right": image}, None, r) for i, r in enumerate(reports)]
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    return build_tokenizer(tiny_model_config(write_vocab(tmp_path / "v.txt", ["a", "b", "c"])))
 
 
 @pytest.mark.parametrize("eye_reports", [True, False])
-def test_collate_hashes_what_each_level_reads(tmp_path, eye_reports):
-    tokenizer = build_tokenizer(tiny_model_config(write_vocab(tmp_path / "v.txt", ["a", "b"])))
-    image = torch.zeros(3, 4, 4)
-    patients = [
-        Patient("p0", {"left": image, "right": image}, None, {"patient": "A b", "left": "a", "right": "b"}),
-        Patient("p1", {"left": image, "right": image}, None, {"patient": "a b", "left": "b", "right": "b"}),
-    ]
+def test_collate_hashes_the_ids_each_level_reads(tokenizer, eye_reports):
+    patients = _patients(
+        [{"patient": "A b", "left": "a", "right": "b"}, {"patient": "a  b", "left": "b", "right": "b"}]
+    )
     batch = collate(patients, tokenizer, DataConfig(context_length=8, eye_reports=eye_reports), False)
     h = batch[REPORT_HASH]
+    ids = {t: tokenizer(t)["input_ids"] for t in ("a b", "a", "b")}
     assert h.dtype == torch.int64 and h.shape == (2, 3)
-    assert h[0, 0] == h[1, 0] == report_hash("a b")
+    assert h[0, 0] == h[1, 0] == token_hash(ids["a b"])  # case and spacing are normalised away
+    assert batch["input_ids"][0, : len(ids["a b"])].tolist() == ids["a b"]  # what the hash read
     if eye_reports:
         assert h.tolist() == [
-            [report_hash(t) for t in ("a b", "a", "b")],
-            [report_hash(t) for t in ("a b", "b", "b")],
+            [token_hash(ids[t]) for t in ("a b", "a", "b")],
+            [token_hash(ids[t]) for t in ("a b", "b", "b")],
         ]
     else:  # the eye heads read the patient report
-        assert (h == report_hash("a b")).all()
+        assert (h == token_hash(ids["a b"])).all()
+
+
+def test_reports_equal_in_their_first_context_length_tokens_are_duplicates(tokenizer):
+    """Two long reports that differ only past context_length reach the tower as the same ids: the loss
+    must not push them apart. At each eye level the eye report the head reads decides."""
+    shared = "a b c a b c"  # with [CLS] and [SEP]: 8 tokens, the whole context
+    reports = [
+        {"patient": f"{shared} a a a", "left": "a " * 9, "right": "b"},
+        {"patient": f"{shared} b b b", "left": "a " * 7 + "c c", "right": "c"},  # left: same first 6 words
+        {"patient": f"a {shared}", "left": "a", "right": "b"},  # differs inside the context
+    ]
+    cfg = DataConfig(context_length=8, eye_reports=True)
+    batch = collate(_patients(reports), tokenizer, cfg, False)
+    assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])  # the tower sees one input
+    h = batch[REPORT_HASH]
+    same = [[h[i, level] == h[j, level] for i, j in ((0, 1), (0, 2), (1, 2))] for level in range(3)]
+    assert same == [[True, False, False], [True, False, False], [False, True, False]]
+    # The mask the loss builds from them: row 0 leaves out column 1 at the patient and left levels only.
+    masks = [duplicate_mask(h[:, level], h[:, level], 0) for level in range(3)]
+    assert [m[0].tolist() for m in masks] == [
+        [False, True, False],
+        [False, True, False],
+        [False, False, True],
+    ]
+    # The cleaned texts differ: hashing them (as before) would have kept the pair as negatives.
+    assert reports[0]["patient"] != reports[1]["patient"]
+    # With a longer context the same reports are different inputs, and no longer duplicates.
+    longer = collate(_patients(reports), tokenizer, DataConfig(context_length=16, eye_reports=True), False)
+    assert longer[REPORT_HASH][0, 0] != longer[REPORT_HASH][1, 0]
 
 
 @pytest.mark.parametrize("gather", [True, False])

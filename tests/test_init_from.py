@@ -69,10 +69,16 @@ def test_shape_mismatch_is_refused_naming_the_tensors(tmp_path):
     with pytest.raises(InitFromError) as exc:
         _tiny(tmp_path, embed_dim=8, init_from=str(saved))
     message = str(exc.value)
-    assert "\n" not in message
-    # embed_dim reaches the shared projection, the image heads and the text heads' output layers.
-    for name in ("image_proj.weight", "image_patient.weight", "text_left.2.weight", "text_left.2.bias"):
+    assert "\n" not in message and exc.value.field == "model.init_from"
+    # embed_dim reaches the shared projection, the three image heads and the text heads' output layers:
+    # the first four are named, then the count.
+    assert (
+        "10 tensor(s) do not fit the configured model: image_left.weight saved (16, 16) vs model (8, 8), "
+        in message
+    )
+    for name in ("image_patient.weight", "image_proj.weight", "image_right.weight"):
         assert f"{name} saved" in message, message
+    assert message.endswith(", ... (10 in all)")
     assert "visual.blocks.0.attn.qkv.weight" not in message  # towers fit: only the misfits are named
 
 
@@ -88,7 +94,7 @@ def test_missing_and_unexpected_keys_refused_unless_not_strict(tmp_path):
     loose = _tiny(tmp_path, init_from=str(sigmoid), init_from_strict=False)
     report = loose.load_reports["model"]
     assert report.unexpected == biases and not report.missing
-    assert "3 unexpected (ignored): logit_bias.left" in str(report)
+    assert "3 in the file not used: logit_bias.left" in str(report)
     source = RetClip.from_pretrained(sigmoid)
     for name, value in loose.state_dict().items():
         assert torch.equal(value, source.state_dict()[name]), name
@@ -102,6 +108,10 @@ def test_missing_and_unexpected_keys_refused_unless_not_strict(tmp_path):
 def test_not_a_saved_model_is_refused(tmp_path):
     with pytest.raises(InitFromError, match=r"no model\.safetensors"):
         _tiny(tmp_path, init_from=str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00")  # cut short
+    with pytest.raises(InitFromError, match=r"model\.safetensors: cannot read it \(") as err:
+        _tiny(tmp_path, init_from=str(tmp_path))
+    assert err.value.field == "model.init_from" and "\n" not in str(err.value)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +166,7 @@ def test_run_refuses_a_model_that_does_not_fit(shards, tmp_path):
     small = _saved(_tiny(tmp_path), tmp_path / "small")
     done = _train(shards, tmp_path / "run", "--model.init_from", str(small), expect=2)
     line = done.stderr.strip().splitlines()[-1]
-    assert line.startswith("retclip-train: model.init_from: ") and "visual.pos_embed saved" in line, line
+    assert line.startswith("retclip-train: model.init_from: ") and "image_proj.weight saved" in line, line
+    assert line.endswith(" (83 in all)") and not (tmp_path / "run" / "metrics.jsonl").exists()
     done = _train(shards, tmp_path / "run2", "--model.init_from", str(tmp_path), expect=2)
     assert "model.init_from=" in done.stderr and "no model.safetensors" in done.stderr

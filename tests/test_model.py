@@ -1,5 +1,6 @@
 """RetClip: towers, heads, per-eye reports, scales, checkpointing, local weights and save/load."""
 
+import json
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, BertForMaskedLM
 
 from retclip_dist.config import load_config
-from retclip_dist.model.config import ModelConfig
+from retclip_dist.model.config import ModelConfig, ModelConfigError
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import build_text_tower
@@ -250,23 +251,32 @@ def _tiny_vit(cfg: ModelConfig):
     return timm.create_model(cfg.vision_name, pretrained=False, num_classes=0, **cfg.vision_kwargs)
 
 
-def test_vision_weights_load_with_report(cfg, tmp_path):
+def test_vision_weights_refuse_a_missing_tensor_unless_named(cfg, tmp_path):
     torch.manual_seed(11)
     source = _tiny_vit(cfg).state_dict()
     source.pop("norm.bias")
-    source["head.weight"] = torch.zeros(4, 32)
+    source["head.weight"] = torch.zeros(4, 32)  # an ImageNet-style classifier: a known name, not used
     save_file(source, str(tmp_path / "vit.safetensors"))
     cfg.vision_weights = str(tmp_path / "vit.safetensors")
+    with pytest.raises(ModelConfigError) as err:
+        _model(cfg, seed=99)
+    assert err.value.field == "model.vision_weights"
+    assert str(err.value) == (
+        f"{tmp_path}/vit.safetensors: does not fit the vision tower: 1 of the tower's tensors are not in the "
+        "file (norm.bias); name those that may stay out in model.vision_weights_ignore"
+    )
+    cfg.vision_weights_ignore = ["norm.*"]
     model = _model(cfg, seed=99)
     report = model.load_reports["vision"]
     # A timm-layout file has no CLIP projection: the shared projection stays random, and says so.
-    assert report.missing == ["image_proj.weight", "visual.norm.bias"]
-    assert report.unexpected == ["visual.head.weight"]
+    assert report.missing == ["image_proj.weight", "norm.bias"]
+    assert report.unexpected == ["head.weight"]
     assert report.loaded == len(source) - 1
     assert torch.equal(
         model.visual.state_dict()["blocks.1.attn.qkv.weight"], source["blocks.1.attn.qkv.weight"]
     )
-    assert "2 missing (random init): image_proj.weight, visual.norm.bias" in str(report)
+    assert "2 left at their initialisation: image_proj.weight, norm.bias" in str(report)
+    assert report.record() == {"vision_tensors": len(source) - 1, "vision_left_out": 2, "vision_unused": 1}
 
 
 def test_vision_weights_from_wrapped_torch_checkpoint(cfg, tmp_path):
@@ -280,25 +290,55 @@ def test_vision_weights_from_wrapped_torch_checkpoint(cfg, tmp_path):
     assert all(torch.equal(model.visual.state_dict()[k], v) for k, v in source.items())
 
 
+def test_mae_pretraining_parts_are_known_by_name(cfg, tmp_path):
+    """RETFound's MAE checkpoint: the encoder, plus a decoder and mask token only pretraining uses."""
+    source = _tiny_vit(cfg).state_dict()
+    mae = {**source, "mask_token": torch.zeros(1, 1, 32), "decoder_embed.weight": torch.zeros(16, 32)}
+    mae["decoder_blocks.0.norm1.weight"] = torch.ones(16)
+    torch.save({"model": mae}, tmp_path / "mae.pth")
+    cfg.vision_weights = str(tmp_path / "mae.pth")
+    report = RetClip(cfg).load_reports["vision"]
+    assert report.loaded == len(source) and report.missing == ["image_proj.weight"]
+    assert set(report.unexpected) <= {"mask_token", "decoder_embed.weight", "decoder_blocks.0.norm1.weight"}
+    assert "decoder_embed.weight" in report.unexpected
+
+
 def test_vision_weights_with_wrong_shape_are_an_error(cfg, tmp_path):
     source = _tiny_vit(cfg).state_dict()
     source["blocks.0.mlp.fc1.weight"] = torch.zeros(7, 32)
     save_file(source, str(tmp_path / "bad.safetensors"))
     cfg.vision_weights = str(tmp_path / "bad.safetensors")
     with pytest.raises(
-        ValueError,
-        match=r"(?s)bad\.safetensors: 1 tensor\(s\).*fc1\.weight: checkpoint \(7, 32\) vs vision tower \(128, 32\)",
+        ModelConfigError,
+        match=r"^\S*bad\.safetensors: 1 tensor\(s\) do not fit the vision tower's shapes: "
+        r"blocks\.0\.mlp\.fc1\.weight: file \(7, 32\) vs tower \(128, 32\)$",
     ):
         RetClip(cfg)
 
 
 def test_vision_weights_bad_file_errors(cfg, tmp_path):
     cfg.vision_weights = str(tmp_path / "missing.safetensors")
-    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors does not exist"):
+    with pytest.raises(ModelConfigError, match=r"missing\.safetensors does not exist") as err:
         RetClip(cfg)
+    assert err.value.field == "model.vision_weights"
     (tmp_path / "w.npz").write_bytes(b"x")
     cfg.vision_weights = str(tmp_path / "w.npz")
-    with pytest.raises(ValueError, match=r"w.npz: unsupported suffix '.npz'"):
+    with pytest.raises(ModelConfigError, match=r"w.npz: unsupported suffix '.npz'"):
+        RetClip(cfg)
+    # Unreadable files are one line too, not a traceback of torch or safetensors.
+    source = _tiny_vit(cfg).state_dict()
+    torch.save(source, tmp_path / "vit.pt")
+    save_file(source, str(tmp_path / "vit.safetensors"))
+    for name in ("vit.pt", "vit.safetensors"):
+        (tmp_path / f"cut-{name}").write_bytes((tmp_path / name).read_bytes()[:100])
+        cfg.vision_weights = str(tmp_path / f"cut-{name}")
+        with pytest.raises(ModelConfigError, match=rf"^weights file \S*cut-{name}: cannot read it \(\S.*\)$"):
+            RetClip(cfg)
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "jit.pt"))
+    cfg.vision_weights = str(tmp_path / "jit.pt")
+    with pytest.raises(
+        ModelConfigError, match=r"jit\.pt is a TorchScript archive .* save its state_dict\(\)"
+    ):
         RetClip(cfg)
 
 
@@ -345,8 +385,87 @@ def test_text_weights_with_wrong_shape_are_an_error(cfg, tmp_path):
         (tmp_path / "bert" / "config.json").read_text().replace('"vocab_size": 99', '"vocab_size": 14')
     )
     with pytest.raises(
-        ValueError, match=r"word_embeddings.weight: checkpoint \(99, 32\) vs text tower \(14, 32\)"
-    ):
+        ModelConfigError,
+        match=r"model\.safetensors: 1 tensor\(s\) do not fit the text tower's shapes: "
+        r"embeddings\.word_embeddings\.weight: file \(99, 32\) vs tower \(14, 32\)$",
+    ) as err:
+        build_text_tower(cfg)
+    assert err.value.field == "model.text_path"
+
+
+def _rewrite_text_weights(directory, change) -> None:
+    state = load_file(str(directory / "model.safetensors"))
+    save_file(change(state), str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_text_weights_are_strict_with_named_exceptions(cfg, tmp_path):
+    mlm = _save_text_dir(cfg, tmp_path / "bert")
+    cfg.text_path = str(tmp_path / "bert")
+    layer = "encoder.layer.1.output.dense.weight"
+    _rewrite_text_weights(tmp_path / "bert", lambda s: {k: v for k, v in s.items() if k != f"bert.{layer}"})
+    with pytest.raises(ModelConfigError) as err:
+        build_text_tower(cfg)
+    assert err.value.field == "model.text_path"
+    assert str(err.value) == (
+        f"{tmp_path}/bert/model.safetensors: does not fit the text tower: 1 of the tower's tensors are not in "
+        f"the file ({layer}); name those that may stay out in model.text_weights_ignore"
+    )
+    cfg.text_weights_ignore = [layer]
+    tower, report = build_text_tower(cfg)
+    assert report.missing == [layer] and report.loaded == len(tower.state_dict()) - 1
+    assert torch.equal(
+        tower.encoder.layer[0].output.dense.weight, mlm.bert.encoder.layer[0].output.dense.weight
+    )
+
+
+def test_text_weights_of_other_library_versions_and_precisions_load(cfg, tmp_path):
+    """Old files: position-id buffers saved, LayerNorm as gamma/beta, half precision, sharded."""
+    mlm = _save_text_dir(cfg, tmp_path / "bert")
+    cfg.text_path = str(tmp_path / "bert")
+
+    def old_style(state):
+        out = {
+            k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+                "LayerNorm.bias", "LayerNorm.beta"
+            ): v.half()
+            for k, v in state.items()
+        }
+        out["bert.embeddings.position_ids"] = torch.arange(128)[None]
+        return out
+
+    _rewrite_text_weights(tmp_path / "bert", old_style)
+    tower, report = build_text_tower(cfg)
+    assert report.missing == [] and report.unexpected[-1] == "embeddings.position_ids"
+    assert all(k.startswith("cls.") for k in report.unexpected[:-1])
+    assert report.loaded == len(tower.state_dict())
+    want = mlm.bert.state_dict()
+    for name, value in tower.state_dict().items():
+        assert value.dtype == torch.float32, name  # a half-precision file does not make a half tower
+        assert torch.equal(value, want[name].half().float()), name
+    # The same tensors in two shards behind an index, as save_pretrained writes large models.
+    state = load_file(str(tmp_path / "bert" / "model.safetensors"))
+    (tmp_path / "bert" / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2 :]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(tmp_path / "bert" / shard))
+    index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+    (tmp_path / "bert" / "model.safetensors.index.json").write_text(json.dumps(index))
+    sharded, report = build_text_tower(cfg)
+    assert report.source.endswith("model.safetensors.index.json") and report.loaded == len(tower.state_dict())
+    for name, value in sharded.state_dict().items():
+        assert torch.equal(value, tower.state_dict()[name]), name
+    (tmp_path / "bert" / "b.safetensors").unlink()
+    with pytest.raises(ModelConfigError, match=r"^weights file \S*b\.safetensors does not exist$"):
+        build_text_tower(cfg)
+
+
+def test_text_file_with_a_tensor_twice_is_refused(cfg, tmp_path):
+    _save_text_dir(cfg, tmp_path / "bert")
+    cfg.text_path = str(tmp_path / "bert")
+    key = "embeddings.word_embeddings.weight"
+    _rewrite_text_weights(tmp_path / "bert", lambda s: {**s, key: s[f"bert.{key}"].clone()})
+    with pytest.raises(ModelConfigError, match=f"two tensors of the file are the text tower's '{key}'"):
         build_text_tower(cfg)
 
 

@@ -59,6 +59,9 @@ PLAN = "retclip_dist/data/plan.py"
 STREAMS = "retclip_dist/data/streams.py"
 TELE = "retclip_dist/train/telemetry.py"
 PROBE = "retclip_dist/train/probe.py"
+WEIGHTS = "retclip_dist/model/weights.py"
+PREFLIGHT = "retclip_dist/train/preflight.py"
+SAMPLES = "retclip_dist/data/samples.py"
 
 T_AUG = "tests/test_data_augment.py"
 T_AUG_PATHS = f"{T_AUG}::test_cpu_and_device_paths_agree_on_real_crops"
@@ -83,6 +86,11 @@ T_KEEP_BEST = (
     "tests/test_strength_checkpoint.py::test_keep_best_survives_keep_last_and_a_resume_knows_its_value"
 )
 T_PROBE = "tests/test_train_probe.py::test_probe_of_the_live_model_equals_retclip_eval_linear_probe"
+T_STRICT = "tests/test_model.py::test_vision_weights_refuse_a_missing_tensor_unless_named"
+T_PREFLIGHT_MODEL = "tests/test_model_preflight.py::test_model_mistake_is_one_line_and_exit_2_before_training"
+T_DUP_TOKENS = (
+    "tests/test_duplicates.py::test_reports_equal_in_their_first_context_length_tokens_are_duplicates"
+)
 
 MUTANTS = [
     # --- augmentation
@@ -320,6 +328,35 @@ MUTANTS = [
         "signs[rows, rows + offset] = 1.0",
         "signs[rows, rows] = 1.0",
         (T_LOSS,),
+    ),
+    # --- weights and the model's pre-flight check
+    Mutant(
+        "weights-load-not-strict",
+        WEIGHTS,
+        "    if refused_missing or refused_unexpected:\n",
+        "    if False:\n",
+        (T_STRICT,),
+    ),
+    Mutant(
+        "preflight-skips-the-model-build",
+        PREFLIGHT,
+        "    _model_builds(cfg.model)\n",
+        "",
+        (T_PREFLIGHT_MODEL,),
+    ),
+    Mutant(
+        "duplicates-hash-the-cleaned-text",
+        SAMPLES,
+        "token_hash(ids[level][row])",
+        "token_hash(list(clean_report(patients[row].reports[level]).encode()))",
+        (T_DUP_TOKENS,),
+    ),
+    Mutant(
+        "duplicates-eye-levels-hash-the-patient-report",
+        SAMPLES,
+        'levels = ("patient", *(eye if cfg.eye_reports else "patient" for eye in EYES))',
+        'levels = ("patient", "patient", "patient")',
+        (T_DUP_TOKENS,),
     ),
     # --- checkpoint and step
     Mutant(

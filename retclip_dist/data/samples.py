@@ -39,12 +39,15 @@ def clean_report(text: str) -> str:
 REPORT_HASH = "report_hash"
 
 
-def report_hash(text: str) -> int:
-    """Signed 64-bit hash of the cleaned report: equal cleaned texts (hence equal tokens) hash equally.
+def token_hash(ids: list[int]) -> int:
+    """Signed 64-bit hash of a report's token ids as the text tower receives them: truncated to
+    context_length, [CLS] and [SEP] included, no padding. Reports that differ only past context_length, or
+    in what the tokenizer normalises away (case, spacing, words it reads as [UNK]), are the same input to
+    the tower and hash equally.
 
     A keyed-free cryptographic digest, not Python's ``hash``: it must agree across processes and runs.
     """
-    digest = hashlib.blake2b(clean_report(text).encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(np.asarray(ids, dtype="<i8").tobytes(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 
 
@@ -146,7 +149,7 @@ def collate(
 
     The length is ``cfg.context_length`` or, with ``text_padding: batch``, the longest (truncated) report
     rounded up; right padding with a zero attention mask leaves each report's tokens, positions and
-    [CLS] feature as they are, and the duplicate-report hash reads the text, not the padding.
+    [CLS] feature as they are, and the duplicate-report hash reads the truncated ids, not the padding.
     """
     batch: dict[str, Any] = {"keys": [p.key for p in patients]}
     for eye in EYES:
@@ -163,15 +166,11 @@ def collate(
     if cfg.eye_reports:
         for eye in EYES:
             batch.update({f"{eye}_{k}": v for k, v in _padded(tokenizer, ids[eye], length).items()})
-    # The loss's duplicate mask compares what each level's text head reads: the eye reports only when
-    # they are tokenised (data.eye_reports), otherwise the patient report at every level.
-    eye_key = {eye: eye if cfg.eye_reports else "patient" for eye in EYES}
+    # The loss's duplicate mask compares the token ids each level's text head reads: the eye reports' only
+    # when they are tokenised (data.eye_reports), otherwise the patient report's at every level.
+    levels = ("patient", *(eye if cfg.eye_reports else "patient" for eye in EYES))
     batch[REPORT_HASH] = torch.tensor(
-        [
-            [report_hash(p.reports[k]) for k in ("patient", eye_key["left"], eye_key["right"])]
-            for p in patients
-        ],
-        dtype=torch.int64,
+        [[token_hash(ids[level][row]) for level in levels] for row in range(len(patients))], dtype=torch.int64
     )
     if with_texts:
         batch["reports"] = [p.reports["patient"] for p in patients]

@@ -59,6 +59,18 @@ CLIP_QUICKGELU_TAG = "_clip_quickgelu_"
 CHECKPOINTING_MODES = ("off", "selective", "full")
 
 
+class ModelConfigError(ValueError):
+    """A model config the model cannot be built from (weights that do not fit, a setting the towers cannot
+    take): ``field`` is the config field to change, the message one line naming the file or reason.
+
+    train/preflight.py builds the model on the meta device before any process starts and reports these as
+    ``{field}: {message}``; elsewhere (retclip-eval, the converter) they are plain ValueErrors."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def checkpointing_mode(value: str | bool) -> str:
     """model.grad_checkpointing as one of CHECKPOINTING_MODES; the former bool reads true = full, false = off."""
     if isinstance(value, bool):
@@ -74,7 +86,12 @@ class ModelConfig:
     vision_name: str = "vit_base_patch16_clip_quickgelu_224"
     vision_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (img_size, depth...)
     vision_weights: str | None = None  # local vision state dict (.safetensors/.bin/.pt/.pth); None = random
+    # Names (* wildcards) that may be left out when vision_weights loads, as its refusal prints them: the
+    # model's for tensors the file lacks (visual.norm.bias), the file's for tensors the tower has no place for
+    vision_weights_ignore: list[str] = field(default_factory=list)
     text_path: str | None = None  # local HF model dir (config.json, optional weights, tokenizer)
+    # Names (* wildcards) that may be left out when text_path's weights load, as its refusal prints them
+    text_weights_ignore: list[str] = field(default_factory=list)
     text_config: dict = field(default_factory=lambda: dict(BERT_BASE_CHINESE))  # HF config w/o text_path
     tokenizer_path: str | None = None  # vocab .txt or HF tokenizer dir; None = text_path
     embed_dim: int = 512  # D, the shared image-text embedding width

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from retclip_dist.config import from_dict, to_dict
 from retclip_dist.model.checkpointing import selected, set_block_checkpointing, tower_blocks
-from retclip_dist.model.config import LEVELS, ImageInput, ModelConfig, checkpointing_mode
+from retclip_dist.model.config import LEVELS, ImageInput, ModelConfig, ModelConfigError, checkpointing_mode
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import (
     build_text_tower,
@@ -31,7 +31,7 @@ from retclip_dist.model.towers import (
     load_vision_weights,
     tower_input_size,
 )
-from retclip_dist.model.weights import InitFromError, LoadReport, load_whole_model
+from retclip_dist.model.weights import InitFromError, LoadReport, load_whole_model, read_state_dict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -93,16 +93,16 @@ class RetClip(nn.Module):
         self.logit_scale = _scalars(cfg.resolved_init_logit_scale())
         self.logit_bias = _scalars(cfg.init_logit_bias) if cfg.loss == "sigmoid" else None
         vision_report = None
+        if cfg.patient_scale_from_clip and cfg.vision_weights is None and cfg.init_from is None:
+            raise ModelConfigError(
+                "model.patient_scale_from_clip",
+                "is true but model.vision_weights is not set: the patient scale starts from the CLIP "
+                "file's logit_scale (set model.vision_weights to it, or patient_scale_from_clip false)",
+            )
         if cfg.vision_weights is not None:
             vision_report, clip_scale = load_vision_weights(cfg, self.visual, self.image_proj)
             if cfg.patient_scale_from_clip:
-                if clip_scale is None:
-                    raise ValueError(
-                        f"{cfg.vision_weights}: model.patient_scale_from_clip is set but the file has no "
-                        "'logit_scale'"
-                    )
-                with torch.no_grad():
-                    self.logit_scale["patient"].fill_(float(clip_scale))
+                self._patient_scale_from(clip_scale, cfg.vision_weights)
         # Kept so that a launcher can print or assert what was initialised from disk.
         self.load_reports: dict[str, LoadReport] = {
             r.tower: r for r in (vision_report, text_report) if r is not None
@@ -111,12 +111,32 @@ class RetClip(nn.Module):
         if cfg.init_from is not None:
             self.load_reports["model"] = self.load_whole(cfg.init_from, cfg.init_from_strict)
 
+    @torch.no_grad()
+    def _patient_scale_from(self, clip_scale: Tensor | None, source: str) -> None:
+        if clip_scale is None or clip_scale.numel() != 1:
+            what = (
+                "no 'logit_scale'"
+                if clip_scale is None
+                else f"a logit_scale of shape {tuple(clip_scale.shape)}"
+            )
+            raise ModelConfigError(
+                "model.patient_scale_from_clip",
+                f"{source}: has {what}, which the patient scale would start from (set "
+                "model.patient_scale_from_clip false to start it at init_logit_scale)",
+            )
+        # copy_, not fill_(float()): in the pre-flight build on the meta device the scale has no value.
+        self.logit_scale["patient"].copy_(clip_scale.reshape(1))
+
     def load_whole(self, directory: str | Path, strict: bool = True) -> LoadReport:
         """Overwrite every weight with a save_pretrained directory's (model.init_from); see load_whole_model."""
         path = Path(directory) / WEIGHTS_FILE
         if not path.is_file():
             raise InitFromError(f"{directory}: no {WEIGHTS_FILE} (not a save_pretrained directory)")
-        return load_whole_model(self, load_file(str(path)), str(directory), strict)
+        try:
+            state = read_state_dict(path)
+        except ValueError as exc:
+            raise InitFromError(str(exc)) from None
+        return load_whole_model(self, state, str(directory), strict)
 
     @property
     def image_input(self) -> ImageInput:
@@ -151,9 +171,10 @@ class RetClip(nn.Module):
         for name, tower in (("vision", self.visual), ("text", self.text)):
             blocks = tower_blocks(tower)
             if mode == "selective" and not blocks:
-                raise ValueError(
-                    f"model.grad_checkpointing=selective: the {name} tower {type(tower).__name__} has no "
-                    "'blocks' or 'encoder.layer' to choose from; use full or off"
+                raise ModelConfigError(
+                    "model.grad_checkpointing",
+                    f"selective: the {name} tower {type(tower).__name__} has no 'blocks' or "
+                    "'encoder.layer' to choose from; use full or off",
                 )
             for index, block in enumerate(blocks):
                 set_block_checkpointing(block, mode == "selective" and selected(index))
@@ -256,6 +277,9 @@ class RetClip(nn.Module):
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory} has no {CONFIG_FILE}; was it written by save_pretrained?")
         cfg = from_dict(ModelConfig, json.loads(config_path.read_text()), where=str(config_path))
+        # Every scale is in the saved weights: a model trained with patient_scale_from_clip has no CLIP file
+        # to read here, and needs none.
+        cfg = replace(cfg, patient_scale_from_clip=False)
         if (directory / TOKENIZER_DIR).is_dir():
             cfg = replace(cfg, tokenizer_path=str(directory / TOKENIZER_DIR))
         state = load_file(str(directory / WEIGHTS_FILE))

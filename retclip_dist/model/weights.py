@@ -1,28 +1,46 @@
-"""Reading local state-dict files and loading them into a tower with an explicit report.
+"""Reading local state-dict files and loading them into a tower, strictly.
 
-Pretrained tower weights come from files on disk (no hub access during training), so the two things a
-user must see are which keys did not line up (reported) and which tensors have the wrong shape (an error:
-silently skipping them would train from a half-random tower).
+Pretrained tower weights come from files on disk (no hub access during training). A file whose names do
+not line up with the tower would load nothing and leave a random tower training while its user believes it
+starts from CLIP, so every load is strict: a tower tensor the file lacks, a file tensor the tower has no
+place for, or a shape that differs is refused in one line naming the first few and the count. What may
+legitimately stay out is known to the caller by name (a classifier head, buffers some library versions
+save) or named by the user (``model.vision_weights_ignore``, ``model.text_weights_ignore``).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import pickle
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+
+from retclip_dist.model.config import ModelConfigError
 
 log = logging.getLogger(__name__)
 
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 # Training checkpoints often wrap the weights one level down under one of these keys.
 _WRAPPER_KEYS = ("state_dict", "model", "module")
+# DDP/DataParallel ("module.") and Lightning-style wrappers ("model."): stripped only from a file where every
+# key carries one, the one case where nothing else could be meant.
+_WRAPPER_PREFIXES = ("module.", "model.")
+SHOWN = 4  # names a refusal or a log line shows before the count
+
+
+def first_names(names: Sequence[str], shown: int = SHOWN) -> str:
+    """The first ``shown`` names, then how many there are in all."""
+    head = ", ".join(names[:shown])
+    return head if len(names) <= shown else f"{head}, ... ({len(names)} in all)"
 
 
 @dataclass(frozen=True)
@@ -32,19 +50,36 @@ class LoadReport:
     tower: str  # "vision", "text", or "model" (model.init_from: every weight)
     source: str  # the file or directory the weights came from
     loaded: int  # number of tensors copied into the tower
-    missing: list[str]  # tower keys the checkpoint did not provide (left at random init)
-    unexpected: list[str]  # checkpoint keys the tower has no place for (ignored)
+    missing: list[str]  # tower tensors the file lacks, allowed by name (they keep their initialisation)
+    unexpected: list[str]  # file tensors the tower has no place for, allowed by name (not used)
 
     def __str__(self) -> str:
         parts = [f"{self.tower} tower <- {self.source}: {self.loaded} tensors loaded"]
         if self.missing:
-            parts.append(f"{len(self.missing)} missing (random init): {', '.join(self.missing)}")
+            parts.append(f"{len(self.missing)} left at their initialisation: {first_names(self.missing)}")
         if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected (ignored): {', '.join(self.unexpected)}")
+            parts.append(f"{len(self.unexpected)} in the file not used: {first_names(self.unexpected)}")
         return "; ".join(parts)
 
     def log(self) -> None:
-        (log.warning if self.missing else log.info)("%s", self)
+        log.info("%s", self)
+
+    def record(self) -> dict[str, int]:
+        """This tower's counts for metrics.jsonl's ``weights`` record."""
+        return {
+            f"{self.tower}_tensors": self.loaded,
+            f"{self.tower}_left_out": len(self.missing),
+            f"{self.tower}_unused": len(self.unexpected),
+        }
+
+
+def weights_record(reports: dict[str, LoadReport]) -> dict[str, int]:
+    """metrics.jsonl's ``weights`` record: per tower the tensors loaded from a file (0: random init), the
+    tensors left at their initialisation and the file's tensors not used (both allowed by name)."""
+    record = {"vision_tensors": 0, "text_tensors": 0}
+    for report in reports.values():
+        record.update(report.record())
+    return record
 
 
 def _numpy_scalar_globals() -> list:
@@ -72,66 +107,185 @@ def _torch_load(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"(?:Unsupported global|unsupported)[^\n]*?GLOBAL ([\w.]+)", str(exc))
-        what = f" (it holds {found.group(1)})" if found else ""
+        if found is None:
+            raise ValueError(f"weights file {path}: cannot read it ({_first_line(exc)})") from None
         raise ValueError(
-            f"weights file {path} holds objects other than tensors, numbers, strings and numpy scalars{what}; "
-            "refusing to unpickle it"
+            f"weights file {path} holds objects other than tensors, numbers, strings and numpy scalars "
+            f"(it holds {found.group(1)}); refusing to unpickle it"
         ) from None
+    except RuntimeError as exc:
+        if "TorchScript" in str(exc):
+            raise ValueError(
+                f"weights file {path} is a TorchScript archive (OpenAI's CLIP download is one): load it "
+                "with torch.jit.load and save its state_dict() to load that"
+            ) from None
+        raise ValueError(f"weights file {path}: cannot read it ({_first_line(exc)})") from None
+    except EOFError:
+        raise ValueError(f"weights file {path}: cannot read it (it ends early)") from None
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors/.bin/.pt/.pth file, unwrapped from a training checkpoint and 'module.'."""
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def load_weights_file(path: str | Path) -> object:
+    """What a .safetensors/.bin/.pt/.pth file holds, as stored (see ``unwrap_state_dict``).
+
+    Always real CPU tensors, also under a ``torch.device("meta")`` context (the pre-flight model build),
+    where safetensors 0.4 would otherwise hand out meta tensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        obj: object = load_file(str(path))
-    elif path.suffix in _TORCH_SUFFIXES:
-        obj = _torch_load(path)
-    else:
+    if path.suffix not in (".safetensors", *_TORCH_SUFFIXES):
         raise ValueError(
             f"weights file {path}: unsupported suffix {path.suffix!r}; use .safetensors, .bin, .pt or .pth"
         )
-    for key in _WRAPPER_KEYS:
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"weights file {path} does not hold a flat mapping of names to tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    with torch.device("cpu"):
+        if path.suffix != ".safetensors":
+            return _torch_load(path)
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise ValueError(f"weights file {path}: cannot read it ({_first_line(exc)})") from None
 
 
-def raise_on_shape_mismatch(tower: str, source: str, mismatched: list[tuple[str, tuple, tuple]]) -> None:
-    """Fail loudly, naming every (key, checkpoint shape, tower shape) that cannot be copied."""
+def unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
+    """The flat name -> tensor mapping inside a training checkpoint, without a wrapper's key prefix.
+
+    Unwrapped only where nothing else could be meant: one level down under ``state_dict``, ``model`` or
+    ``module`` while the level holds no tensors of its own and exactly one of them (two are refused), and a
+    ``module.``/``model.`` prefix that every key carries. Anything else is left as it is, for the strict
+    load to refuse by name.
+    """
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        nested = [key for key in _WRAPPER_KEYS if isinstance(obj.get(key), dict)]
+        if len(nested) > 1:
+            raise ValueError(
+                f"weights file {source} holds {len(nested)} state dicts ({', '.join(map(repr, nested))}); "
+                "save the one to load on its own"
+            )
+        if not nested:
+            break
+        obj = obj[nested[0]]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"weights file {source} does not hold a flat mapping of names to tensors")
+    state: dict[str, torch.Tensor] = obj
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                stripped = True
+    return state
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors/.bin/.pt/.pth file, unwrapped from a training checkpoint and a wrapper's
+    prefix (see ``unwrap_state_dict``)."""
+    return unwrap_state_dict(load_weights_file(path), str(path))
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _common_prefix_hint(names: Sequence[str], own: dict[str, torch.Tensor]) -> str:
+    """Says so when every name of the file starts with one word the tower has no module of (``encoder.``):
+    most likely a wrapper's prefix, which the user has to remove (it is not one of the unambiguous ones)."""
+    heads = {name.split(".", 1)[0] for name in names}
+    if len(names) < 2 or len(heads) != 1 or "." not in names[0]:
+        return ""
+    (head,) = heads
+    if any(k.split(".", 1)[0] == head for k in own):
+        return ""
+    return f"; every key of the file starts with {head + '.'!r}, a prefix the loader does not strip"
+
+
+def strict_fit(
+    own: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    *,
+    tower: str,
+    source: str,
+    field: str,
+    may_lack: Sequence[str] = (),
+    may_leave: Sequence[str] = (),
+    remedy: str,
+) -> LoadReport:
+    """Check that ``state`` fills ``own`` (a state dict, real or on the meta device) exactly.
+
+    Refused with ``ModelConfigError(field, one line)``: any shape that differs; a tower tensor the file
+    lacks unless it matches a pattern of ``may_lack``; a file tensor the tower has no place for unless it
+    matches ``may_leave`` (fnmatch patterns, ``*`` crosses dots). ``remedy`` ends the refusal.
+    """
+    mismatched = sorted(k for k, v in state.items() if k in own and v.shape != own[k].shape)
     if mismatched:
-        lines = "\n".join(
-            f"  {k}: checkpoint {tuple(a)} vs {tower} tower {tuple(b)}" for k, a, b in mismatched
+        shown = [f"{k}: file {tuple(state[k].shape)} vs tower {tuple(own[k].shape)}" for k in mismatched]
+        raise ModelConfigError(
+            field,
+            f"{source}: {len(mismatched)} tensor(s) do not fit the {tower} tower's shapes: "
+            f"{first_names(shown)}",
         )
-        raise ValueError(f"{source}: {len(mismatched)} tensor(s) do not fit the {tower} tower:\n{lines}")
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    refused_missing = [k for k in missing if not _matches(k, may_lack)]
+    refused_unexpected = [k for k in unexpected if not _matches(k, may_leave)]
+    if refused_missing or refused_unexpected:
+        found = []
+        if refused_missing:
+            found.append(
+                f"{len(refused_missing)} of the tower's tensors are not in the file "
+                f"({first_names(refused_missing)})"
+            )
+        if refused_unexpected:
+            found.append(
+                f"{len(refused_unexpected)} tensors of the file have no place in the tower "
+                f"({first_names(refused_unexpected)})"
+            )
+        hint = _common_prefix_hint(sorted(state), own) if refused_unexpected else ""
+        raise ModelConfigError(
+            field, f"{source}: does not fit the {tower} tower: {'; '.join(found)}{hint}; {remedy}"
+        )
+    return LoadReport(tower, source, len(state) - len(unexpected), missing, unexpected)
 
 
-def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], tower: str, source: str) -> LoadReport:
-    """Copy matching tensors into ``module``; shape mismatches raise, key mismatches are reported."""
+def load_strict(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    tower: str,
+    source: str,
+    field: str,
+    may_lack: Sequence[str] = (),
+    may_leave: Sequence[str] = (),
+    remedy: str,
+) -> LoadReport:
+    """``strict_fit`` against ``module``, then copy the fitting tensors in; logs and returns the report."""
     own = module.state_dict()
-    mismatched = [
-        (k, tuple(v.shape), tuple(own[k].shape))
-        for k, v in state_dict.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    raise_on_shape_mismatch(tower, source, mismatched)
-    result = module.load_state_dict(state_dict, strict=False)
-    report = LoadReport(
+    report = strict_fit(
+        own,
+        state,
         tower=tower,
         source=source,
-        loaded=len(state_dict) - len(result.unexpected_keys),
-        missing=sorted(result.missing_keys),
-        unexpected=sorted(result.unexpected_keys),
+        field=field,
+        may_lack=may_lack,
+        may_leave=may_leave,
+        remedy=remedy,
     )
+    # Every key is accounted for by strict_fit: what load_state_dict would call missing or unexpected here
+    # is exactly the report's allowed gaps.
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     report.log()
     return report
 
 
-class InitFromError(ValueError):
+class InitFromError(ModelConfigError):
     """A model.init_from directory whose weights do not fit the configured model (one line, names the tensors)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("model.init_from", message)
 
 
 def load_whole_model(
@@ -151,16 +305,16 @@ def load_whole_model(
     ]
     if mismatched:
         raise InitFromError(
-            f"{source}: {len(mismatched)} tensor(s) do not fit the configured model: {'; '.join(mismatched)}"
+            f"{source}: {len(mismatched)} tensor(s) do not fit the configured model: {first_names(mismatched)}"
         )
     missing = sorted(own.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - own.keys())
     if strict and (missing or unexpected):
         found = []
         if missing:
-            found.append(f"{len(missing)} missing: {', '.join(missing)}")
+            found.append(f"{len(missing)} missing: {first_names(missing)}")
         if unexpected:
-            found.append(f"{len(unexpected)} unexpected: {', '.join(unexpected)}")
+            found.append(f"{len(unexpected)} unexpected: {first_names(unexpected)}")
         raise InitFromError(
             f"{source}: does not hold exactly the configured model's weights ({'; '.join(found)}); "
             "set model.init_from_strict false to load the rest"

@@ -49,8 +49,9 @@ class LossSection:
     # true: the global batch (exact all-gather with gradient, the paper's objective); false: each rank's own
     # batch only, as the release runs (--skip-aggregate), and DDP optimises the mean of the local losses.
     gather: bool = True
-    # "mask": patients whose cleaned reports are identical are not each other's negatives (per level: the
-    # patient report at the patient level, the eye reports at the eye levels; the own pair stays positive).
+    # "mask": patients whose reports reach the text tower as the same token ids (after truncation to
+    # data.context_length) are not each other's negatives (per level: the patient report at the patient
+    # level, the eye reports at the eye levels; the own pair stays positive).
     # "keep": they are pushed apart like any other pair, as the release and CLIP do.
     duplicates: Literal["mask", "keep"] = "mask"
 

@@ -29,9 +29,10 @@ from retclip_dist.data.samples import REPORT_HASH
 from retclip_dist.data.validation import build_val_data
 from retclip_dist.exit_codes import EXIT_OK, EXIT_STOPPED
 from retclip_dist.loss import TripartiteLoss
+from retclip_dist.model.config import ModelConfigError
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
-from retclip_dist.model.weights import InitFromError
+from retclip_dist.model.weights import weights_record
 from retclip_dist.train.backend import (
     build_accelerator,
     clamp_scales,
@@ -120,8 +121,9 @@ def train(cfg: RunConfig) -> int:
 
     try:
         model = RetClip(cfg.model)
-    except InitFromError as exc:  # every rank finds the same mismatch; exit 2 like any config error
-        raise ConfigError(f"model.init_from: {exc}") from exc
+    except ModelConfigError as exc:  # pre-flight found it already, unless a file changed since
+        raise ConfigError(f"{exc.field}: {exc}") from exc
+    loaded = weights_record(model.load_reports)
     tokenizer = build_tokenizer(cfg.model)
     image = model.image_input  # both augmentation paths resize and normalise as the model states
     rank, world = acc.process_index, acc.num_processes
@@ -152,6 +154,8 @@ def train(cfg: RunConfig) -> int:
     config_dict = to_dict(cfg)
     acc.init_trackers(cfg.log.project, config=tracker_config(config_dict))  # main process only
     metrics = MetricsLog(out_dir, acc.log) if acc.is_main_process else None
+    if metrics is not None and not restored:  # a resume's weights come from its checkpoint
+        metrics.write("weights", step, loaded)
     if acc.is_main_process:
         (out_dir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
         log.info(

@@ -1,8 +1,10 @@
 """Check a whole run config before any process group starts: one line naming the field and the reason.
 
 ``check_run_config(cfg, world_size)`` raises ``ConfigError`` for the first problem it finds, in this order:
-ranges of single fields, rules between fields (partitions and batch, image size and context length
-against the model), then what lies outside the config (paths, the shard manifest, the probe's table and
+ranges of single fields, rules between fields (partitions and batch, the logit-scale clamp range, image
+size and context length against the model), the model built on the meta device as every rank will build
+it (weight files strictly checked against the towers, without initialising or holding any weights), then
+what lies outside the config (paths, the shard manifest, the probe's table and
 its splits, the checkpoint to resume from and the global batch it was saved with, a live run in the same
 output_dir). It only reads, except that it creates ``output_dir`` to prove it writable, as the run would,
 and that a resume on another world size sets ``data.batch_size`` (and maybe ``data.partitions``) to keep
@@ -14,17 +16,20 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import accelerate.tracking
+import torch
 from accelerate.utils import LoggerType
 
 from retclip_dist.config import ConfigError
 from retclip_dist.io import files
 from retclip_dist.launch.stop_signals import stop_signals
-from retclip_dist.model.retclip import WEIGHTS_FILE
+from retclip_dist.model.config import ModelConfig, ModelConfigError
+from retclip_dist.model.retclip import WEIGHTS_FILE, RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import image_input, text_model_config, vision_input_size
 from retclip_dist.shardset import read_manifest
@@ -105,6 +110,25 @@ def _ranges(cfg: RunConfig) -> None:
     betas = cfg.train.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise _fail("train.betas", betas, "must be two numbers in [0, 1)")
+    _logit_scale_range(cfg.model)
+
+
+def _logit_scale_range(model: ModelConfig) -> None:
+    # The clamp after each step would otherwise pin every scale to one bound, or move the configured
+    # starting value at the first step, without a word.
+    low, high = model.min_logit_scale, model.max_logit_scale
+    if low is not None and not math.isfinite(low):
+        raise _fail("model.min_logit_scale", low, "must be a finite number (or null: no lower clamp)")
+    if low is not None and low > high:
+        raise _fail("model.min_logit_scale", low, f"is above model.max_logit_scale={high!r}")
+    start = model.resolved_init_logit_scale()
+    if not math.isfinite(start) or start > high or (low is not None and start < low):
+        raise _fail(
+            "model.init_logit_scale",
+            start,
+            f"is outside [model.min_logit_scale, model.max_logit_scale] = [{low!r}, {high!r}], which the "
+            "first step's clamp would move it into",
+        )
 
 
 def _trackers(cfg: RunConfig) -> None:
@@ -202,6 +226,21 @@ def _model_fit(cfg: RunConfig) -> None:
             raise _fail(f"model.{name}", value, "must be three finite numbers (R, G, B)")
     if min(cfg.model.image_std) <= 0:
         raise _fail("model.image_std", cfg.model.image_std, "must be above 0 in every channel")
+    _model_builds(cfg.model)
+
+
+def _model_builds(cfg: ModelConfig) -> None:
+    """Build the model on the meta device (no memory, no initialisation), as every rank will: the weight
+    files are read and strictly checked against the towers, the CLIP activation and logit_scale, selective
+    checkpointing and model.init_from, each refused as ``{field}: {reason}``."""
+    with warnings.catch_warnings():
+        # Loading into meta parameters copies nothing, and torch says so once per tensor.
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+        try:
+            with torch.device("meta"):
+                RetClip(cfg)
+        except ModelConfigError as exc:
+            raise ConfigError(f"{exc.field}: {exc}") from exc
 
 
 def _shards(cfg: RunConfig) -> None:
