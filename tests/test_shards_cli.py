@@ -77,7 +77,9 @@ def test_parsing_every_flag_gives_exactly_those_options():
         retclip_dir="r",
         split="test",
         val_fraction=0.25,
-        image=ImageOptions(size=64, resize="shorter", quality=80, min_side=32, max_pixels=1000, crop="fundus"),
+        image=ImageOptions(
+            size=64, resize="shorter", quality=80, min_side=32, max_pixels=1000, crop="fundus"
+        ),
         max_count=7,
         max_size=9999,
         seed=3,

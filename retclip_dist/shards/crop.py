@@ -208,23 +208,24 @@ def outside_mask(size: tuple[int, int], circle: Circle) -> np.ndarray:
 
 
 def crop_to_field(img: Image.Image, circle: Circle, side: int) -> Image.Image:
-    """The bounding square of ``circle`` resized to ``side`` x ``side``, every pixel outside the circle black.
+    """The bounding square of ``circle`` resampled to ``side`` x ``side``: the circle becomes the square's
+    inscribed circle, and every pixel outside it is black.
 
     Parts of the square beyond the frame (a field cut off at the top and bottom) are black. The image is
-    blacked out outside the circle before resizing too, so no burned-in text blends into edge pixels.
+    blacked out outside the circle before resampling too, so no burned-in text blends into edge pixels.
     """
-    full = max(1, round(2 * circle.r))
-    left, top = round(circle.cx - circle.r), round(circle.cy - circle.r)
-    square = img.crop((left, top, left + full, top + full))  # PIL fills beyond the frame with black
+    left, top = math.floor(circle.cx - circle.r) - 2, math.floor(circle.cy - circle.r) - 2
+    full = math.ceil(2 * circle.r) + 5
+    padded = img.crop((left, top, left + full, top + full))  # PIL fills beyond the frame with black
     inner = Circle(circle.cx - left, circle.cy - top, circle.r)
-    keep = Image.new("L", square.size, 0)
+    keep = Image.new("L", padded.size, 0)
     ImageDraw.Draw(keep).ellipse(
         (inner.cx - inner.r, inner.cy - inner.r, inner.cx + inner.r, inner.cy + inner.r), fill=255
     )
-    square = Image.composite(square, Image.new(square.mode, square.size), keep)
-    if full != side:
-        square = square.resize((side, side), Image.Resampling.BICUBIC)
+    padded = Image.composite(padded, Image.new(padded.mode, padded.size), keep)
+    box = (inner.cx - inner.r, inner.cy - inner.r, inner.cx + inner.r, inner.cy + inner.r)
+    square = padded.resize((side, side), Image.Resampling.BICUBIC, box=box)
     # Resampling rings a little past the edge; the final mask makes "outside is black" exact.
     pixels = np.array(square)
-    pixels[outside_mask(square.size, inner.scaled(side / full))] = 0
+    pixels[outside_mask(square.size, Circle(side / 2, side / 2, side / 2))] = 0
     return Image.fromarray(pixels, square.mode)
