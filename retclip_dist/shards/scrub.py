@@ -150,6 +150,8 @@ _TYPED: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 )
 
 
+# Full-width ASCII forms (U+FF01-U+FF5E) and the ideographic space, one character for one character.
+_HALF_WIDTH = {0xFF01 + i: 0x21 + i for i in range(94)} | {0x3000: 0x20}
 _LATIN_RE = re.compile(f"[{_LATIN}]")
 
 
@@ -164,11 +166,11 @@ def _squeeze(text: str) -> tuple[str, list[int]]:
     kept: list[str] = []
     where: list[int] = []
     for i, c in enumerate(text):
-        if c in _GAP_CHARS or c.isspace():
-            continue
-        folded = _fold(c)
-        kept.append(folded)
-        where.extend([i] * len(folded))
+        for folded in _fold(c):
+            if folded in _GAP_CHARS or folded.isspace():
+                continue
+            kept.append(folded)
+            where.append(i)
     return "".join(kept), where
 
 
@@ -231,11 +233,14 @@ def scrub_text(text: str, identifiers: Sequence[tuple[str, str]]) -> str:
                     taken.append((start, end, placeholder(column)))
     for start, end, name in sorted(taken, reverse=True):
         text = text[:start] + name + text[end:]
+    # The patterns read full-width digits and letters (common in Chinese text) as ASCII; the view has the
+    # same length as the text, so a match in the view is replaced at the same place in the text.
+    view = text.translate(_HALF_WIDTH)
     for name, pattern in _TYPED:
-        if "keep" in pattern.groupindex:
-            text = pattern.sub(lambda m, name=name: m["keep"] + name, text)
-        else:
-            text = pattern.sub(name, text)
+        for m in reversed(list(pattern.finditer(view))):
+            start = m.start("keep") + len(m["keep"]) if "keep" in pattern.groupindex else m.start()
+            text = text[:start] + name + text[m.end() :]
+            view = view[:start] + name + view[m.end() :]
     return text
 
 
