@@ -401,11 +401,11 @@ def test_leakage_guard_of_a_pseudonymised_set_needs_its_key(tmp_path):
     bset = read_dataset(spec("retfound_split", evalset))
     shards = str(tmp_path / "shards")
     assert check_leakage(bset, shards, strict=False, key_file=str(key)) == ["test/anodr/img012.jpg"]
-    with pytest.raises(ValueError, match="built with --pseudonymise.*--shards-key KEYFILE"):
+    with pytest.raises(ValueError, match=r"built with --pseudonymise.*--shards-key KEYFILE"):
         check_leakage(bset, shards, strict=False)
-    with pytest.raises(ValueError, match="not the key .* was built with"):
+    with pytest.raises(ValueError, match=r"not the key .* was built with"):
         check_leakage(bset, shards, strict=False, key_file=str(other))
-    with pytest.raises(ValueError, match="--shards-key .*cannot read the key file"):
+    with pytest.raises(ValueError, match=r"--shards-key .*cannot read the key file"):
         check_leakage(bset, shards, strict=False, key_file=str(tmp_path / "missing"))
 
 

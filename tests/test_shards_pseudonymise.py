@@ -244,7 +244,7 @@ def test_verify_flags_pseudonymised_samples_with_ids_or_paths():
 
 
 def test_source_hashes_are_keyed_so_a_photo_cannot_be_tested_without_the_key(cohort, tmp_path):
-    manifest, images, keyfile, _ = cohort
+    manifest, images, _, _ = cohort
     out = tmp_path / "out"
     assert _build(cohort, out) == 0
     written = json.loads((out / "manifest.json").read_text())
