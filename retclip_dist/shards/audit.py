@@ -228,9 +228,13 @@ def _utf16(data: bytes) -> Iterator[tuple[str, str, int]]:
 
 def _readings(data: bytes, binary: bool) -> Iterator[tuple[str, str, int]]:
     """(text, encoding, byte offset of its first character) readings of a region."""
-    utf8 = data.decode("utf-8", "replace")
+    try:
+        utf8, valid = data.decode("utf-8"), True
+    except UnicodeDecodeError:
+        # Each undecodable byte becomes one stand-in character, so offsets can be counted back exactly.
+        utf8, valid = data.decode("utf-8", "surrogateescape"), False
     yield utf8, "utf-8", 0
-    if binary or "\ufffd" in utf8:
+    if binary or not valid:
         if not data.isascii():
             yield data.decode("latin-1"), "latin-1", 0
         if b"\0" in data:
@@ -297,12 +301,13 @@ class _Auditor:
         self.result = AuditResult(directory, identifiers=identifiers, patterns=len(patterns))
         self.identifiers = identifiers
         self.patterns = patterns
-        self.seen: set[tuple[str, str, int, str]] = set()
+        self.seen: dict[tuple[str, str, str], set[int]] = {}
 
     def _hit(self, hit: Hit) -> None:
-        key = (hit.file, hit.member, hit.offset, hit.what)
-        if key not in self.seen:
-            self.seen.add(key)
+        # One finding read two ways (UTF-8 and Latin-1; UTF-16 in both byte orders, a byte apart) is one hit.
+        offsets = self.seen.setdefault((hit.file, hit.member, hit.what), set())
+        if not offsets & {hit.offset - 1, hit.offset, hit.offset + 1}:
+            offsets.add(hit.offset)
             self.result.hits.append(hit)
 
     def _search(self, text: str, encoding: str, to_byte, where: tuple[str, str]) -> None:
@@ -330,7 +335,7 @@ class _Auditor:
             if encoding == "utf-8" and not data.isascii():
 
                 def to_byte(k: int, text: str = text) -> int:
-                    return base + len(text[:k].encode("utf-8"))
+                    return base + len(text[:k].encode("utf-8", "surrogateescape"))
             elif encoding.startswith("utf-16"):
 
                 def to_byte(k: int, start: int = start) -> int:
