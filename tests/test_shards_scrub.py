@@ -35,7 +35,7 @@ REPORTS = [
     ),
     (
         "Anna  rossi (anna-rossi, ROSSIANNA?) reviewed 03/04/2021 by Dr. Smith; SSN 123-45-6789; "
-        "ref 2021-11 and 11/2021; record number 99812; hosp0091428 again.",
+        "ref 2021-11 and 11/2021; record number 99812; lab 7654321; hosp0091428 again.",
         [("patient_id", "HOSP.0091428"), ("name", "Anna Rossi")],
         [
             "rossi",
@@ -48,8 +48,9 @@ REPORTS = [
             "0091428",
             "2021-11",
             "11/2021",
+            "7654321",
         ],
-        ["[NAME]", "[DATE]", "[ID_NUMBER]", "[ID]", "[PATIENT_ID]"],
+        ["[NAME]", "[DATE]", "[ID_NUMBER]", "[ID]", "[PATIENT_ID]", "[NUMBER]"],
     ),
     (
         "患者：张伟，男，身份证号110105194912310021，电话 138 0013 8000，座机(010)65432109，"

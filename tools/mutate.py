@@ -49,6 +49,10 @@ AUG = "retclip_dist/data/augment.py"
 MET = "retclip_dist/eval/metrics.py"
 ZS = "retclip_dist/eval/zeroshot.py"
 IMG = "retclip_dist/shards/images.py"
+CROP = "retclip_dist/shards/crop.py"
+SCRUB = "retclip_dist/shards/scrub.py"
+AUDIT = "retclip_dist/shards/audit.py"
+BUILD = "retclip_dist/shards/build.py"
 LOSS = "retclip_dist/loss.py"
 CKPT = "retclip_dist/train/checkpoint.py"
 STEP = "retclip_dist/train/step.py"
@@ -71,6 +75,11 @@ T_MET = "tests/test_eval_metrics.py"
 T_MACRO = "tests/test_strength_metrics.py"
 T_ZS = "tests/test_strength_zeroshot.py"
 T_IMG = "tests/test_strength_images.py"
+T_META = "tests/test_shards_metadata.py"
+T_CROP = "tests/test_shards_crop.py"
+T_SCRUB = "tests/test_shards_scrub.py"
+T_AUDIT = "tests/test_shards_audit.py"
+T_PSEUDO = "tests/test_shards_pseudonymise.py"
 T_GATHER = "tests/test_strength_gather.py"
 T_LOSS = "tests/test_loss.py"
 T_CKPT = "tests/test_strength_checkpoint.py"
@@ -239,6 +248,42 @@ MUTANTS = [
         "if min(width, height) < opts.min_side:",
         "if min(width, height) <= opts.min_side:",
         (T_IMG,),
+    ),
+    # --- shards that leave the hospital (issue 20)
+    Mutant(
+        "source-metadata-carried-through",
+        IMG,
+        'clean = Image.frombytes("RGB", rgb.size, rgb.tobytes())',
+        "clean = rgb",
+        (T_META,),
+    ),
+    Mutant(
+        "crop-leaves-ringing-outside-the-circle",
+        CROP,
+        "pixels[outside_mask(square.size, Circle(side / 2, side / 2, side / 2))] = 0",
+        "pixels[outside_mask(square.size, Circle(side / 2, side / 2, side / 2 + 3))] = 0",
+        (T_CROP,),
+    ),
+    Mutant(
+        "scrub-misses-long-digit-runs",
+        SCRUB,
+        r'("[NUMBER]", _D + r"\d{6,}" + _ND, 0)',
+        r'("[NUMBER]", _D + r"\d{9,}" + _ND, 0)',
+        (T_SCRUB,),
+    ),
+    Mutant(
+        "audit-skips-jpeg-metadata",
+        AUDIT,
+        'yield i, end, "meta" if (0xE0 <= marker <= 0xEF or marker == 0xFE) else "table"',
+        'yield i, end, "scan" if (0xE0 <= marker <= 0xEF or marker == 0xFE) else "table"',
+        (T_AUDIT,),
+    ),
+    Mutant(
+        "plain-source-hash-under-pseudonymise",
+        BUILD,
+        "source_digest: Callable[[str], str] = pseudonymiser.source_digest if pseudonymiser else (lambda d: d)",
+        "source_digest: Callable[[str], str] = lambda d: d",
+        (T_PSEUDO,),
     ),
     # --- loss and its collective
     Mutant(
