@@ -274,3 +274,21 @@ def test_patterns_and_exit_codes(export, tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert cli.main(["audit", str(clean), "--manifest", str(manifest), "--identifier-columns", "nope"]) == 2
     assert "no column(s) ['nope']" in capsys.readouterr().err
+
+
+def test_a_pseudonymised_retclip_build_audits_for_its_ids(tmp_path, capsys):
+    source = synth.write_retclip_dir(tmp_path / "rc", 3, image_size=64)
+    key = tmp_path / "key"
+    key.write_bytes(KEY)
+    argv = ["build", "--retclip-dir", str(source), "--image-size", "32", "--min-side", "32", "--no-progress"]
+    argv += ["--pseudonymise", str(key)]
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "clean")]) == 0
+    texts = source / "train_texts.jsonl"
+    lines = [json.loads(line) for line in texts.read_text().splitlines()]
+    lines[1]["text"] = f"follow-up of {lines[1]['image_ids'][0]}: " + lines[1]["text"]
+    texts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    capsys.readouterr()
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "leaky")]) == 1
+    hits = [line for line in capsys.readouterr().out.splitlines() if line.startswith("HIT ")]
+    assert len(hits) == 1 and "report.txt" in hits[0] and "= patient_id of train_imgs.tsv:2" in hits[0]
+    assert not (tmp_path / "leaky" / "manifest.json").exists()

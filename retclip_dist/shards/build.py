@@ -83,7 +83,8 @@ class BuildOptions:
     strict: bool = False  # any reject is an error: stop, write no manifest
     progress: bool = True  # a tqdm progress bar on stderr (--no-progress: none)
     # secret key file of the data owner (keep it in the hospital): patient ids become HMAC-SHA256
-    # pseudonyms and image paths are left out, so the output directory may leave the hospital
+    # pseudonyms, image paths are left out and source hashes keyed, and the build ends by auditing its
+    # output for the manifest's identifiers, so the output directory may leave the hospital
     pseudonymise: str | None = field(default=None, metadata={"metavar": "KEYFILE"})
     # replace the patient id, the --identifier-columns cells, dates, phone numbers, national ids, e-mail
     # addresses and long digit runs in the report text with typed placeholders ([DATE], [PHONE], ...)
