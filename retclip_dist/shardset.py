@@ -21,11 +21,15 @@ FORMAT = "retclip-shards/1"
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 SHARD_SUFFIX = ".tar"
-# Shard entry of manifest.json: sorted sha256 digests of the source image files packed into the shard.
-# Content hashes name no path or patient, so they are kept under --pseudonymise too; retclip-eval
-# benchmark --shards matches evaluation images against them (pretraining/evaluation leakage).
+# Shard entry of manifest.json: sorted digests of the source image files packed into the shard, which
+# retclip-eval benchmark --shards matches evaluation images against (pretraining/evaluation leakage).
+# A plain sha256 lets anyone holding a photo test whether its patient is in the set, so a pseudonymised
+# set holds HMAC-SHA256(key, sha256) instead (Pseudonymiser.source_digest) and says so in SOURCE_HASH_FIELD.
 SOURCE_HASHES_FIELD = "source_sha256"
+SOURCE_HASH_FIELD = "source_hash"  # manifest.json: "sha256" (plain) or "hmac-sha256" (keyed); absent = plain
+KEYED_SOURCE_HASH = "hmac-sha256"
 PSEUDONYMISED_FIELD = "pseudonymised"  # manifest.json: true when ids are keyed hashes and paths left out
+KEY_CHECK_FIELD = "key_check"  # manifest.json of a pseudonymised set: Pseudonymiser.key_check() of its key
 
 EYES = ("left", "right")
 IMAGE_MEMBER = {eye: f"{eye}.jpg" for eye in EYES}  # JPEG of each eye
@@ -53,13 +57,18 @@ def is_eye_image(name: str) -> bool:
 
 
 def manifest_json(
-    options: dict[str, Any], shards: list[dict[str, Any]], rejected: dict[str, int], pseudonymised: bool
+    options: dict[str, Any],
+    shards: list[dict[str, Any]],
+    rejected: dict[str, int],
+    pseudonymised: bool,
+    key_check: str | None = None,
 ) -> str:
     """The manifest.json text; no timestamps or paths of the output, so equal inputs give equal bytes.
 
     ``shards`` are entries with name, split, count, bytes and sha256, in writing order; ``rejected`` is
     the count per reject reason. ``pseudonymised`` (never the key) tells readers and ``make-shards
-    verify`` that ids are keyed hashes and samples carry no source paths.
+    verify`` that ids are keyed hashes and samples carry no source paths; ``key_check`` (given when the
+    source hashes are keyed) lets a reader tell whether a key file is the one the set was built with.
     """
     splits: dict[str, dict[str, int]] = {}
     for shard in shards:
@@ -71,6 +80,8 @@ def manifest_json(
         "format": FORMAT,
         "tool_version": retclip_dist.__version__,
         PSEUDONYMISED_FIELD: pseudonymised,
+        SOURCE_HASH_FIELD: "sha256" if key_check is None else KEYED_SOURCE_HASH,
+        **({} if key_check is None else {KEY_CHECK_FIELD: key_check}),
         "options": options,
         "splits": dict(sorted(splits.items())),
         "shards": shards,

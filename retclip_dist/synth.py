@@ -200,6 +200,125 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def field_photo(
+    eye: Image.Image, width: int, height: int, centre: tuple[int, int], radius: int
+) -> Image.Image:
+    """``eye`` (a make_patient image, its field a disc of 0.46 of its side) scaled so that the field has
+    ``radius`` and laid on a black ``width`` x ``height`` frame with the field's centre at ``centre``;
+    parts beyond the frame are cut off, as cameras cut a wide field at the top and bottom."""
+    side = round(radius / 0.46)
+    tile = eye.resize((side, side), Image.Resampling.BICUBIC)
+    frame = Image.new("RGB", (width, height))
+    frame.paste(tile, (centre[0] - side // 2, centre[1] - side // 2))
+    return frame
+
+
+def burn_in(img: Image.Image, corners: dict[str, list[str]], scale: int = 2) -> Image.Image:
+    """``img`` with white text in its corners ("tl", "tr", "bl", "br" -> lines), as fundus cameras print
+    the patient's name, id and date; Pillow's built-in bitmap font, enlarged ``scale`` times."""
+    out = img.copy()
+    for corner, lines in corners.items():
+        probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+        text = "\n".join(lines)
+        _, _, right, bottom = probe.multiline_textbbox((0, 0), text)
+        layer = Image.new("L", (right + 2, bottom + 2))
+        ImageDraw.Draw(layer).multiline_text((0, 0), text, fill=255)
+        layer = layer.resize((layer.width * scale, layer.height * scale), Image.Resampling.NEAREST)
+        margin = 2 * scale
+        x = margin if corner[1] == "l" else out.width - layer.width - margin
+        y = margin if corner[0] == "t" else out.height - layer.height - margin
+        out.paste((255, 255, 255), (x, y), layer)
+    return out
+
+
+# Identifying details of the hospital-style export (write_raw_archive(identifying=True)); fictitious.
+_NAMES = ("Hans Müller", "张伟", "Anna Rossi", "王芳", "Marie Dupont", "李娜", "John O'Neill", "刘洋")
+
+
+def _resident_id(rng: np.random.Generator) -> str:
+    """An 18-character Chinese resident id: region, birth date, sequence and the ISO 7064 check digit."""
+    body = f"{rng.integers(110000, 660000)}{rng.integers(1940, 2005)}{rng.integers(1, 13):02d}"
+    body += f"{rng.integers(1, 29):02d}{rng.integers(0, 1000):03d}"
+    weights = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+    check = "10X98765432"[sum(int(d) * w for d, w in zip(body, weights, strict=True)) % 11]
+    return body + check
+
+
+def identifying_details(i: int, seed: int = 0) -> dict[str, str]:
+    """Name, record number, birth and visit dates, phone, resident id and e-mail of export patient ``i``."""
+    rng = np.random.default_rng([seed, i, 7])
+    return {
+        "patient_name": _NAMES[i % len(_NAMES)],
+        "mrn": f"MRN{rng.integers(10_000_000, 99_999_999)}",
+        "birth_date": f"{rng.integers(1940, 2005)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}",
+        "visit_date": f"2023-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}",
+        "phone": f"1{rng.integers(3, 10)}{rng.integers(0, 10)}{rng.integers(10_000_000, 99_999_999)}",
+        "resident_id": _resident_id(rng),
+        "email": f"patient{i}@example.org",
+    }
+
+
+def identifying_report(i: int, pid: str, who: dict[str, str], clinical: str) -> str:
+    """``clinical`` wrapped in the header and footer a hospital report carries, English or Chinese."""
+    if i % 2:
+        y, m, d = who["visit_date"].split("-")
+        return (
+            f"患者：{who['patient_name']}，病历号 {who['mrn']}，ID {pid}，身份证号{who['resident_id']}，"
+            f"联系电话{who['phone']}，{int(y)}年{int(m)}月{int(d)}日就诊。{clinical}"
+            f" 报告已发送至 {who['email']}。"
+        )
+    phone = f"+86 {who['phone'][:3]} {who['phone'][3:7]} {who['phone'][7:]}"
+    return (
+        f"Name: {who['patient_name'].upper()}  MRN: {who['mrn']}  Patient ID: {pid}  "
+        f"DOB: {who['birth_date']}  Visit: {who['visit_date']}. {clinical} "
+        f"Call {phone} or write to {who['email']} with questions."
+    )
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def with_metadata(jpeg: bytes, text: str) -> bytes:
+    """``jpeg`` carrying ``text`` in a comment (COM), EXIF (description, artist, UTF-16 XP comment), XMP
+    and IPTC (APP13) segments, as camera and PACS software write names and ids into exports."""
+    exif = Image.Exif()
+    exif[0x010E] = text  # ImageDescription
+    exif[0x013B] = text  # Artist
+    exif[0x9C9C] = text.encode("utf-16-le") + b"\0\0"  # XPComment (Windows writes UTF-16)
+    xmp = (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description xmlns:dc="http://purl.org/dc/elements/1.1/" dc:creator="{text}"/>'
+        "</rdf:RDF></x:xmpmeta>"
+    ).encode()
+    value = text.encode("utf-8")
+    iptc = b"\x1c\x02\x05" + len(value).to_bytes(2, "big") + value  # IPTC 2:05 object name
+    photoshop = b"Photoshop 3.0\0" + b"8BIM\x04\x04\0\0" + len(iptc).to_bytes(4, "big") + iptc
+    segments = (
+        _segment(0xE1, b"Exif\0\0" + exif.tobytes())
+        + _segment(0xE1, b"http://ns.adobe.com/xap/1.0/\0" + xmp)
+        + _segment(0xED, photoshop)
+        + _segment(0xFE, text.encode("utf-8"))
+    )
+    return jpeg[:2] + segments + jpeg[2:]
+
+
+def hospital_photo(eye: Image.Image, pid: str, who: dict[str, str], side: str, cut: bool) -> Image.Image:
+    """``eye`` as a fundus camera exports it: a 3:2 frame (the field cut off at the top and bottom when
+    ``cut``) with the patient's name, ids and date burned into the corners, outside the field."""
+    height = eye.height
+    width = round(height * 1.5)
+    radius = round(height * (0.53 if cut else 0.45))
+    photo = field_photo(eye, width, height, (width // 2, height // 2), radius)
+    corners = {
+        "tl": [who["patient_name"].encode("ascii", "replace").decode(), pid],
+        "tr": [who["mrn"], side],
+        "bl": [who["birth_date"]],
+        "br": [who["visit_date"], "10:42"],
+    }
+    return burn_in(photo, corners, scale=max(1, height // 160))
+
+
 def _patients(n: int, seed: int, size: int) -> list[tuple[str, Patient]]:
     # One generator per patient so patient i is the same whatever n is.
     return [(f"patient-{i:06d}", make_patient(np.random.default_rng([seed, i]), size)) for i in range(n)]
@@ -212,21 +331,37 @@ def write_raw_archive(
     image_size: int = 320,
     layout: Layout = "zip",
     eye_reports: bool = False,
+    identifying: bool = False,
 ) -> tuple[Path, Path]:
     """Write JPEG eye images under an image root plus ``patients.csv``; returns (manifest, image root).
 
     This is the layout a user starts from: ``make-shards build --manifest patients.csv --images ROOT``.
+    ``identifying`` makes it look like a real hospital export: ``patient_name`` and ``mrn`` columns, the
+    name and ids in each photo's metadata and burned into its corners (3:2 frames, every other field cut
+    off at the top and bottom; text fits the corners from about 256 px), and reports that name the patient, dates, phone, resident id and e-mail.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, bytes] = {}
     rows = []
-    for pid, patient in _patients(n_patients, seed, image_size):
+    for i, (pid, patient) in enumerate(_patients(n_patients, seed, image_size)):
         row = {"patient_id": pid, "report": patient.report}
+        who = identifying_details(i, seed) if identifying else {}
+        if identifying:
+            row |= {"patient_name": who["patient_name"], "mrn": who["mrn"]}
+            row["report"] = identifying_report(i, pid, who, patient.report)
         for eye in ("left", "right"):
-            rel = f"{pid[-2:]}/{pid}_{eye}.jpg"
-            files[rel] = _jpeg(getattr(patient, eye))
-            row[f"{eye}_image"] = rel
+            img = getattr(patient, eye)
+            if identifying:
+                side = "OS" if eye == "left" else "OD"
+                img = hospital_photo(img, pid, who, side, cut=i % 2 == 1)
+                name = f"{who['patient_name']}/{pid}_{who['visit_date']}_{side}.jpg"
+                files[name] = with_metadata(_jpeg(img), f"{who['patient_name']} {pid} {who['mrn']}")
+                row[f"{eye}_image"] = name
+            else:
+                rel = f"{pid[-2:]}/{pid}_{eye}.jpg"
+                files[rel] = _jpeg(img)
+                row[f"{eye}_image"] = rel
             if eye_reports:
                 row[f"{eye}_report"] = getattr(patient, f"{eye}_report")
         rows.append(row)
@@ -250,6 +385,7 @@ def write_raw_archive(
     manifest = out / "patients.csv"
     columns = ["patient_id", "left_image", "right_image", "report"]
     columns += ["left_report", "right_report"] if eye_reports else []
+    columns += ["patient_name", "mrn"] if identifying else []
     with manifest.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()

@@ -389,6 +389,26 @@ def test_leakage_guard_matches_source_images_of_the_shards(tmp_path):
         check_leakage(bset, str(tmp_path / "shards"), strict=True)
 
 
+def test_leakage_guard_of_a_pseudonymised_set_needs_its_key(tmp_path):
+    manifest, root = synth.write_raw_archive(tmp_path / "raw", 3, seed=3, image_size=64, layout="dir")
+    key, other = tmp_path / "key", tmp_path / "other"
+    key.write_bytes(b"0123456789abcdef0123456789abcdef")
+    other.write_bytes(b"another-secret-key-of-32-bytes!!")
+    args = build_argv(manifest, root, tmp_path / "shards", "--image-size", "32", "--min-side", "32")
+    assert shards_cli.main([*args, "--no-progress", "--pseudonymise", str(key)]) == 0
+    evalset = B.retfound_split(tmp_path / "eval")
+    shutil.copy(sorted(root.rglob("*.jpg"))[0], evalset / "test" / "anodr" / "img012.jpg")
+    bset = read_dataset(spec("retfound_split", evalset))
+    shards = str(tmp_path / "shards")
+    assert check_leakage(bset, shards, strict=False, key_file=str(key)) == ["test/anodr/img012.jpg"]
+    with pytest.raises(ValueError, match=r"built with --pseudonymise.*--shards-key KEYFILE"):
+        check_leakage(bset, shards, strict=False)
+    with pytest.raises(ValueError, match=r"not the key .* was built with"):
+        check_leakage(bset, shards, strict=False, key_file=str(other))
+    with pytest.raises(ValueError, match=r"--shards-key .*cannot read the key file"):
+        check_leakage(bset, shards, strict=False, key_file=str(tmp_path / "missing"))
+
+
 @pytest.mark.slow
 def test_benchmark_strict_refuses_a_leaking_suite_before_any_cell(tmp_path, tiny, capsys):
     manifest, root = synth.write_raw_archive(tmp_path / "raw", 2, seed=5, image_size=64, layout="dir")

@@ -60,7 +60,9 @@ def test_cli_build_writes_contract_layout(raw, tmp_path, capsys):
         "quality": 95,
         "min_side": 48,
         "max_pixels": 50_000_000,
+        "crop": "none",
     }
+    assert manifest["source_hash"] == "sha256" and "key_check" not in manifest
     assert "workers" not in manifest["options"] and "out" not in manifest["options"]
     assert [(s["name"], s["count"]) for s in manifest["shards"]] == [
         ("train-000000.tar", 5),

@@ -29,6 +29,7 @@ FLAGS = {
     "--jpeg-quality": "image.quality",
     "--min-side": "image.min_side",
     "--max-pixels": "image.max_pixels",
+    "--crop": "image.crop",
     "--max-count": "max_count",
     "--max-size": "max_size",
     "--seed": "seed",
@@ -36,6 +37,8 @@ FLAGS = {
     "--strict": "strict",
     "--no-progress": "progress",
     "--pseudonymise": "pseudonymise",
+    "--scrub-reports": "scrub_reports",
+    "--identifier-columns": "identifier_columns",
 }
 
 
@@ -74,7 +77,7 @@ def test_parsing_every_flag_gives_exactly_those_options():
         "--split", "test", "--val-fraction", "0.25", "--image-size", "64", "--resize", "shorter",
         "--jpeg-quality", "80", "--min-side", "32", "--max-pixels", "1000", "--max-count", "7",
         "--max-size", "9999", "--seed", "3", "--workers", "2", "--strict", "--no-progress",
-        "--pseudonymise", "key",
+        "--pseudonymise", "key", "--crop", "fundus", "--scrub-reports", "--identifier-columns", "name,mrn",
     ]  # fmt: skip
     got = cli._from_flags(BuildOptions, cli._parser().parse_args(argv))
     assert got == BuildOptions(
@@ -84,7 +87,9 @@ def test_parsing_every_flag_gives_exactly_those_options():
         retclip_dir="r",
         split="test",
         val_fraction=0.25,
-        image=ImageOptions(size=64, resize="shorter", quality=80, min_side=32, max_pixels=1000),
+        image=ImageOptions(
+            size=64, resize="shorter", quality=80, min_side=32, max_pixels=1000, crop="fundus"
+        ),
         max_count=7,
         max_size=9999,
         seed=3,
@@ -92,6 +97,8 @@ def test_parsing_every_flag_gives_exactly_those_options():
         strict=True,
         progress=False,
         pseudonymise="key",
+        scrub_reports=True,
+        identifier_columns="name,mrn",
     )
     defaults = cli._from_flags(BuildOptions, cli._parser().parse_args(["build", "--output_dir", "o"]))
     assert defaults == BuildOptions(out="o")

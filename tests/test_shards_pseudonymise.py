@@ -3,6 +3,7 @@ stable per key; splits do not depend on the key; bad key files are one-line erro
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import re
@@ -240,3 +241,33 @@ def test_verify_flags_pseudonymised_samples_with_ids_or_paths():
         "set is pseudonymised but patient_id is not this key's pseudonym",
         "set is pseudonymised but json carries source paths",
     ]
+
+
+def test_source_hashes_are_keyed_so_a_photo_cannot_be_tested_without_the_key(cohort, tmp_path):
+    manifest, images, _, _ = cohort
+    out = tmp_path / "out"
+    assert _build(cohort, out) == 0
+    written = json.loads((out / "manifest.json").read_text())
+    assert written["source_hash"] == "hmac-sha256"
+    assert written["key_check"] == Pseudonymiser(KEY).key_check() and KEY.decode() not in json.dumps(written)
+    digests = {d for shard in written["shards"] for d in shard["source_sha256"]}
+    with zipfile.ZipFile(images) as zf:
+        sources = {path: zf.read(path) for _, right, left in PATIENTS for path in (right, left)}
+    plain = {hashlib.sha256(data).hexdigest() for data in sources.values()}
+    assert len(digests) == len(plain) == 2 * len(PATIENTS)
+    assert digests.isdisjoint(plain)  # holding a photo tells nothing
+    assert digests == {Pseudonymiser(KEY).source_digest(h) for h in plain}  # the key holder can still check
+    # The same build without the key keeps the plain hashes.
+    argv = [
+        "build",
+        "--manifest",
+        str(manifest),
+        "--images",
+        str(images),
+        "--output_dir",
+        str(tmp_path / "p"),
+    ]
+    assert cli.main([*argv, *SMALL]) == 0
+    unkeyed = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert unkeyed["source_hash"] == "sha256" and "key_check" not in unkeyed
+    assert {d for shard in unkeyed["shards"] for d in shard["source_sha256"]} == plain

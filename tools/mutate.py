@@ -50,6 +50,10 @@ MET = "retclip_dist/eval/metrics.py"
 ZS = "retclip_dist/eval/zeroshot.py"
 IMG = "retclip_dist/shards/images.py"
 DICOM = "retclip_dist/shards/dicom.py"
+CROP = "retclip_dist/shards/crop.py"
+SCRUB = "retclip_dist/shards/scrub.py"
+AUDIT = "retclip_dist/shards/audit.py"
+BUILD = "retclip_dist/shards/build.py"
 LOSS = "retclip_dist/loss.py"
 CKPT = "retclip_dist/train/checkpoint.py"
 STEP = "retclip_dist/train/step.py"
@@ -76,6 +80,11 @@ T_MACRO = "tests/test_strength_metrics.py"
 T_ZS = "tests/test_strength_zeroshot.py"
 T_IMG = "tests/test_strength_images.py"
 T_DICOM = "tests/test_shards_dicom.py"
+T_META = "tests/test_shards_metadata.py"
+T_CROP = "tests/test_shards_crop.py"
+T_SCRUB = "tests/test_shards_scrub.py"
+T_AUDIT = "tests/test_shards_audit.py"
+T_PSEUDO = "tests/test_shards_pseudonymise.py"
 T_GATHER = "tests/test_strength_gather.py"
 T_LOSS = "tests/test_loss.py"
 T_CKPT = "tests/test_strength_checkpoint.py"
@@ -285,6 +294,42 @@ MUTANTS = [
         "visit = Visit(patient, number, per_eye, split_of(patient))",
         'visit = Visit(patient, number, per_eye, split_of(f"{patient}-v{number}"))',
         (f"{T_DICOM}::test_val_fraction_keeps_all_visits_of_a_patient_in_one_split",),
+    ),
+    # --- shards that leave the hospital (issue 20)
+    Mutant(
+        "source-metadata-carried-through",
+        IMG,
+        'clean = Image.frombytes("RGB", rgb.size, rgb.tobytes())',
+        "clean = rgb",
+        (T_META,),
+    ),
+    Mutant(
+        "crop-leaves-ringing-outside-the-circle",
+        CROP,
+        "pixels[outside_mask(square.size, Circle(side / 2, side / 2, side / 2))] = 0",
+        "pixels[outside_mask(square.size, Circle(side / 2, side / 2, side / 2 + 3))] = 0",
+        (T_CROP,),
+    ),
+    Mutant(
+        "scrub-misses-long-digit-runs",
+        SCRUB,
+        r'("[NUMBER]", _D + r"\d{6,}" + _ND, 0)',
+        r'("[NUMBER]", _D + r"\d{9,}" + _ND, 0)',
+        (T_SCRUB,),
+    ),
+    Mutant(
+        "audit-skips-jpeg-metadata",
+        AUDIT,
+        'yield i, end, "meta" if (0xE0 <= marker <= 0xEF or marker == 0xFE) else "table"',
+        'yield i, end, "scan" if (0xE0 <= marker <= 0xEF or marker == 0xFE) else "table"',
+        (T_AUDIT,),
+    ),
+    Mutant(
+        "plain-source-hash-under-pseudonymise",
+        BUILD,
+        "source_digest: Callable[[str], str] = pseudonymiser.source_digest if pseudonymiser else (lambda d: d)",
+        "source_digest: Callable[[str], str] = lambda d: d",
+        (T_PSEUDO,),
     ),
     # --- loss and its collective
     Mutant(

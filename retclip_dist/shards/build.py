@@ -24,6 +24,7 @@ from retclip_dist.cli_args import OUTPUT_DIR_FLAG
 from retclip_dist.io.errors import ImageReadError, ImageRootError
 from retclip_dist.io.files import OutputDir
 from retclip_dist.io.roots import ImageStore, open_image_root
+from retclip_dist.shards.audit import Hit, Identifiers, audit
 from retclip_dist.shards.dicom import DicomOptions, image_bytes, read_dicom_export
 from retclip_dist.shards.images import ImageOptions, process_image
 from retclip_dist.shards.journal import JOURNAL_NAME, Journal, Progress
@@ -38,7 +39,8 @@ from retclip_dist.shards.records import (
     read_reject,
     valid_split,
 )
-from retclip_dist.shards.sources import read_patient_table, read_retclip
+from retclip_dist.shards.scrub import scrub_records
+from retclip_dist.shards.sources import read_patient_table, read_retclip, split_columns
 from retclip_dist.shards.writer import ShardWriter, rejects_jsonl
 from retclip_dist.shardset import (
     EYE_REPORT_MEMBER,
@@ -83,8 +85,18 @@ class BuildOptions:
     strict: bool = False  # any reject is an error: stop, write no manifest
     progress: bool = True  # a tqdm progress bar on stderr (--no-progress: none)
     # secret key file of the data owner (keep it in the hospital): patient ids become HMAC-SHA256
-    # pseudonyms and image paths are left out, so the output directory may leave the hospital
+    # pseudonyms, image paths are left out and source hashes keyed, and the build ends by auditing its
+    # output for the manifest's identifiers, so the output directory may leave the hospital
     pseudonymise: str | None = field(default=None, metadata={"metavar": "KEYFILE"})
+    # replace the patient id, the --identifier-columns cells, dates, phone numbers, national ids, e-mail
+    # addresses and long digit runs in the report text with typed placeholders ([DATE], [PHONE], ...)
+    scrub_reports: bool = False
+    # comma-separated manifest columns that identify a patient (name, record number): --scrub-reports
+    # removes their values from reports, and a --pseudonymise build audits its output for them
+    identifier_columns: str | None = field(default=None, metadata={"metavar": "COL[,COL...]"})
+
+    def identifier_list(self) -> tuple[str, ...]:
+        return split_columns(self.identifier_columns)
 
     def validate(self) -> None:
         if sum(x is not None for x in (self.manifest, self.retclip_dir, self.dicom.root)) != 1:
@@ -92,6 +104,11 @@ class BuildOptions:
                 "give one of --manifest with --images, --retclip-dir, or --dicom with --reports"
             )
         self.dicom.validate(self.out)
+        if self.manifest is None and self.identifier_list():
+            raise ShardInputError(
+                "--identifier-columns needs a --manifest (the RET-CLIP files and DICOM exports have no such "
+                "columns)"
+            )
         if self.manifest is not None and self.images is None:
             raise ShardInputError("--manifest needs --images (the root its image paths are relative to)")
         if self.images is not None and self.manifest is None:
@@ -237,7 +254,7 @@ def _read_inputs(opts: BuildOptions) -> tuple[list[PatientRecord], list[Reject],
     if opts.retclip_dir is not None:
         return read_retclip(opts.retclip_dir, opts.split)
     assert opts.manifest is not None and opts.images is not None  # validate() guarantees both
-    records, rejects = read_patient_table(opts.manifest)
+    records, rejects = read_patient_table(opts.manifest, opts.identifier_list())
     try:
         return records, rejects, open_image_root(opts.images)
     except ImageRootError as exc:
@@ -259,9 +276,11 @@ class _Packer:
         journal: Journal,
         done: Progress,
         scrub: Callable[[Reject], Reject],
+        source_digest: Callable[[str], str],
     ) -> None:
         self.journal = journal
         self.scrub = scrub  # what a reject looks like once written under --output_dir
+        self.source_digest = source_digest  # what a source photo's sha256 looks like in manifest.json
         self.shards = list(done.shards)
         self.rejects = list(done.rejects)
         self.pending: list[Reject] = []
@@ -280,7 +299,8 @@ class _Packer:
         if isinstance(result, Reject):
             self.pending.append(self.scrub(result))
         else:
-            self.writer.add(result.split, result.key, result.members, result.source_sha256)
+            digests = tuple(map(self.source_digest, result.source_sha256))
+            self.writer.add(result.split, result.key, result.members, digests)
         self.position += 1
 
     def finish(self) -> None:
@@ -325,6 +345,35 @@ def _already_built(out: OutputDir, opts: BuildOptions, recorded: dict[str, Any],
     )
 
 
+class AuditFailedError(Exception):
+    """A --pseudonymise build found identifiers in its own output (``hits`` lists them)."""
+
+    def __init__(self, message: str, hits: list[Hit]) -> None:
+        super().__init__(message)
+        self.hits = hits
+
+
+def _audit_own_output(
+    out: OutputDir, opts: BuildOptions, records: list[PatientRecord], rejects: list[Reject]
+) -> None:
+    """make-shards audit on a set meant to leave the hospital; on a hit manifest.json goes, so the set
+    cannot be mistaken for a finished one."""
+    if opts.manifest is not None:
+        identifiers = Identifiers.from_table(opts.manifest, opts.identifier_list())
+    else:
+        identifiers = Identifiers.from_records(f"{opts.split}_imgs.tsv", records, rejects)
+    result = audit(opts.out, identifiers)
+    log.info("%s", result.summary())
+    if not result.ok:
+        out.remove(MANIFEST_NAME)
+        raise AuditFailedError(
+            f"the audit found {len(result.hits)} identifiers in {opts.out} (listed above); its "
+            f"{MANIFEST_NAME} was removed so the set cannot be used. Remove them at the source "
+            "(--scrub-reports, --identifier-columns, --crop fundus) and build again",
+            result.hits,
+        )
+
+
 def build_shards(opts: BuildOptions) -> BuildResult:
     """Build (or finish an interrupted build of) the shard set ``opts.out``.
 
@@ -342,7 +391,10 @@ def build_shards(opts: BuildOptions) -> BuildResult:
         return result
     records, rejects, store = _read_inputs(opts)
     scrub: Callable[[Reject], Reject] = pseudonymiser.reject if pseudonymiser else (lambda r: r)
+    source_digest: Callable[[str], str] = pseudonymiser.source_digest if pseudonymiser else (lambda d: d)
     try:
+        if opts.scrub_reports:
+            records = scrub_records(records)
         if pseudonymiser is not None:
             records = pseudonymiser.records(records)
         planned, duplicates = plan(records, opts.split, opts.val_fraction, opts.seed)
@@ -357,16 +409,24 @@ def build_shards(opts: BuildOptions) -> BuildResult:
         for name in out.names():
             if name.endswith(".tmp"):
                 out.remove(name)
-        packer = _Packer(out, opts, journal, done, scrub)
+        packer = _Packer(out, opts, journal, done, scrub, source_digest)
         todo = planned[done.consumed :]
         _process_all(packer, store, opts, todo, len(planned))
         all_rejects = early + packer.rejects
         out.write_text(REJECTS_NAME, rejects_jsonl(all_rejects))
         out.write_text(
             MANIFEST_NAME,
-            manifest_json(recorded, packer.shards, count_rejects(all_rejects), pseudonymiser is not None),
+            manifest_json(
+                recorded,
+                packer.shards,
+                count_rejects(all_rejects),
+                pseudonymiser is not None,
+                pseudonymiser.key_check() if pseudonymiser else None,
+            ),
         )
         journal.remove()
+        if pseudonymiser is not None:
+            _audit_own_output(out, opts, records, rejects)
     finally:
         store.cleanup()
     return BuildResult(

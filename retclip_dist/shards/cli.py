@@ -1,10 +1,10 @@
-"""``make-shards build|verify``: argument parsing, the summary table and exit codes.
+"""``make-shards build|verify|audit``: argument parsing, the summary table and exit codes.
 
 The build flags are generated from BuildOptions (and its nested ImageOptions): one flag per field, its
 comment as the help text, so an option is declared once.
 
-Exit codes: 0 success; 1 verify found problems or --strict met a reject; 2 unusable input or options
-(one line on stderr, no traceback).
+Exit codes: 0 success; 1 verify found problems, --strict met a reject, or the audit (its own, or a
+--pseudonymise build's) found an identifier; 2 unusable input or options (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -22,8 +22,16 @@ from typing import Any, TypeVar
 
 from retclip_dist.cli_args import OldSpelling
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
-from retclip_dist.shards.build import BuildOptions, BuildResult, StrictRejectError, build_shards
+from retclip_dist.shards.audit import Identifiers, audit
+from retclip_dist.shards.build import (
+    AuditFailedError,
+    BuildOptions,
+    BuildResult,
+    StrictRejectError,
+    build_shards,
+)
 from retclip_dist.shards.records import ShardInputError
+from retclip_dist.shards.sources import split_columns
 from retclip_dist.shards.verify import verify_shards
 
 T = TypeVar("T")
@@ -133,7 +141,36 @@ def _parser() -> argparse.ArgumentParser:
     _add_flags(sub.add_parser("build", help="build a shard set"), BuildOptions)
     v = sub.add_parser("verify", help="check a shard set against its manifest.json")
     v.add_argument("directory", help="shard-set directory (local or s3://)")
+    a = sub.add_parser(
+        "audit",
+        help="search every byte of a shard set for the patient table's identifiers before it leaves the hospital",
+    )
+    a.add_argument("directory", help="shard-set directory (local or s3://): every file in it is searched")
+    a.add_argument(
+        "--manifest", required=True, help="the patient table the set was built from (CSV or JSONL)"
+    )
+    a.add_argument(
+        "--identifier-columns",
+        metavar="COL[,COL...]",
+        help="table columns that identify a patient besides patient_id and the image paths (name, record number)",
+    )
+    a.add_argument(
+        "--pattern",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="also report every match of this Python regular expression (repeatable)",
+    )
     return parser
+
+
+def _audit(args: argparse.Namespace) -> int:
+    identifiers = Identifiers.from_table(args.manifest, split_columns(args.identifier_columns))
+    result = audit(args.directory, identifiers, args.pattern)
+    for hit in result.hits:
+        print(hit.line())
+    print(result.summary())
+    return EXIT_OK if result.ok else EXIT_FAILED
 
 
 def summary(result: BuildResult) -> str:
@@ -165,11 +202,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"{result.shards} shards, {result.samples} samples checked: {'OK' if result.ok else 'FAILED'}"
             )
             return EXIT_OK if result.ok else EXIT_FAILED
+        if args.command == "audit":
+            return _audit(args)
         print(summary(build_shards(_from_flags(BuildOptions, args))))
         return EXIT_OK
     except ShardInputError as exc:
         print(f"make-shards: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except AuditFailedError as exc:
+        for hit in exc.hits:
+            print(hit.line())
+        print(f"make-shards: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except StrictRejectError as exc:
         print(f"make-shards: {exc}", file=sys.stderr)
         return EXIT_FAILED

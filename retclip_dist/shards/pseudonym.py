@@ -3,7 +3,7 @@
 The data owner keeps a secret key file; every patient id becomes ``ps-`` + 32 hex of
 HMAC-SHA256(key, id), so the same id gets the same pseudonym in every build made with that key (splits,
 leakage checks and joins across builds keep working) while nobody without the key can recompute or
-reverse it. Everything the build writes under --output_dir (shards, manifest.json, rejects.jsonl, the resume
+reverse it. Source photos' content hashes become keyed digests too (source_digest). Everything the build writes under --output_dir (shards, manifest.json, rejects.jsonl, the resume
 journal) then carries pseudonyms, line numbers and fixed reason texts only: no id, no image path, no input
 path. The key itself is never written anywhere.
 """
@@ -24,6 +24,10 @@ MIN_KEY_BYTES = 16
 # Domain separation: a pseudonym and an option digest of the same text never coincide.
 _ID_DOMAIN = b"retclip-dist patient id\x00"
 _OPTION_DOMAIN = b"retclip-dist option\x00"
+_SOURCE_DOMAIN = b"retclip-dist source image\x00"
+_KEY_CHECK_DOMAIN = b"retclip-dist key check\x00"
+# 64 bits: enough to tell a wrong key file from the right one, nothing about the key itself.
+_KEY_CHECK_HEX = 16
 
 
 class Pseudonymiser:
@@ -62,6 +66,15 @@ class Pseudonymiser:
         """Stands in for an input path in manifest.json: equal for equal paths under one key, so a rerun
         with other inputs (or another key) is still refused, yet the path cannot be read back."""
         return "hmac-sha256:" + self._mac(_OPTION_DOMAIN, value)[:_PSEUDONYM_HEX]
+
+    def source_digest(self, sha256_hex: str) -> str:
+        """Stands in for a source photo's plain sha256 in manifest.json: without the key nobody can test
+        whether a photo they hold is in the set; with it, retclip-eval's leakage guard still can."""
+        return self._mac(_SOURCE_DOMAIN, sha256_hex)
+
+    def key_check(self) -> str:
+        """A keyed digest of nothing: tells a reader holding a key file whether it is this set's key."""
+        return self._mac(_KEY_CHECK_DOMAIN, "")[:_KEY_CHECK_HEX]
 
     def records(self, records: list[PatientRecord]) -> list[PatientRecord]:
         """Records with their pseudonym set; two distinct ids on one pseudonym (a 128-bit collision) stop

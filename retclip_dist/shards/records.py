@@ -41,6 +41,7 @@ REJECT_REASONS: dict[str, str] = {
     "missing_report": "no report exists for the patient",
     "ambiguous_report": "the report table gives this visit different reports (repeated key, or one per eye)",
     "duplicate_id": "patient id was already used by an earlier row",
+    "no_fundus_field": "--crop fundus found no circular field of view in the image",
 }
 
 # How each image-read failure of retclip_dist.io is named in rejects.jsonl.
@@ -117,6 +118,8 @@ class PatientRecord:
     split: str | None = None  # explicit split from the input; None lets the planner choose
     pseudonym: str | None = None  # keyed hash written instead of the id (--pseudonymise), else None
     key: str = ""  # WebDataset key of the sample, assigned by plan() from published_id
+    # (column, value) of each --identifier-columns cell of the row: what --scrub-reports removes besides the id
+    identifiers: tuple[tuple[str, str], ...] = ()
 
     @property
     def published_id(self) -> str:

@@ -42,7 +42,20 @@ def _optional_text(row: Mapping[str, Any], column: str) -> str | None:
     return value if value.strip() else None
 
 
-def record_from_row(row: Mapping[str, Any], order: int, source: str) -> PatientRecord:
+def split_columns(spec: str | None) -> tuple[str, ...]:
+    """``"name, mrn"`` -> ("name", "mrn"): how --identifier-columns is written."""
+    return tuple(c.strip() for c in (spec or "").split(",") if c.strip())
+
+
+def cell_text(row: Mapping[str, Any], column: str) -> str:
+    """A cell as text ("" when absent or null): JSONL numbers become their digits."""
+    value = row.get(column)
+    return "" if value is None else str(value)
+
+
+def record_from_row(
+    row: Mapping[str, Any], order: int, source: str, identifier_columns: tuple[str, ...] = ()
+) -> PatientRecord:
     """Validate one manifest row (CSV cells or a JSON object); the first failing check is the reason."""
     pid = row.get("patient_id")
     if isinstance(pid, int) and not isinstance(pid, bool):
@@ -77,6 +90,7 @@ def record_from_row(row: Mapping[str, Any], order: int, source: str) -> PatientR
         left_report=(_optional_text(row, "left_report") or "").strip() or None,
         right_report=(_optional_text(row, "right_report") or "").strip() or None,
         split=split.strip() if split else None,
+        identifiers=tuple((c, cell_text(row, c)) for c in identifier_columns if cell_text(row, c).strip()),
     )
 
 
@@ -94,7 +108,12 @@ def _read_text(url: str, what: str = "manifest") -> str:
 
 
 def _csv_rows(
-    text: str, url: str, delimiter: str, required: tuple[str, ...], what: str
+    text: str,
+    url: str,
+    delimiter: str,
+    required: tuple[str, ...],
+    what: str,
+    identifier_columns: tuple[str, ...] = (),
 ) -> Iterator[tuple[int, Mapping[str, Any] | RejectError]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
@@ -107,6 +126,11 @@ def _csv_rows(
     missing = [c for c in required if c not in header]
     if missing:
         raise ShardInputError(f"{what} {url}: missing required column(s) {missing}; header is {header}")
+    unknown = [c for c in identifier_columns if c not in header]
+    if unknown:
+        raise ShardInputError(
+            f"{what} {url}: no column(s) {unknown} (--identifier-columns); header is {header}"
+        )
     while True:
         try:
             cells = next(reader)
@@ -143,31 +167,36 @@ def _jsonl_rows(text: str, url: str, what: str) -> Iterator[tuple[int, Mapping[s
 
 
 def table_rows(
-    url: str, required: tuple[str, ...] = REQUIRED_COLUMNS, what: str = "manifest"
+    url: str,
+    required: tuple[str, ...] = REQUIRED_COLUMNS,
+    what: str = "manifest",
+    identifier_columns: tuple[str, ...] = (),
 ) -> Iterator[tuple[int, Mapping[str, Any] | RejectError]]:
     """(line number, row or why it cannot be parsed) of a CSV (``.csv``; ``.tsv`` tab-separated) or JSONL
-    (``.jsonl``/``.ndjson``, or content starting ``{``) table; a CSV header lacking ``required`` columns, or
-    an unreadable file, is a ShardInputError naming it as ``what``."""
+    (``.jsonl``/``.ndjson``, or content starting ``{``) table; a CSV header lacking ``required`` columns or
+    one of ``identifier_columns``, or an unreadable file, is a ShardInputError naming it as ``what``."""
     text = _read_text(url, what)
     lower = files.basename(url).lower()
     if lower.endswith((".jsonl", ".ndjson")) or (
         not lower.endswith((".csv", ".tsv")) and text.lstrip()[:1] == "{"
     ):
         return _jsonl_rows(text, url, what)
-    return _csv_rows(text, url, "\t" if lower.endswith(".tsv") else ",", required, what)
+    return _csv_rows(text, url, "\t" if lower.endswith(".tsv") else ",", required, what, identifier_columns)
 
 
-def read_patient_table(url: str) -> tuple[list[PatientRecord], list[Reject]]:
-    """The patient table given as ``--manifest`` (one row per patient; not a shard set's manifest.json)."""
-    rows = table_rows(url)
+def read_patient_table(
+    url: str, identifier_columns: tuple[str, ...] = ()
+) -> tuple[list[PatientRecord], list[Reject]]:
+    """The patient table given as ``--manifest`` (one row per patient; not a shard set's manifest.json);
+    each record carries the cells of ``identifier_columns`` (--scrub-reports)."""
     name = files.basename(url)
     records, rejects = [], []
-    for order, (line_no, row) in enumerate(rows):
+    for order, (line_no, row) in enumerate(table_rows(url, identifier_columns=identifier_columns)):
         source = f"{name}:{line_no}"
         try:
             if isinstance(row, RejectError):
                 raise row
-            records.append(record_from_row(row, order, source))
+            records.append(record_from_row(row, order, source, identifier_columns))
         except RejectError as exc:
             pid = row.get("patient_id", "") if isinstance(row, Mapping) else ""
             rejects.append(Reject(order, str(pid or ""), source, exc.reason, exc.detail))

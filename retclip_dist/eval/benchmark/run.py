@@ -121,7 +121,12 @@ def _run_cell(
 
 
 def run_benchmark(
-    suite: Suite, model_dir: str, out_dir: str, shards: str | None = None, strict: bool = False
+    suite: Suite,
+    model_dir: str,
+    out_dir: str,
+    shards: str | None = None,
+    strict: bool = False,
+    shards_key: str | None = None,
 ) -> dict[str, Any]:
     """Run the missing cells, then write results.csv, results.md, results_auroc.png; returns a summary."""
     for spec in suite.datasets:
@@ -159,7 +164,7 @@ def run_benchmark(
         if shards is not None:
             from retclip_dist.eval.benchmark.leakage import check_leakage
 
-            leaks[spec.name] = check_leakage(bset, shards, strict)
+            leaks[spec.name] = check_leakage(bset, shards, strict, shards_key)
         if state.is_main_process:
             _write_dataset_record(out, spec.name, bset, leaks.get(spec.name))
         ctx = P.DatasetContext(bset, model, suite.batch_size)
@@ -264,6 +269,11 @@ def main(argv: list[str]) -> int:
     add_output_dir(parser, help="results, predictions/ and the run record", old=("--out_dir",))
     parser.add_argument("--shards", help="pretraining shard set: report evaluation images found in it")
     parser.add_argument("--strict", action="store_true", help="with --shards: refuse to run on a leak")
+    parser.add_argument(
+        "--shards-key",
+        metavar="KEYFILE",
+        help="with --shards of a --pseudonymise set: the data owner's key file its source hashes are keyed with",
+    )
     args = parser.parse_args(argv)
     if args.strict and not args.shards:
         print(
@@ -271,8 +281,15 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
+    if args.shards_key and not args.shards:
+        print(
+            "retclip-eval benchmark: error: --shards-key is the key of --shards; give both", file=sys.stderr
+        )
+        return EXIT_CONFIG
     try:
-        summary = run_benchmark(load_suite(args.suite), args.model, args.output_dir, args.shards, args.strict)
+        summary = run_benchmark(
+            load_suite(args.suite), args.model, args.output_dir, args.shards, args.strict, args.shards_key
+        )
     except (ConfigError, LabelError, ValueError, OSError) as exc:
         print(f"retclip-eval benchmark: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
