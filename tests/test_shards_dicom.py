@@ -630,3 +630,66 @@ def test_non_dicom_bytes_pass_through_to_the_image_step():
         dicom.image_bytes(big, 64 * 48 - 1)
     assert dicom.image_bytes(big, 64 * 48)[:2] == b"P6"  # a PPM of the pixels: no tag comes along
     assert OP_8BIT in dicom.PHOTO_SOP_CLASSES
+
+
+def test_reports_that_repeat_tag_values_are_scrubbed_and_the_set_passes_the_audit(export, tmp_path, capsys):
+    """A report that names the patient as the tags do (name, PatientID, accession number) leaks them
+    unless --scrub-reports removes them: the pseudonymised build fails its own audit without it, and
+    passes it, and make-shards audit against the derived table, with it."""
+    rows = list(csv.DictReader(export.reports.open(encoding="utf-8")))
+    tagged = {}  # accession -> (PatientID, PatientName) of the photos under that accession
+    for f in export.files.values():
+        if f.data[128:132] == b"DICM":
+            ds = pydicom.dcmread(io.BytesIO(f.data), stop_before_pixels=True)
+            if ds.get("AccessionNumber"):
+                tagged[str(ds.AccessionNumber)] = (str(ds.PatientID), str(ds.PatientName))
+    for row in rows:
+        pid, name = tagged[row["AccessionNumber"]]
+        family, given = name.split("^")
+        row["report"] = (
+            f"Patient {given} {family.upper()}, ID {pid}, acc. {row['AccessionNumber']}. " + row["report"]
+        )
+    reports = tmp_path / "reports.csv"
+    with reports.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["AccessionNumber", "report"])
+        writer.writeheader()
+        writer.writerows(rows)
+    keyfile = tmp_path / "key"
+    keyfile.write_bytes(KEY)
+    args = [
+        "build",
+        "--dicom",
+        str(export.root),
+        "--reports",
+        str(reports),
+        *SMALL,
+        "--pseudonymise",
+        str(keyfile),
+    ]
+
+    capsys.readouterr()
+    assert cli.main([*args, "--output_dir", str(tmp_path / "leaky")]) == 1
+    hits = [line for line in capsys.readouterr().out.splitlines() if line.startswith("HIT ")]
+    assert any("report.txt" in h and "PatientID of" in h for h in hits)
+    assert any("report.txt" in h and "PatientName of" in h for h in hits), hits
+    assert any("report.txt" in h and "AccessionNumber of" in h for h in hits)
+    assert not (tmp_path / "leaky" / "manifest.json").exists()
+
+    derived = tmp_path / "derived.csv"
+    out = tmp_path / "clean"
+    assert (
+        cli.main([*args, "--scrub-reports", "--write-manifest", str(derived), "--output_dir", str(out)]) == 0
+    )
+    texts = [s["report.txt"].decode() for s in _samples(out).values()]
+    assert texts and all("[PATIENTID]" in t and "[ACCESSIONNUMBER]" in t for t in texts)
+    secret = {v for v in export.identifiers if not v.isdigit() or len(v) >= 6}
+    assert _found(out, secret) == set()
+    audit = [
+        "audit",
+        str(out),
+        "--manifest",
+        str(derived),
+        "--identifier-columns",
+        "patient,study_date,studies",
+    ]
+    assert cli.main(audit) == 0

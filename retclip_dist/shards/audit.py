@@ -124,7 +124,9 @@ class Identifiers:
         self.too_short: list[str] = []  # labels of identifiers not searched
         self.unparsed_rows = 0  # table rows whose cells could not be read
 
-    def add(self, value: str, label: str) -> None:
+    def add(self, value: str, label: str, words: bool = False) -> None:
+        """Search for ``value``; with ``words`` (an identifier column or tag, not an id or a path), a
+        value of letters only is a name, and each of its distinctive words is searched on its own too."""
         tokens = tuple(tokenise(value)[0])
         if not tokens:
             return
@@ -132,7 +134,12 @@ class Identifiers:
             self.too_short.append(label)
             return
         self.searched += 1
-        for variant in {tokens, _merged(tokens)}:
+        variants = {tokens, _merged(tokens)}
+        # A name is also written in another order or in part ("Hans MÜLLER" for Müller^Hans), and
+        # --scrub-reports removes each word of a name: each word distinctive alone is searched too.
+        if words and len(tokens) > 1 and not any(t.isdigit() for t in tokens):
+            variants |= {(t,) for t in tokens if searchable((t,))}
+        for variant in variants:
             needle = Needle(variant, label, value)
             if len(variant) == 1:
                 self.single.setdefault(variant[0], []).append(needle)
@@ -162,7 +169,7 @@ class Identifiers:
             for column in (*TABLE_ID_COLUMNS, *columns):
                 value = cell_text(row, column)
                 if value.strip():
-                    found.add(value, f"{column} of {found.source}:{line_no}")
+                    found.add(value, f"{column} of {found.source}:{line_no}", words=column in columns)
         return found
 
     @classmethod
@@ -174,7 +181,7 @@ class Identifiers:
         for rec in records:
             found.add(rec.patient_id, f"patient_id of {rec.source}")
             for column, value in rec.identifiers:
-                found.add(value, f"{column} of {rec.source}")
+                found.add(value, f"{column} of {rec.source}", words=True)
         for r in rejects:
             if r.patient_id:
                 found.add(r.patient_id, f"patient_id of {r.source}")

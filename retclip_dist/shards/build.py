@@ -21,6 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from retclip_dist.cli_args import OUTPUT_DIR_FLAG
+from retclip_dist.io import files
 from retclip_dist.io.errors import ImageReadError, ImageRootError
 from retclip_dist.io.files import OutputDir
 from retclip_dist.io.roots import ImageStore, open_image_root
@@ -360,8 +361,9 @@ def _audit_own_output(
     cannot be mistaken for a finished one."""
     if opts.manifest is not None:
         identifiers = Identifiers.from_table(opts.manifest, opts.identifier_list())
-    else:
-        identifiers = Identifiers.from_records(f"{opts.split}_imgs.tsv", records, rejects)
+    else:  # the ids (and, from DICOM tags, names and accession numbers) the records carry
+        source = files.basename(opts.dicom.root) if opts.dicom.root else f"{opts.split}_imgs.tsv"
+        identifiers = Identifiers.from_records(source, records, rejects)
     result = audit(opts.out, identifiers)
     log.info("%s", result.summary())
     if not result.ok:

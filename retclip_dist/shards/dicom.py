@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableSequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Literal
@@ -75,6 +75,16 @@ _SAMPLES = {
     **dict.fromkeys(("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"), "1"),
 }
 _LATERALITY = {"L": "left", "R": "right"}
+# Tags whose values name the patient or the visit: reports often repeat them, so --scrub-reports removes
+# them from the visit's report and a --pseudonymise build audits its output for them.
+IDENTIFYING_TAGS = (
+    "PatientID",
+    "OtherPatientIDs",
+    "PatientName",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "AccessionNumber",
+)
 REPORT_COLUMN = "report"
 _EYE_REPORT_COLUMNS = ("left_report", "right_report")
 # Columns of the --write-manifest table: the --manifest columns, then what the pairing saw.
@@ -212,6 +222,9 @@ class Photo:
     colour: bool  # three samples per pixel (a colour photo, not red-free, angiography or IR)
     pixels: int  # rows x columns
     acquired: str  # acquisition date-time as sortable digits, "" when no tag gives it
+    # (tag keyword, value) of the tags that name the patient (IDENTIFYING_TAGS): what --scrub-reports removes
+    # from the visit's report besides its id, and what a --pseudonymise build audits its output for
+    identifiers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -304,7 +317,21 @@ def photo_from(pydicom: ModuleType, ds: Any, number: int, ref: str) -> Photo:
         colour=samples == "3",
         pixels=int(ds.Rows) * int(ds.Columns),
         acquired=_acquired(ds),
+        identifiers=_identifiers(ds),
     )
+
+
+def _identifiers(ds: Any) -> tuple[tuple[str, str], ...]:
+    """The values of IDENTIFYING_TAGS in ``ds`` (person names with their ``^`` parts as spaces)."""
+    found = []
+    for keyword in IDENTIFYING_TAGS:
+        value = ds.get(keyword)
+        values = list(value) if isinstance(value, MutableSequence) else [value]  # pydicom's MultiValue
+        for v in values:
+            text = " ".join(str(v or "").replace("^", " ").split())
+            if text:
+                found.append((keyword, text))
+    return tuple(found)
 
 
 def scan_file(store: ImageStore, number: int, ref: str) -> Photo | FileReject:
@@ -457,6 +484,12 @@ class Visit:
         return self.photos[eye][0] if self.photos[eye] else None
 
     @property
+    def identifiers(self) -> tuple[tuple[str, str], ...]:
+        """The identifying tag values of every photo of the visit, each once, in tag order."""
+        found = {pair for photos in self.photos.values() for photo in photos for pair in photo.identifiers}
+        return tuple(sorted(found, key=lambda kv: (IDENTIFYING_TAGS.index(kv[0]), kv[1])))
+
+    @property
     def source(self) -> str:
         """Where the visit is, for rejects: the chosen files' numbers in the sorted listing of the export."""
         return ",".join(str(p.number) for p in (self.chosen(eye) for eye in EYES) if p is not None)
@@ -548,6 +581,7 @@ def records(
                 left_report=report.left,
                 right_report=report.right,
                 split=visit.split,
+                identifiers=visit.identifiers,
             )
         )
     return kept, rejected
