@@ -12,6 +12,7 @@ Every number equals retclip-eval's for the same photos and head: the functions a
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from retclip_dist.data.samples import clean_report
 from retclip_dist.eval.config import ZeroShotConfig
@@ -60,8 +62,12 @@ class Pretrained:
 
     def __init__(self, model: RetClip) -> None:
         self.model = model.eval()
-        self.tokenizer = build_tokenizer(model.config)
         self.device = next(model.parameters()).device
+
+    @functools.cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer (built on first use: a model saved without one still embeds photos)."""
+        return build_tokenizer(self.model.config)
 
     @property
     def image_input(self) -> ImageInput:
@@ -142,7 +148,8 @@ class Pretrained:
     ) -> Tensor:
         """Class probabilities [n, C] of each photo: its eye level's scale times the cosine similarity to
         each class's mean prompt embedding, softmaxed. ``prompts`` maps class -> prompt(s) (columns in its
-        order) or names a retclip-eval prompt file; ``eyes`` is "left"/"right" for all photos or one each.
+        order) or names a retclip-eval prompt file; ``eyes`` is "left"/"right" for all photos or one each
+        ("patient" scores each photo as both eyes through the patient level).
         """
         if isinstance(prompts, (str, os.PathLike)):
             prompts = load_prompts(prompts)
@@ -151,8 +158,11 @@ class Pretrained:
             raise ValueError("prompts: give at least one class, each with at least one prompt")
         pixels = self.pixels(photos)
         heads = [eyes] * len(pixels) if isinstance(eyes, str) else list(eyes)
-        if len(heads) != len(pixels) or not set(heads) <= {"left", "right"}:
-            raise ValueError(f"eyes: 'left' or 'right', or one per photo ({len(pixels)}); got {eyes!r}")
+        if len(heads) != len(pixels) or not (set(heads) <= {"left", "right"} or set(heads) == {"patient"}):
+            raise ValueError(
+                f"eyes: 'left' or 'right' (or 'patient': the photo as both eyes), or left/right per photo "
+                f"({len(pixels)}); got {eyes!r}"
+            )
         features = embed_rows(self.model, pixels, heads, 32)
         classes = class_embeddings(self.model, table, list(table), context_length)
         return zero_shot_probs(self.model, features, heads, classes)

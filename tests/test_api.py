@@ -74,6 +74,14 @@ def test_images_and_zero_shot_equal_retclip_eval(setup):
         expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
         np.testing.assert_allclose(probs[i], expected, atol=1e-5)
     assert probs.shape == (12, 4)
+    # "patient": every photo as both eyes through the patient level, with its scale and text head.
+    as_patient = model.zero_shot(paths[:2], PROMPTS, eyes="patient").numpy()
+    scale = float(model.model.logit_scale["patient"].detach().exp())
+    logits = (
+        scale * model.embed_images(paths[:2], head="patient").numpy() @ lateral["class_features_patient"].T
+    )
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(as_patient, expected, atol=1e-5)
 
 
 def test_preprocessing_is_the_models_own(setup, tmp_path):

@@ -86,6 +86,11 @@ def test_timm_export_gives_the_models_features_through_timm(model_dir, tmp_path,
     torch.testing.assert_close(theirs, ours, **TOL)
     readme = (out / "README.md").read_text()
     assert readme.startswith("---\nlicense: other\nlibrary_name: timm\n") and "## Architecture" in readme
+    # Readable by others as the umask allows (mkdtemp's folder is 0700, safetensors' files 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (out / TIMM_WEIGHTS).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def _retfound_load(model: torch.nn.Module, checkpoint: dict[str, torch.Tensor]):
@@ -267,17 +272,20 @@ def test_open_clip_export_gives_each_eye_levels_features_through_open_clip(model
 
 
 @pytest.mark.slow
-def test_a_tower_named_by_architecture_alone_exports_as_that_name(tmp_path):
+def test_a_tower_named_by_architecture_alone_exports_as_that_name(tmp_path, capsys):
     """Without vision_kwargs open_clip builds the tower by its timm name (no local-dir folder); the export's
-    own check runs it through open_clip before publishing."""
+    own check runs it through open_clip before publishing, here with the sigmoid loss's bias too."""
     cfg = tiny_model_config(TINY_VOCAB)
-    cfg.vision_name, cfg.vision_kwargs = "vit_tiny_patch16_224", {}
+    cfg.vision_name, cfg.vision_kwargs, cfg.loss = "vit_tiny_patch16_224", {}, "sigmoid"
     torch.manual_seed(0)
     model_dir = RetClip(cfg).save_pretrained(tmp_path / "model")
     assert _export(model_dir, "open_clip", tmp_path / "open_clip", "--eye", "left") == EXIT_OK
     config = json.loads((tmp_path / "open_clip/left/open_clip_config.json").read_text())
     assert config["model_cfg"]["vision_cfg"]["timm_model_name"] == "vit_tiny_patch16_224"
+    assert config["model_cfg"]["init_logit_bias"] == pytest.approx(-10.0)
     assert not (tmp_path / "open_clip/left/vision").exists()
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["left"]["max_abs_diff"]) == {"image", "text", "logit_scale", "logit_bias"}
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -71,6 +72,15 @@ def _export_open_clip(
     return report
 
 
+def _readable_as_umask_allows(root: Path) -> None:
+    """mkdtemp makes the folder private (0700) and safetensors writes its files 0600: give both the modes
+    any other new file gets here, so a colleague or a job under another account can read the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def export(
     model_dir: str, fmt: str, output_dir: str, head: str, eye: str, context_length: int
 ) -> dict[str, Any]:
@@ -87,6 +97,7 @@ def export(
         else:
             eyes = ["left", "right"] if eye == "both" else [eye]
             report = _export_open_clip(model, model_dir, partial, out.resolve(), eyes, context_length)
+        _readable_as_umask_allows(partial)
         partial.rename(out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from retclip_dist.data.samples import clean_report
 from retclip_dist.export import retclip_open_clip
-from retclip_dist.export.check import CHECK_TEXTS, check_close, check_input
+from retclip_dist.export.check import CHECK_TEXTS, ExportMismatch, check_close, check_input
 from retclip_dist.export.retclip_open_clip import CONFIG_FILE, LOCAL_DIR, POOLER_TYPE, VISION_DIR
 from retclip_dist.export.timm_format import TIMM_CONFIG, timm_config
 from retclip_dist.model.retclip import RetClip
@@ -181,22 +181,29 @@ def eye_features(model: RetClip, eye: Eye, images: Tensor, texts: list[str], con
 
 @torch.no_grad()
 def verify_open_clip(model: RetClip, directory: Path, eye: Eye, context_length: int) -> dict[str, float]:
-    """Build the export through open_clip (wherever it is now) and compare image and text features and the
-    logit scale with RetClip's; returns the largest differences, raises ExportMismatch beyond 1e-5."""
+    """Build the export through open_clip (wherever it is now) and compare image and text features, the
+    logit scale (and bias) with RetClip's; returns the largest differences, raises ExportMismatch beyond 1e-5."""
     clip, _, _ = retclip_open_clip.create_model_and_transforms(directory)
     clip.eval()
     tokenizer = open_clip.get_tokenizer(LOCAL_DIR + str(directory.resolve()))
     x = check_input(model.image_input.size)
     image, text = eye_features(model, eye, x, list(CHECK_TEXTS), context_length)
-    return {
+    texts = tokenizer(list(CHECK_TEXTS))
+    found = {
         "image": check_close("open_clip image", clip.encode_image(x, normalize=True), image),
-        "text": check_close(
-            "open_clip text", clip.encode_text(tokenizer(list(CHECK_TEXTS)), normalize=True), text
-        ),
+        "text": check_close("open_clip text", clip.encode_text(texts, normalize=True), text),
         "logit_scale": check_close(
             "open_clip logit scale", clip.logit_scale.reshape(1), model.logit_scale[eye]
         ),
     }
+    if model.logit_bias is not None:  # the sigmoid loss's learnt bias
+        theirs = getattr(clip, "logit_bias", None)
+        if theirs is None:
+            raise ExportMismatch(
+                "open_clip logit bias: the export has none, the model's sigmoid loss has one"
+            )
+        found["logit_bias"] = check_close("open_clip logit bias", theirs.reshape(1), model.logit_bias[eye])
+    return found
 
 
 def open_clip_usage(model: RetClip, eye: Eye) -> list[str]:
