@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import open_clip
 import torch
+from open_clip.hf_configs import arch_dict
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -128,6 +129,11 @@ def preprocess_config(model: RetClip) -> dict[str, Any]:
 
 def check_exportable(model: RetClip, context_length: int) -> None:
     """Refuse what open_clip cannot hold, before anything is written (one line each)."""
+    kind = model.text.config.model_type
+    if kind not in arch_dict:  # open_clip's text adapter reads a tower's width by its model type
+        raise ValueError(
+            f"open_clip export: open_clip's text adapter knows {sorted(arch_dict)}, not {kind!r}"
+        )
     hidden, embed = model.text.config.hidden_size, model.config.embed_dim
     if hidden < embed:
         raise ValueError(
@@ -164,7 +170,9 @@ def write_open_clip(model: RetClip, directory: Path, eye: Eye, context_length: i
     return files
 
 
-def eye_features(model: RetClip, eye: Eye, images: Tensor, texts: list[str], context_length: int):
+def eye_features(
+    model: RetClip, eye: Eye, images: Tensor, texts: list[str], context_length: int
+) -> tuple[Tensor, Tensor]:
     """RET-CLIP's own normalised eye-level features of float ``images`` and raw ``texts``."""
     tokenizer = build_tokenizer(model.config)
     tokens = tokenizer(

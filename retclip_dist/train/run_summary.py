@@ -4,7 +4,8 @@ The shard manifest gives the data as counts, ``metrics.jsonl`` the time in train
 validation recall (every resumed segment appends to it), and the run config the recipe: its headline
 settings and every setting that differs from the preset the run named (only the project's own presets
 are named; a run on another preset is compared with the defaults, so no file name of the user's reaches
-the card). A setting whose value is free text (a path, a split or tracker name) is listed by key only.
+the card). A changed setting whose value is free text (a path, a tracker or project name) is listed by
+key only; the split names shown are the shard manifest's.
 """
 
 from __future__ import annotations
