@@ -274,6 +274,8 @@ def source_card_body(directory: str | Path) -> list[str]:
         text = text.split("\n---\n", 1)[1] if "\n---\n" in text else text
     kept = [line for line in text.strip().splitlines() if line not in (BENCHMARK_START, BENCHMARK_END)]
     kept = [line for line in kept if not line.startswith("# ")]  # its title: the export's card has its own
+    while kept and not kept[0].strip():
+        kept.pop(0)
     return [("#" + line if line.startswith("#") else line) for line in kept]
 
 
