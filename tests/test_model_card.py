@@ -28,7 +28,7 @@ from retclip_dist.model.card import (
 )
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.train.config import RunConfig
-from retclip_dist.train.run_summary import config_changes, reference_config, step_seconds
+from retclip_dist.train.run_summary import config_changes, reference_config, run_summary, step_seconds
 
 SECRET = "St-Elsewhere-Eye-Unit"  # stands for anything naming a hospital, a person or a machine
 
@@ -214,3 +214,10 @@ def test_a_benchmark_run_puts_its_table_in_the_models_card(model, tmp_path):
     assert f"| cohort | {auroc['mean']:.3f} [" in section
     # The per-dataset notes (which may name images) stay in results.md only.
     assert str(tmp_path) not in text
+
+
+def test_a_summary_that_cannot_be_gathered_is_a_warning_and_no_summary(tmp_path, caplog):
+    cfg = load_config(RunConfig, None, ["--data.shards", str(tmp_path / "gone")])
+    with caplog.at_level(logging.WARNING):
+        assert run_summary(cfg, None, tmp_path, 1, 10) is None
+    assert "model card: no training summary (ValueError: cannot read shard manifest" in caplog.text

@@ -163,8 +163,9 @@ def run_summary(
     None with a warning when they cannot be read: the card then says so, and the model is saved anyway."""
     try:
         return _gather(cfg, preset, out_dir, processes, step)
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("model card: no training summary (%s)", exc)
+    except Exception as exc:
+        # Whatever goes wrong reading the manifest or the records, a finished run must still save its model.
+        log.warning("model card: no training summary (%s: %s)", type(exc).__name__, exc)
         return None
 
 
