@@ -156,7 +156,12 @@ def test_failed_conversion_leaves_no_output_folder(release, tmp_path, monkeypatc
     assert list((tmp_path / "out").iterdir()) == []
     monkeypatch.undo()
     convert_release(checkpoint, vocab, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer",
+    ]
     with pytest.raises(ConversionError, match=r"converted already exists"):
         convert_release(checkpoint, vocab, out)
 

@@ -219,7 +219,12 @@ def test_gradient_checkpointing_gives_identical_outputs_and_gradients(vocab):
 def test_save_and_load_round_trip_is_bit_exact(cfg, tmp_path):
     model = _model(cfg).eval()
     saved = model.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors", "tokenizer"]
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "tokenizer",
+    ]
     loaded = RetClip.from_pretrained(saved).eval()
     state, loaded_state = model.state_dict(), loaded.state_dict()
     assert state.keys() == loaded_state.keys()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -303,6 +305,39 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(shards, tmp_path):
     state = load_file(str(kept[-1] / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in state.values())
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_the_models_card_counts_the_data_and_names_nothing(shards, reference):
+    """The card of a real run: the manifest's counts, its steps, the last validation record and its
+    changes to its preset, and none of the shard set's patient ids, reports or image paths, nor a path of
+    the run's."""
+    text = (reference / "model" / "README.md").read_text()
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for split, totals in manifest["splits"].items():
+        assert f"| {split} | {totals['samples']:,} | {totals['shards']:,} |" in text
+    steps = read_metrics(reference / "metrics.jsonl", "train")[-1]["step"]
+    assert (
+        f"{steps:,} optimiser steps, 2 epochs completed, {steps * 16:,} patients fed, on 1 process(es)"
+        in text
+    )
+    last = read_metrics(reference / "metrics.jsonl", "val")[-1]
+    assert f"after step {last['step']:,}" in text
+    recall = [last[f"patient/i2t_r{k}"] for k in (1, 5, 10)]
+    assert "| patient | {:.3f} | {:.3f} | {:.3f} |".format(*recall) in text
+    train_ms = sum(
+        r["step_ms"] + r["data_wait_ms"] for r in read_metrics(reference / "metrics.jsonl", "train")
+    )
+    assert f"included): {train_ms / 1e3:.1f} s." in text  # every step is logged here: one step per record
+    assert "Settings that differ from the project preset `configs/tiny.yaml`:" in text
+    assert "- `train.epochs`: 2" in text and "- `data.partitions`: 2" in text
+    assert "values left out (paths and names): data.shards, model.tokenizer_path, output_dir." in text
+    with (shards.parent / "raw" / "patients.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    private = [r[k] for r in rows for k in ("patient_id", "left_image", "right_image", "report")]
+    private += [str(shards.parent), str(reference), str(ROOT), "pytest-of", socket.gethostname()]
+    found = [value for value in private if value in text]
+    assert not found, found
 
 
 @pytest.mark.slow

@@ -66,6 +66,9 @@ PROBE = "retclip_dist/train/probe.py"
 WEIGHTS = "retclip_dist/model/weights.py"
 PREFLIGHT = "retclip_dist/train/preflight.py"
 SAMPLES = "retclip_dist/data/samples.py"
+SUMMARY = "retclip_dist/train/run_summary.py"
+EXPORT_CLI = "retclip_dist/export/cli.py"
+API = "retclip_dist/api.py"
 
 T_AUG = "tests/test_data_augment.py"
 T_AUG_PATHS = f"{T_AUG}::test_cpu_and_device_paths_agree_on_real_crops"
@@ -497,6 +500,34 @@ MUTANTS = [
         "            except StopIteration:\n                return\n",
         "            except StopIteration:\n                self.total_wait += time.perf_counter() - start\n                return\n",
         (T_TELE_CLOCK,),
+    ),
+    Mutant(
+        "card-shows-free-text",
+        SUMMARY,
+        "        return value in choices\n",
+        "        return True\n",
+        ("tests/test_model_card.py::test_changes_show_numbers_and_choices_and_leave_free_text_out",),
+    ),
+    Mutant(
+        "card-step-time-counts-from-zero",
+        SUMMARY,
+        "        previous = step\n",
+        "",
+        ("tests/test_model_card.py::test_step_time_counts_a_replayed_step_once",),
+    ),
+    Mutant(
+        "export-publishes-unchecked",
+        EXPORT_CLI,
+        "    diff = verify_timm(model, out, head)\n",
+        "    diff = 0.0\n",
+        ("tests/test_export.py::test_an_export_that_differs_from_the_model_is_not_published",),
+    ),
+    Mutant(
+        "api-zero-shot-ignores-the-eye",
+        API,
+        "heads = [eyes] * len(pixels) if isinstance(eyes, str) else list(eyes)",
+        'heads = ["left"] * len(pixels)',
+        ("tests/test_api.py::test_images_and_zero_shot_equal_retclip_eval",),
     ),
 ]
 

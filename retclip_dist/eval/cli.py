@@ -4,6 +4,7 @@
         --output_dir results/probe [--config eval.yaml] [--section.key value ...]
     retclip-eval convert-release epoch_latest.pt --vocab vocab.txt --output_dir converted/
     retclip-eval benchmark --suite suite.yaml --model runs/x/model --output_dir results/bench [--shards DIR]
+    retclip-eval export --model runs/x/model --format timm|open_clip --output_dir export/
 
 Every evaluation subcommand takes the same options: an optional YAML preset (``--config``) and
 ``--section.key value`` overrides of retclip_dist.eval.config.EvalConfig. Exit codes: 0 success; 2 bad
@@ -50,7 +51,7 @@ def _convert(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = [*COMMANDS, "convert-release", "benchmark"]
+    commands = [*COMMANDS, "convert-release", "benchmark", "export"]
     if argv[:1] in (["-h"], ["--help"]):
         print(__doc__)
         print(f"subcommands: {', '.join(commands)}")
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         from retclip_dist.eval.benchmark.run import main as benchmark_main
 
         return benchmark_main(argv[1:])
+    if argv[0] == "export":
+        from retclip_dist.export.cli import main as export_main
+
+        return export_main(argv[1:])
     parser = argparse.ArgumentParser(prog=f"retclip-eval {argv[0]}")
     parser.add_argument("--config", help="YAML preset of EvalConfig")
     parser.add_argument("--print-config", action="store_true", help="print the final config and exit")

@@ -304,17 +304,26 @@ def with_seeded_splits(lset: LabelledSet, seed: int) -> LabelledSet:
     return replace(lset, rows=tuple(replace(r, split=seeded_split(r.id, seed)) for r in lset.rows))
 
 
+def model_input(image: Image.Image, size: int) -> torch.Tensor:
+    """uint8 [3, size, size]: the whole photo in RGB resized to the model's square input, bicubic, no crop.
+
+    retclip-eval's preprocessing of a single photo; the timm and open_clip exports state the same resize
+    (timm ``crop_mode: squash``, open_clip ``resize_mode: squash``), and retclip_dist.load applies it.
+    """
+    rgb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+
+
 def load_images(lset: LabelledSet, size: int) -> torch.Tensor:
-    """Decode every image once into uint8 [n, 3, size, size] (bicubic); errors name the table row."""
+    """Decode every image once into uint8 [n, 3, size, size] (``model_input``); errors name the table row."""
     out = torch.empty((len(lset), 3, size, size), dtype=torch.uint8)
     for i, row in enumerate(lset.rows):
         try:
             data = lset.store.read(row.image)
             with Image.open(io.BytesIO(data)) as img:
-                rgb = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+                out[i] = model_input(img, size)
         except ImageReadError as exc:
             raise LabelError(f"{row.source}: image {row.image!r}: {exc}") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise LabelError(f"{row.source}: image {row.image!r} cannot be decoded ({exc})") from None
-        out[i] = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
     return out

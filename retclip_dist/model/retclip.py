@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from retclip_dist.config import from_dict, to_dict
+from retclip_dist.model.card import TrainingSummary, write_card
 from retclip_dist.model.checkpointing import selected, set_block_checkpointing, tower_blocks
 from retclip_dist.model.config import LEVELS, ImageInput, ModelConfig, ModelConfigError, checkpointing_mode
 from retclip_dist.model.tokenizer import build_tokenizer
@@ -248,8 +249,9 @@ class RetClip(nn.Module):
         bias = None if self.logit_bias is None else PerLevel(*(self.logit_bias[level] for level in LEVELS))
         return RetClipOutput(image, text, scale, bias)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write a self-contained dir: safetensors weights, config.json, and the tokenizer if one is set."""
+    def save_pretrained(self, directory: str | Path, summary: TrainingSummary | None = None) -> Path:
+        """Write a self-contained dir: safetensors weights, config.json, the tokenizer if one is set, and the
+        model card README.md (with the trainer's ``summary`` of the run where there is one)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # The saved config must rebuild the architecture without the original files: towers are
@@ -267,6 +269,7 @@ class RetClip(nn.Module):
         (directory / CONFIG_FILE).write_text(json.dumps(to_dict(standalone), indent=2, sort_keys=True))
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_card(directory, self, summary)
         return directory
 
     @classmethod

@@ -17,6 +17,7 @@ from accelerate.utils import ProjectConfiguration
 from retclip_dist.config import ConfigError
 from retclip_dist.launch.env import accelerator_placement, world_info_from_env
 from retclip_dist.launch.lifetime import exit_with_parent
+from retclip_dist.model.card import TrainingSummary
 from retclip_dist.train.config import RunConfig
 
 TRACKER_DIR = "tensorboard"  # under output_dir: the files of the trackers that write locally
@@ -86,14 +87,17 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-def save_final_model(acc: Accelerator, model: torch.nn.Module, directory: Path) -> None:
-    """``save_pretrained`` from the main process, with full weights gathered first under ZeRO-3."""
+def save_final_model(
+    acc: Accelerator, model: torch.nn.Module, directory: Path, summary: TrainingSummary | None = None
+) -> None:
+    """``save_pretrained`` from the main process, with full weights gathered first under ZeRO-3; ``summary``
+    goes into the model card."""
     if zero_stage(acc) == 3:
         state = acc.get_state_dict(model)
         if acc.is_main_process:
             inner = acc.unwrap_model(model)
             inner.load_state_dict(state)
-            inner.save_pretrained(directory)
+            inner.save_pretrained(directory, summary)
     elif acc.is_main_process:
-        acc.unwrap_model(model).save_pretrained(directory)
+        acc.unwrap_model(model).save_pretrained(directory, summary)
     acc.wait_for_everyone()

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if lock is not None:
             lock.acquire()
-        return train(cfg)
+        return train(cfg, args.config)
     except (ConfigError, RunLocked) as exc:
         _say(world.rank, str(exc))
         return EXIT_CONFIG

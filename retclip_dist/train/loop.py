@@ -48,6 +48,7 @@ from retclip_dist.train.fp8 import convert_fp8_
 from retclip_dist.train.metrics_log import MetricsLog, tracker_config
 from retclip_dist.train.optim import build_optimizer, freeze_, lr_at, set_lr
 from retclip_dist.train.probe import build_probe, run_probe
+from retclip_dist.train.run_summary import run_summary
 from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
 from retclip_dist.train.step import LossFn, forward_backward, output_loss
 from retclip_dist.train.telemetry import StepClock, step_timing, wait_share
@@ -103,8 +104,9 @@ def prepare_training(
     return wrapped, optimizer, output_loss(tripartite)
 
 
-def train(cfg: RunConfig) -> int:
-    """Run (or resume) pretraining as configured; returns the process exit code."""
+def train(cfg: RunConfig, preset: str | None = None) -> int:
+    """Run (or resume) pretraining as configured; returns the process exit code. ``preset`` is the YAML
+    file the config started from (``--config``): the model card lists the run's changes to it."""
     acc = build_accelerator(cfg)
     out_dir = Path(cfg.output_dir)
     logging.basicConfig(
@@ -243,7 +245,8 @@ def train(cfg: RunConfig) -> int:
         save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
         if cfg.val.every_epochs and last_validated != step:
             validate(model, val_data, acc, device_augment, cfg.val.max_samples, metrics, step, epoch)
-        save_final_model(acc, model, out_dir / "model")
+        summary = run_summary(cfg, preset, out_dir, acc.num_processes, step) if acc.is_main_process else None
+        save_final_model(acc, model, out_dir / "model", summary)
     skipped = total_skipped(acc, data.skipped)
     share = wait_share(acc, clock)
     if metrics is not None:

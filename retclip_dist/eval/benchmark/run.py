@@ -43,6 +43,7 @@ from retclip_dist.eval.data import LabelError
 from retclip_dist.eval.features import load_model
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_OK
 from retclip_dist.launch.env import accelerator_placement
+from retclip_dist.model.card import record_benchmark
 from retclip_dist.model.retclip import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,7 @@ def run_benchmark(
         (out / "results.md").write_text(markdown(rows, notes), encoding="utf-8")
         plot(out / "results_auroc.png", rows)
         _templates_table(out, suite, pred_dir)
+        record_benchmark(model_dir, model, markdown(rows, []), len(suite.seeds))  # the model card's section
     return {"ran": ran, "reused": reused, "rows": rows, "notes": notes, "leaks": leaks}
 
 
