@@ -7,6 +7,7 @@ silently skipping them would train from a half-random tower).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import pickle
 import re
@@ -58,6 +59,9 @@ def _numpy_scalar_globals() -> list:
     # numpy 1.x (which wrote the release's checkpoints) names the constructor numpy.core.multiarray.scalar,
     # numpy 2 numpy._core.multiarray.scalar; torch (>= 2.6) allows one object under both names.
     allowed += [(multiarray.scalar, f"{m}.multiarray.scalar") for m in ("numpy.core", "numpy._core")]
+    # MAE-style checkpoints (RETFound's) keep the training arguments beside the weights: an
+    # argparse.Namespace of plain values, which the restricted unpickler then still checks one by one.
+    allowed.append(argparse.Namespace)
     return allowed
 
 
@@ -79,8 +83,9 @@ def _torch_load(path: Path) -> object:
         ) from None
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors/.bin/.pt/.pth file, unwrapped from a training checkpoint and 'module.'."""
+def read_state_dict(path: str | Path, wrappers: tuple[str, ...] = _WRAPPER_KEYS) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors/.bin/.pt/.pth file, unwrapped from a training checkpoint (the first of
+    ``wrappers`` that holds a mapping) and 'module.'."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
@@ -92,11 +97,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"weights file {path}: unsupported suffix {path.suffix!r}; use .safetensors, .bin, .pt or .pth"
         )
-    for key in _WRAPPER_KEYS:
+    for key in wrappers:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"weights file {path} does not hold a flat mapping of names to tensors")
+        keys = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(
+            f"weights file {path} does not hold a flat mapping of names to tensors (top-level keys {keys})"
+        )
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
