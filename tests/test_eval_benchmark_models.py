@@ -425,3 +425,16 @@ def test_a_model_name_is_bound_to_its_weights_once_it_has_cells(tmp_path):
     (tmp_path / "predictions" / "rf" / "A_linear_probe_seed0.csv").write_text("id\n")
     with pytest.raises(ConfigError, match=r"benchmark\.json: model rf was run with other sha256; rename it"):
         _check_record(tmp_path, first)
+
+
+def test_zero_shot_alone_with_image_only_models_is_refused(tmp_path, capsys):
+    M.retfound_green(tmp_path / "green.pth")
+    suite = {
+        "protocols": ["zero_shot"],
+        "datasets": [{"name": "A", "layout": "table", "root": "x"}],
+        "models": [{"name": "g", "kind": "retfound_green", "path": "green.pth"}],
+    }
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
+    assert eval_main(["benchmark", "--suite", str(tmp_path / "s.yaml"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "every model is image-only and zero_shot is the only protocol" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -206,6 +206,10 @@ def run_benchmark(
     if not suite.models:
         raise ConfigError("no model to benchmark: give --model or models: in the suite file")
     models = [resolve(m, f"models[{i}]") for i, m in enumerate(suite.models)]
+    if not any(model_protocols(m, cell_protocols(suite)) for m in models):
+        raise ConfigError(
+            "protocols: every model is image-only and zero_shot is the only protocol: nothing to run"
+        )
     state = PartialState(**accelerator_placement(torch.cuda.is_available()))
     out = Path(out_dir)
     if state.is_main_process:

@@ -55,7 +55,7 @@ class FewShotConfig:
 @dataclass
 class ZeroShotSpec:
     language: Literal["en", "zh"] = "en"  # pack language of the headline zero-shot row
-    context_length: int = 64  # prompt token budget
+    context_length: int = 64  # prompt token budget of ours (FLAIR and open_clip use their own: 77)
 
 
 @dataclass

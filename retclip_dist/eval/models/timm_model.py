@@ -8,6 +8,7 @@ config, is dropped: the benchmark adds its own heads). Preprocessing is what tim
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -56,7 +57,7 @@ class TimmModel(TimmTowerModel):
     Options = TimmOptions
 
     @classmethod
-    def files(cls, spec: ModelSpec, options: Any, where: str):
+    def files(cls, spec: ModelSpec, options: Any, where: str) -> list[Path]:
         if not spec.arch:
             raise ConfigError(
                 f"{where}.arch: empty; the timm kind needs a timm model name (timm.list_models())"
