@@ -435,6 +435,9 @@ def test_zero_shot_alone_with_image_only_models_is_refused(tmp_path, capsys):
         "models": [{"name": "g", "kind": "retfound_green", "path": "green.pth"}],
     }
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(suite))
-    assert eval_main(["benchmark", "--suite", str(tmp_path / "s.yaml"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert (
+        eval_main(["benchmark", "--suite", str(tmp_path / "s.yaml"), "--output_dir", str(tmp_path / "o")])
+        == 2
+    )
     assert "every model is image-only and zero_shot is the only protocol" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
