@@ -200,7 +200,7 @@ def run_benchmark(
     suite: Suite, out_dir: str, shards: str | None = None, strict: bool = False
 ) -> dict[str, Any]:
     """Run the missing cells of every model of ``suite.models``, then write results.csv, differences.csv,
-    results.md, results.png; returns a summary."""
+    results.md, results.png; returns a summary (its rows and differences on the main process only)."""
     for spec in suite.datasets:
         layout_options(spec)  # a typo in a dataset's options fails before any work
     if not suite.models:
@@ -296,20 +296,23 @@ def run_benchmark(
             del ctx  # its decoded images: the next dataset's replace them
         del model
         _release_memory()
-    scores = Scores(
-        {
-            (m.spec.name, d.name, p): [
-                read_predictions(pred_dir / m.spec.name / predictions_name(d.name, p, s)) for s in suite.seeds
-            ]
-            for m in models
-            for d in suite.datasets
-            for p in model_protocols(m, protocols)
-        }
-    )
-    rows = aggregate(scores)
-    differences = paired_differences(scores, models[0].spec.name)
+    rows: list[dict[str, object]] = []
+    differences: list[dict[str, object]] = []
     notes = [n for d in suite.datasets for n in _dataset_notes(out, d.name)]
-    if state.is_main_process:
+    if state.is_main_process:  # the bootstraps are the costly part: once, not once per process
+        scores = Scores(
+            {
+                (m.spec.name, d.name, p): [
+                    read_predictions(pred_dir / m.spec.name / predictions_name(d.name, p, s))
+                    for s in suite.seeds
+                ]
+                for m in models
+                for d in suite.datasets
+                for p in model_protocols(m, protocols)
+            }
+        )
+        rows = aggregate(scores)
+        differences = paired_differences(scores, models[0].spec.name)
         write_csv(out / "results.csv", rows)
         write_csv(out / "differences.csv", differences, DIFFERENCE_COLUMNS)
         text = markdown(rows, differences, protocols, [_model_note(out, m) for m in models], notes)
