@@ -137,6 +137,7 @@ def test_retfound_green_is_the_timm_state_dict_with_average_pooling(tmp_path):
 def test_flair_layout_text_pooling_and_zero_shot(tmp_path):
     options = M.flair(tmp_path / "flair.pth", tmp_path / "bert")
     model = load("flair", tmp_path / "flair.pth", options)
+    assert model.image_input == ImageInput(32, (0,) * 3, (1,) * 3, "bilinear", "longest", pad="end")
     state = torch.load(tmp_path / "flair.pth")
     x = images(2, 32)
     with torch.no_grad():
