@@ -23,6 +23,7 @@ from retclip_dist.eval.benchmark.prompts import DEFAULT_PACKS, PACK_DIR, load_pa
 from retclip_dist.eval.benchmark.protocols import few_shot_draw
 from retclip_dist.eval.benchmark.recipe import BenchClassifier, layer_id, lr_at, param_groups, set_drop_path
 from retclip_dist.eval.benchmark.results import (
+    ModelNote,
     Predictions,
     aggregate,
     bootstrap_intervals,
@@ -36,6 +37,7 @@ from retclip_dist.eval.benchmark.splits import split_for_seed, split_indices
 from retclip_dist.eval.benchmark.suite import DatasetSpec, FinetuneRecipe, SplitConfig
 from retclip_dist.eval.cli import main as eval_main
 from retclip_dist.eval.data import LabelError, load_images
+from retclip_dist.eval.models.retclip import RetClipModel
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.vocab import write_vocab
 from retclip_dist.shards import cli as shards_cli
@@ -335,20 +337,24 @@ def test_binary_auprc_is_positive_class_ap_and_predictions_round_trip(tmp_path):
     assert back.ids == pred.ids and (back.labels == labels).all() and (back.probs == pred.probs).all()
     low, high = bootstrap_intervals(pred)["auroc"]
     assert 0 <= low <= metrics["auroc"] <= high <= 1
-    rows = aggregate({("GLAUCOMA", "linear_probe"): [pred]})
+    rows = aggregate({("ours", "GLAUCOMA", "linear_probe"): [pred]})
     auroc = next(r for r in rows if r["metric"] == "auroc")
-    assert (auroc["mean"], auroc["ci_low"], auroc["ci_high"], auroc["n_seeds"]) == (
+    assert (auroc["model"], auroc["mean"], auroc["ci_low"], auroc["ci_high"], auroc["n_seeds"]) == (
+        "ours",
         metrics["auroc"],
         low,
         high,
         1,
     )
-    table = markdown(rows, ["GLAUCOMA: note"]).splitlines()
+    note = ModelNote("ours", "retclip", "m (sha256 0)", "32 px", "projected", "en, zh prompts", False)
+    table = markdown(rows, [], ["linear_probe"], [note], ["GLAUCOMA: note"]).splitlines()
+    at = table.index("## GLAUCOMA")
     assert (
-        table[0]
-        == "| dataset | linear_probe auroc | linear_probe auprc | linear_probe accuracy | linear_probe macro_f1 | linear_probe kappa |"
+        table[at + 2]
+        == "| model | linear_probe auroc | linear_probe auprc | linear_probe accuracy | linear_probe macro_f1 | linear_probe kappa |"
     )
-    assert table[2].startswith(f"| GLAUCOMA | {metrics['auroc']:.3f} [{low:.3f}, {high:.3f}] |")
+    assert table[at + 4].startswith(f"| ours | {metrics['auroc']:.3f} [{low:.3f}, {high:.3f}] |")
+    assert table[-1] == "- GLAUCOMA: note"
 
 
 # -- prompt packs ---------------------------------------------------------------------------------------
@@ -452,7 +458,7 @@ def test_finetune_resumes_from_its_epoch_checkpoint_exactly(tiny, tmp_path, monk
     bset = read_dataset(spec("retfound_split", B.retfound_split(tmp_path / "r")))
     images = load_images(bset.lset, 32)
     index = split_indices(bset.lset)
-    args = (tiny, images, bset.lset.labels(), index, list(bset.lset.classes), False)
+    args = (RetClipModel(tiny), images, bset.lset.labels(), index, list(bset.lset.classes), False)
     recipe = FinetuneRecipe(epochs=2, warmup_epochs=1, batch_size=8)
     whole, whole_history = recipe_mod.finetune_recipe(*args, recipe, 0)
 

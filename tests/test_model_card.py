@@ -179,7 +179,7 @@ def test_a_card_that_cannot_be_written_is_a_warning(model, tmp_path, monkeypatch
 
     monkeypatch.setattr(card, "set_benchmark", refuse)
     with caplog.at_level(logging.WARNING):
-        record_benchmark(tmp_path, model, "| t |", 1)
+        record_benchmark(tmp_path, "| t |", 1, model)
     assert "was not added to" in caplog.text and "read-only file system" in caplog.text
 
 

@@ -28,6 +28,7 @@ from retclip_dist.eval.config import DataConfig
 from retclip_dist.io import files
 from retclip_dist.io.errors import ImageNotFound, ImageReadError, ImageRootError
 from retclip_dist.io.roots import ImageStore, TarStore, open_image_root
+from retclip_dist.model.config import ImageInput
 from retclip_dist.shardset import EYES, IMAGE_MEMBER, MANIFEST_NAME, is_eye_image, read_manifest
 
 # Ophthalmology writes laterality several ways; OD (oculus dexter) is the right eye.
@@ -304,19 +305,53 @@ def with_seeded_splits(lset: LabelledSet, seed: int) -> LabelledSet:
     return replace(lset, rows=tuple(replace(r, split=seeded_split(r.id, seed)) for r in lset.rows))
 
 
-def model_input(image: Image.Image, size: int) -> torch.Tensor:
-    """uint8 [3, size, size]: the whole photo in RGB resized to the model's square input, bicubic, no crop.
+_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
-    retclip-eval's preprocessing of a single photo; the timm and open_clip exports state the same resize
-    (timm ``crop_mode: squash``, open_clip ``resize_mode: squash``), and retclip_dist.load applies it.
-    """
-    rgb = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+
+def fit_image(img: Image.Image, spec: ImageInput) -> Image.Image:
+    """``img`` as the model takes it: resized by ``spec.resize`` (see ImageInput), then centre-cropped or
+    padded with black to spec.size x spec.size. Crop and pad offsets follow torchvision's CenterCrop."""
+    scaled = math.floor(spec.size / spec.crop_pct)
+    try:
+        resample = _FILTERS[spec.interpolation]
+    except KeyError:
+        raise ValueError(
+            f"image interpolation {spec.interpolation!r} is not one of {sorted(_FILTERS)}"
+        ) from None
+    w, h = img.size
+    if spec.resize == "squash":
+        img = img.resize((scaled, scaled), resample)
+    else:
+        side = min(w, h) if spec.resize == "shortest" else max(w, h)
+        img = img.resize((max(1, int(w * scaled / side)), max(1, int(h * scaled / side))), resample)
+    w, h = img.size
+    if w == h == spec.size:
+        return img
+
+    def offset(length: int) -> int:
+        if length >= spec.size:
+            return -round((length - spec.size) / 2)
+        return 0 if spec.pad == "end" else (spec.size - length) // 2
+
+    canvas = Image.new("RGB", (spec.size, spec.size))
+    canvas.paste(img, (offset(w), offset(h)))
+    return canvas
+
+
+def model_input(image: Image.Image, size: int | ImageInput) -> torch.Tensor:
+    """uint8 [3, s, s]: the photo in RGB as the model takes it. An ``int`` (retclip-eval's preprocessing of
+    our models) squashes the whole photo to s x s, bicubic, no crop; the timm and open_clip exports state the
+    same resize (timm ``crop_mode: squash``, open_clip ``resize_mode: squash``) and retclip_dist.load
+    applies it. An ImageInput resizes, crops or pads as the model's authors did (``fit_image``)."""
+    spec = size if isinstance(size, ImageInput) else ImageInput(size, (0.0,) * 3, (1.0,) * 3)
+    rgb = fit_image(image.convert("RGB"), spec)
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
 
 
-def load_images(lset: LabelledSet, size: int) -> torch.Tensor:
-    """Decode every image once into uint8 [n, 3, size, size] (``model_input``); errors name the table row."""
-    out = torch.empty((len(lset), 3, size, size), dtype=torch.uint8)
+def load_images(lset: LabelledSet, size: int | ImageInput) -> torch.Tensor:
+    """Decode every image once into uint8 [n, 3, s, s] (``model_input``); errors name the table row."""
+    s = size.size if isinstance(size, ImageInput) else size
+    out = torch.empty((len(lset), 3, s, s), dtype=torch.uint8)
     for i, row in enumerate(lset.rows):
         try:
             data = lset.store.read(row.image)

@@ -32,7 +32,7 @@ FORMATS = ("timm", "open_clip")
 EYE_CHOICES = ("left", "right", "both")
 # open_clip's tokenizer pads every text to this many tokens; retclip-eval zero-shot truncates there too.
 DEFAULT_CONTEXT_LENGTH = ZeroShotConfig().context_length
-_OPEN_CLIP_MISSING = "the open_clip format needs open_clip: pip install 'retclip-dist[export]'"
+_OPEN_CLIP_MISSING = "the open_clip format needs open_clip: pip install 'retclip-dist[open_clip]'"
 
 
 def _export_timm(model: RetClip, model_dir: str, out: Path, head: str) -> dict[str, Any]:

@@ -232,17 +232,22 @@ def write_card(directory: str | Path, model: nn.Module, summary: TrainingSummary
     return path
 
 
-def record_benchmark(directory: str | Path, model: nn.Module, table: str, seeds: int) -> None:
+def record_benchmark(directory: str | Path, table: str, seeds: int, model: nn.Module | None = None) -> None:
     """``retclip-eval benchmark``'s results in the card of the model it ran on; a card that cannot be
-    written (a read-only model folder) is a warning, never a failed benchmark."""
+    written (a read-only model folder) is a warning, never a failed benchmark. ``model`` is needed only
+    for a folder without a card (one is written for it); without it, the saved model is read again."""
     intro = f"`retclip-eval benchmark`, {seeds} seed(s): mean [95% CI] per dataset and protocol.\n\n"
     try:
+        if model is None and not (Path(directory) / README_FILE).is_file():
+            from retclip_dist.model.retclip import RetClip  # retclip.py imports this module
+
+            model = RetClip.from_pretrained(directory)
         set_benchmark(directory, model, intro + table)
     except OSError as exc:
         log.warning("the benchmark's table was not added to %s's model card: %s", directory, exc)
 
 
-def set_benchmark(directory: str | Path, model: nn.Module, table: str) -> Path:
+def set_benchmark(directory: str | Path, model: nn.Module | None, table: str) -> Path:
     """Put ``table`` (retclip-eval benchmark's results) into the card's benchmark section.
 
     Only the marked section is replaced, so the rest of the card (and a reader's edits) stay; a card

@@ -26,7 +26,34 @@ class ImageInput:
     size: int  # side of the square input in pixels
     mean: tuple[float, ...]  # per-channel mean subtracted after scaling pixels to [0, 1]
     std: tuple[float, ...]  # per-channel standard deviation divided by after that
-    interpolation: str = "bicubic"  # resize filter (PIL on CPU, grid_sample on the device; only bicubic)
+    interpolation: str = (
+        "bicubic"  # resize filter: bicubic or bilinear (PIL); training augmentation: bicubic only
+    )
+    # How a photo of any shape becomes size x size (retclip-eval; training shards are already square):
+    # "squash" resizes both sides to size / crop_pct, "shortest" the shorter side, "longest" the longer
+    # side (keeping the aspect ratio); the result is then centre-cropped, or padded with black, to size.
+    resize: Literal["squash", "shortest", "longest"] = "squash"
+    crop_pct: float = 1.0  # share of the resized image kept by the centre crop (timm's crop_pct)
+    pad: Literal["centre", "end"] = "centre"  # where padding goes: both sides, or right and bottom only
+
+    def describe(self) -> str:
+        """One line for result tables: the geometry, filter and normalisation, as a person would repeat it."""
+        scaled = math.floor(self.size / self.crop_pct)
+        if self.resize == "squash":
+            steps = f"resized to {scaled}x{scaled}"
+        elif self.resize == "shortest":
+            steps = f"shorter side to {scaled}"
+        else:
+            steps = f"longer side to {scaled}"
+        if scaled != self.size or self.resize == "shortest":
+            steps += f", centre crop {self.size}"
+        if self.resize == "longest":
+            steps += ", padded with black " + (
+                "on both sides" if self.pad == "centre" else "right and bottom"
+            )
+        mean = ", ".join(f"{v:g}" for v in self.mean)
+        std = ", ".join(f"{v:g}" for v in self.std)
+        return f"{self.size} px: {steps} ({self.interpolation}); mean ({mean}), std ({std})"
 
     @classmethod
     def clip(cls, size: int) -> ImageInput:

@@ -10,6 +10,7 @@ save) or named by the user (``model.vision_weights_ignore``, ``model.text_weight
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import logging
 import pickle
@@ -93,6 +94,9 @@ def _numpy_scalar_globals() -> list:
     # numpy 1.x (which wrote the release's checkpoints) names the constructor numpy.core.multiarray.scalar,
     # numpy 2 numpy._core.multiarray.scalar; torch (>= 2.6) allows one object under both names.
     allowed += [(multiarray.scalar, f"{m}.multiarray.scalar") for m in ("numpy.core", "numpy._core")]
+    # MAE-style checkpoints (RETFound's) keep the training arguments beside the weights: an
+    # argparse.Namespace of plain values, which the restricted unpickler then still checks one by one.
+    allowed.append(argparse.Namespace)
     return allowed
 
 
@@ -150,16 +154,18 @@ def load_weights_file(path: str | Path) -> object:
             raise ValueError(f"weights file {path}: cannot read it ({_first_line(exc)})") from None
 
 
-def unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(
+    obj: object, source: str, wrappers: tuple[str, ...] = _WRAPPER_KEYS
+) -> dict[str, torch.Tensor]:
     """The flat name -> tensor mapping inside a training checkpoint, without a wrapper's key prefix.
 
-    Unwrapped only where nothing else could be meant: one level down under ``state_dict``, ``model`` or
-    ``module`` while the level holds no tensors of its own and exactly one of them (two are refused), and a
-    ``module.``/``model.`` prefix that every key carries. Anything else is left as it is, for the strict
-    load to refuse by name.
+    Unwrapped only where nothing else could be meant: one level down under one of ``wrappers``
+    (``state_dict``, ``model`` or ``module``; DINOv2's ``teacher`` where its reader asks) while the level
+    holds no tensors of its own and exactly one of them (two are refused), and a ``module.``/``model.``
+    prefix that every key carries. Anything else is left as it is, for the strict load to refuse by name.
     """
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        nested = [key for key in _WRAPPER_KEYS if isinstance(obj.get(key), dict)]
+        nested = [key for key in wrappers if isinstance(obj.get(key), dict)]
         if len(nested) > 1:
             raise ValueError(
                 f"weights file {source} holds {len(nested)} state dicts ({', '.join(map(repr, nested))}); "
@@ -169,7 +175,10 @@ def unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
             break
         obj = obj[nested[0]]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"weights file {source} does not hold a flat mapping of names to tensors")
+        keys = sorted(map(str, obj))[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(
+            f"weights file {source} does not hold a flat mapping of names to tensors (top-level keys {keys})"
+        )
     state: dict[str, torch.Tensor] = obj
     stripped = True
     while stripped:
@@ -181,10 +190,10 @@ def unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, wrappers: tuple[str, ...] = _WRAPPER_KEYS) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors/.bin/.pt/.pth file, unwrapped from a training checkpoint and a wrapper's
     prefix (see ``unwrap_state_dict``)."""
-    return unwrap_state_dict(load_weights_file(path), str(path))
+    return unwrap_state_dict(load_weights_file(path), str(path), wrappers)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:

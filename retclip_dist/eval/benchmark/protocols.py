@@ -1,9 +1,9 @@
 """One cell of the table: a protocol on one dataset split for one seed, giving test probabilities.
 
-Features of a dataset are computed once and shared by its cells: the shared projection for probes
-(single images), the patient head through both eyes for paired layouts (RetClip.encode_image), and for
-zero-shot the text-aligned head (left/right by laterality when every row has one, else the patient
-head with the photo as both eyes).
+Features of a dataset are computed once per model and shared by its cells. What they are is the model
+adapter's business (eval/models): for ours the shared projection for probes on single images, the
+patient head through both eyes for paired layouts and the text-aligned heads for zero-shot; for other
+models the feature their authors' own probes read.
 """
 
 from __future__ import annotations
@@ -16,23 +16,22 @@ import numpy as np
 import torch
 
 from retclip_dist.eval.benchmark.layouts import BenchSet
-from retclip_dist.eval.benchmark.prompts import LANGUAGES, PromptPack
+from retclip_dist.eval.benchmark.prompts import PromptPack
 from retclip_dist.eval.benchmark.recipe import finetune_recipe
 from retclip_dist.eval.benchmark.suite import Suite
 from retclip_dist.eval.data import LabelledSet, load_images
-from retclip_dist.eval.features import embed_images, image_size, normalise
 from retclip_dist.eval.metrics import compute_metrics
+from retclip_dist.eval.models.base import BenchModel
 from retclip_dist.eval.probe import fit_probe, predict_probs
-from retclip_dist.eval.zeroshot import class_embeddings, zero_shot_probs
-from retclip_dist.model.retclip import RetClip
 
 
 @dataclass
 class DatasetContext:
-    """A dataset's decoded images and cached features, shared by all its cells."""
+    """A dataset's decoded images (as the model's authors preprocess them) and the model's cached
+    features, shared by all its cells."""
 
     bset: BenchSet
-    model: RetClip
+    model: BenchModel
     batch_size: int
     _images: torch.Tensor | None = None
     _features: dict[str, tuple[np.ndarray, list[str]]] = field(default_factory=dict)
@@ -41,8 +40,8 @@ class DatasetContext:
     def images(self) -> torch.Tensor:
         """uint8 [n, 3, s, s], or [n, 2, 3, s, s] (left, right) for a paired layout."""
         if self._images is None:
-            size = image_size(self.model)
-            left = load_images(self.bset.lset, size)
+            spec = self.model.image_input
+            left = load_images(self.bset.lset, spec)
             if self.bset.right is None:
                 self._images = left
             else:
@@ -53,57 +52,32 @@ class DatasetContext:
                 lset = LabelledSet(
                     rows, self.bset.lset.classes, True, self.bset.lset.table, self.bset.lset.store
                 )
-                self._images = torch.stack([left, load_images(lset, size)], dim=1)
+                self._images = torch.stack([left, load_images(lset, spec)], dim=1)
         return self._images
 
     def features(self, zero_shot: bool) -> tuple[np.ndarray, list[str]]:
-        """(features [n, D], per-row head) for probes or for zero-shot."""
+        """(features [n, F], per-row head) for probes or for zero-shot."""
         key = "zero_shot" if zero_shot else "probe"
         if key not in self._features:
-            if self.bset.paired:
-                self._features[key] = (self._patient_pairs(), ["patient"] * len(self.bset.lset))
+            model, n = self.model, len(self.bset.lset)
+            if zero_shot and self.bset.paired:
+                self._features[key] = model.zero_shot_pair_features(self.images, self.batch_size)
+            elif zero_shot:
+                lateralities = [r.laterality for r in self.bset.lset.rows]
+                self._features[key] = model.zero_shot_features(self.images, lateralities, self.batch_size)
+            elif self.bset.paired:
+                self._features[key] = (model.pair_features(self.images, self.batch_size), ["pair"] * n)
             else:
-                rows = self.bset.lset.rows
-                if not zero_shot:
-                    heads = ["projected"] * len(rows)
-                elif all(r.laterality for r in rows):
-                    heads = [str(r.laterality) for r in rows]
-                else:
-                    heads = ["patient"] * len(rows)
-                feats = embed_images(self.model, self.images, heads, self.batch_size).numpy()
-                self._features[key] = (feats, heads)
+                self._features[key] = (model.probe_features(self.images, self.batch_size), ["image"] * n)
         return self._features[key]
-
-    @torch.inference_mode()
-    def _patient_pairs(self) -> np.ndarray:
-        device = next(self.model.parameters()).device
-        out = []
-        for start in range(0, len(self.images), self.batch_size):
-            pair = normalise(self.images[start : start + self.batch_size].to(device), self.model.image_input)
-            out.append(self.model.encode_image(pair[:, 0], pair[:, 1]).patient.float().cpu())
-        return torch.cat(out).numpy()
-
-
-def _zs_probs(
-    model: RetClip, feats: np.ndarray, heads: list[str], emb: dict[str, torch.Tensor], multilabel: bool
-) -> np.ndarray:
-    features = torch.from_numpy(feats)
-    if not multilabel:
-        return zero_shot_probs(model, features, heads, emb).numpy()
-    # Labels are not exclusive: each label scores against the mean of all labels, per image.
-    probs = torch.empty((len(heads), next(iter(emb.values())).shape[0]))
-    for head in set(heads):
-        mask = torch.tensor([h == head for h in heads])
-        sims = features[mask] @ emb[head].T
-        scale = model.logit_scale[head].detach().exp().cpu()
-        probs[mask] = (scale * (sims - sims.mean(dim=1, keepdim=True))).sigmoid()
-    return probs.numpy()
 
 
 def zero_shot(
     ctx: DatasetContext, lset: LabelledSet, index: dict[str, np.ndarray], pack: PromptPack, suite: Suite
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Test probabilities from the suite language's whole pack, and the AUROC of every single template."""
+    """Test probabilities from the model's headline language (the suite's, where its text tower reads
+    it) over the whole pack, and the AUROC of every single template of every language it reads."""
+    model = ctx.model
     feats, heads = ctx.features(zero_shot=True)
     test = index["test"]
     feats, heads = feats[test], [heads[i] for i in test]
@@ -111,14 +85,21 @@ def zero_shot(
     labels = lset.labels()[test]
 
     def probs_for(prompts: dict[str, list[str]]) -> np.ndarray:
-        emb = class_embeddings(ctx.model, prompts, classes, suite.zero_shot.context_length)
-        return _zs_probs(ctx.model, feats, heads, emb, lset.multilabel)
+        emb = model.class_embeddings(prompts, classes, suite.zero_shot.context_length)
+        return model.zero_shot_probs(feats, heads, emb, lset.multilabel)
 
-    probs = probs_for(pack.prompts(suite.zero_shot.language, classes))
+    def prompts_for(language: str, template: str) -> dict[str, list[str]]:
+        return pack.prompts(language, classes, template)
+
+    def all_prompts(language: str) -> dict[str, list[str]]:
+        per_template = [prompts_for(language, t) for t in model.templates(pack.templates[language])]
+        return {c: [p for prompts in per_template for p in prompts[c]] for c in classes}
+
+    probs = probs_for(all_prompts(model.zero_shot_language(suite.zero_shot.language)))
     per_template = []
-    for language in LANGUAGES:
-        for template in pack.templates[language]:
-            p = probs_for(pack.prompts(language, classes, template))
+    for language in model.languages:
+        for template in model.templates(pack.templates[language]):
+            p = probs_for(prompts_for(language, template))
             auroc = compute_metrics(labels, p, classes, lset.multilabel)["overall"]["macro_auroc"]
             per_template.append({"language": language, "template": template, "auroc": auroc})
     return probs, per_template

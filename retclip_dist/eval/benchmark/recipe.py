@@ -2,22 +2,23 @@
 
 Layer-wise lr decay, stochastic depth, label smoothing, RandAugment + random erasing (timm's training
 transform, as RETFound builds it), AdamW, peak lr = blr * global batch / 256 with a per-step linear
-warmup and half-cosine decay, and the epoch kept that scores best on validation. Single images train
-tower + linear head; paired layouts (ODIR-5K) train tower + shared projection + patient head + linear
-head on both eyes. Accelerate places the model (and under ``accelerate launch`` wraps it in DDP: each
+warmup and half-cosine decay, and the epoch kept that scores best on validation. The network is the
+model adapter's (eval/models): single images train tower + linear head; on paired layouts (ODIR-5K) ours
+trains tower + shared projection + patient head + linear head on both eyes, and other models' towers
+embed both eyes into one linear head. Accelerate places the model (and under ``accelerate launch`` wraps it in DDP: each
 process takes its slice of every global batch); only the 1-process CPU path is tested.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,13 +36,33 @@ from retclip_dist.eval.metrics import compute_metrics, selection_score
 from retclip_dist.launch.env import accelerator_placement
 from retclip_dist.model.retclip import RetClip
 
+if TYPE_CHECKING:
+    from retclip_dist.eval.models.base import BenchModel
+
 _LATEST = "latest"  # the newest epoch checkpoint (Accelerate state) in a cell's checkpoint directory
 _PROGRESS = "progress.json"  # epoch, history and best score, inside the checkpoint
 _BEST = "best.safetensors"  # weights of the best epoch so far
 log = logging.getLogger(__name__)
 
-# Parameters of the tower's stem: layer 0 for the layer-wise lr decay (RETFound's get_layer_id_for_vit).
-_STEM = ("cls_token", "pos_embed", "patch_embed", "reg_token")
+# The tower's stem: layer 0 for the layer-wise lr decay (RETFound's get_layer_id_for_vit), by the names
+# of timm ViTs, open_clip's ViT (class_embedding, positional_embedding, conv1, ln_pre) and ResNets.
+_STEM = (
+    "cls_token",
+    "pos_embed",
+    "patch_embed",
+    "reg_token",
+    "class_embedding",
+    "positional_embedding",
+    "conv1",
+    "bn1",
+    "ln_pre",
+)
+# Parameters without weight decay besides biases and norms (RETFound's no_weight_decay list, by name).
+_NO_DECAY = ("cls_token", "pos_embed", "reg_token", "class_embedding", "positional_embedding")
+# Transformer block i of a timm ViT (blocks.i) or an open_clip ViT (transformer.resblocks.i).
+_BLOCK = re.compile(r"^(?:transformer\.res)?blocks\.(\d+)\.")
+# ResNet stage k (layer1..layer4): a stage counts as one block for the layer decay.
+_STAGE = re.compile(r"^layer(\d+)\.")
 
 
 class BenchClassifier(nn.Module):
@@ -68,34 +89,74 @@ class BenchClassifier(nn.Module):
         return self.head(self.patient(eyes))
 
 
-def set_drop_path(tower: nn.Module, rate: float) -> None:
-    """Stochastic depth rising linearly over the blocks to ``rate`` (timm's drop_path_rate rule)."""
-    blocks = list(tower.blocks)
+class ImageClassifier(nn.Module):
+    """Any image tower fine-tuned under a new head: single eye: tower -> Linear; pair [n, 2, 3, H, W]:
+    both eyes through the tower, their pooled features side by side -> Linear."""
+
+    def __init__(self, tower: nn.Module, width: int, n_classes: int, paired: bool) -> None:
+        super().__init__()
+        self.tower = tower
+        self.paired = paired
+        self.head = nn.Linear(2 * width if paired else width, n_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # RETFound's head init, as BenchClassifier
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if not self.paired:
+            return self.head(self.tower(images))
+        n = images.shape[0]
+        return self.head(self.tower(images.flatten(0, 1)).reshape(n, -1))
+
+
+def _vit_blocks(tower: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a timm ViT, or none for another tower."""
+    blocks = getattr(tower, "blocks", None)
+    return list(blocks) if isinstance(blocks, nn.Sequential | nn.ModuleList) else []
+
+
+def set_drop_path(tower: nn.Module, rate: float) -> bool:
+    """Stochastic depth rising linearly over the blocks to ``rate`` (timm's drop_path_rate rule), for
+    timm ViT blocks; False (nothing set) for towers without them (ResNets, open_clip's ViT)."""
+    blocks = [b for b in _vit_blocks(tower) if hasattr(b, "drop_path1")]
     for i, block in enumerate(blocks):
         p = rate * i / max(len(blocks) - 1, 1)
         block.drop_path1 = DropPath(p) if p > 0 else nn.Identity()
         block.drop_path2 = DropPath(p) if p > 0 else nn.Identity()
+    return bool(blocks)
+
+
+def tower_depth(tower: nn.Module) -> int:
+    """Blocks of the tower for the layer decay: ViT blocks, open_clip resblocks, or ResNet stages."""
+    blocks = _vit_blocks(tower) or list(getattr(getattr(tower, "transformer", None), "resblocks", []))
+    if blocks:
+        return len(blocks)
+    return sum(1 for k in range(1, 5) if hasattr(tower, f"layer{k}"))
 
 
 def layer_id(name: str, n_layers: int) -> int:
-    """0 for the stem, i + 1 for tower block i, n_layers for everything after the blocks (norm, heads)."""
+    """0 for the stem, i + 1 for tower block i (ResNet: stage k is k), n_layers for everything after the
+    blocks (final norm, projection, heads)."""
     if name.startswith("tower."):
         rest = name[len("tower.") :]
         if rest.startswith(_STEM):
             return 0
-        if rest.startswith("blocks."):
-            return int(rest.split(".")[1]) + 1
+        block = _BLOCK.match(rest)
+        if block:
+            return int(block.group(1)) + 1
+        stage = _STAGE.match(rest)
+        if stage:
+            return int(stage.group(1))
     return n_layers
 
 
-def param_groups(net: BenchClassifier, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+def param_groups(net: nn.Module, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
     """AdamW groups with an lr_scale per layer; no decay for biases, norms, position embedding, cls."""
-    n_layers = len(net.tower.blocks) + 1
+    n_layers = tower_depth(net.tower) + 1
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in net.named_parameters():
         if not param.requires_grad:
             continue
-        no_decay = param.ndim == 1 or name.split(".")[-1] in _STEM
+        no_decay = param.ndim == 1 or name.split(".")[-1] in _NO_DECAY
         layer = layer_id(name, n_layers)
         group = groups.setdefault(
             (layer, no_decay),
@@ -142,7 +203,7 @@ def _checkpoint(accelerator: Accelerator, directory: Path, progress: dict[str, A
 
 
 def finetune_recipe(
-    model: RetClip,
+    model: BenchModel,
     images: Tensor,
     labels: np.ndarray,
     index: dict[str, np.ndarray],
@@ -152,15 +213,17 @@ def finetune_recipe(
     seed: int,
     checkpoints: Path | None = None,
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """Fine-tune a copy of ``model`` on index["train"], keep the best epoch on index["val"]; returns the
-    test probabilities [n_test, C] and the per-epoch record. ``images`` is [n, 3, H, W] or, for paired
-    layouts, [n, 2, 3, H, W] uint8. With ``checkpoints``, every epoch ends with an atomic checkpoint
-    (Accelerate state: model, optimizer, RNGs) and the run continues from the newest one there."""
+    """Fine-tune a copy of ``model``'s tower (model.classifier) on index["train"], keep the best epoch on
+    index["val"]; returns the test probabilities [n_test, C] and the per-epoch record. ``images`` is
+    [n, 3, H, W] or, for paired layouts, [n, 2, 3, H, W] uint8. With ``checkpoints``, every epoch ends
+    with an atomic checkpoint (Accelerate state: model, optimizer, RNGs) and the run continues from the
+    newest one there."""
     set_seed(seed)
     spec = model.image_input  # the model's normalisation, for timm's transform and for predict
     paired = images.dim() == 5
-    net = BenchClassifier(copy.deepcopy(model).cpu().train(), len(classes), paired)
-    set_drop_path(net.tower, recipe.drop_path)
+    net = model.classifier(len(classes), paired)
+    if recipe.drop_path > 0 and not set_drop_path(net.tower, recipe.drop_path):
+        log.info("%s tower has no timm ViT blocks: fine-tuning without drop path", model.kind)
     accelerator = Accelerator(
         mixed_precision=recipe.precision, **accelerator_placement(torch.cuda.is_available())
     )

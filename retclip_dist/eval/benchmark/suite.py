@@ -1,4 +1,5 @@
-"""The suite file: which datasets, in which published layout, under which protocols and seeds.
+"""The suite file: which models, on which datasets in which published layout, under which protocols and
+seeds.
 
 One YAML file, parsed by retclip_dist.config.from_dict into the dataclasses below, so an unknown key or
 a wrong type is one error naming the field (``datasets[1].layout: 'aptos' is not one of [...]``).
@@ -28,6 +29,18 @@ class DatasetSpec:
 
 
 @dataclass
+class ModelSpec:
+    # Row name in the table and folder of the model's predictions (no '/' or spaces). The first model of
+    # the suite is the baseline every other one is compared with (paired differences).
+    name: str = ""
+    kind: str = "retclip"  # adapter that loads it (one of retclip_dist.eval.models.registry.ADAPTERS)
+    path: str = ""  # local weights, never downloaded: a save_pretrained directory (retclip) or a file
+    arch: str = ""  # architecture name, for the open_clip (e.g. ViT-B-16) and timm (e.g. convnext_base) kinds
+    options: dict[str, Any] = field(default_factory=dict)  # adapter options (each adapter's Options)
+    prompts: dict[str, str] = field(default_factory=dict)  # dataset name -> prompt pack for this model
+
+
+@dataclass
 class SplitConfig:
     # Official splits are kept; what a layout does not publish is drawn per seed, grouped by patient.
     val_fraction: float = 0.2  # share of patients drawn for validation (from train when test is official)
@@ -42,7 +55,7 @@ class FewShotConfig:
 @dataclass
 class ZeroShotSpec:
     language: Literal["en", "zh"] = "en"  # pack language of the headline zero-shot row
-    context_length: int = 64  # prompt token budget
+    context_length: int = 64  # prompt token budget of ours (FLAIR and open_clip use their own: 77)
 
 
 @dataclass
@@ -69,6 +82,8 @@ class Suite:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run per seed; CI is over seeds
     protocols: list[Protocol] = field(default_factory=lambda: list(PROTOCOLS))  # columns of the table
     datasets: list[DatasetSpec] = field(default_factory=list)  # rows of the table
+    # Models compared on every cell, the first one the baseline; --model on the command line replaces them.
+    models: list[ModelSpec] = field(default_factory=list)
     splits: SplitConfig = field(default_factory=SplitConfig)  # drawn splits
     zero_shot: ZeroShotSpec = field(default_factory=ZeroShotSpec)  # zero-shot options
     probe: ProbeConfig = field(default_factory=ProbeConfig)  # linear and few-shot probe options
@@ -98,6 +113,11 @@ def _check(suite: Suite, where: str) -> Suite:
         names.add(ds.name)
         if not ds.root:
             raise ConfigError(f"{where}: datasets[{i}].root: empty; give the dataset's local directory")
+    check_models(suite.models, f"{where}: models")
+    for i, model in enumerate(suite.models):
+        unknown = sorted(set(model.prompts) - names)
+        if unknown:
+            raise ConfigError(f"{where}: models[{i}].prompts: no dataset named {unknown} in datasets")
     if any(k < 1 for k in suite.few_shot.shots) or not suite.few_shot.shots:
         raise ConfigError(f"{where}: few_shot.shots: {suite.few_shot.shots} must be positive integers")
     fractions = (suite.splits.val_fraction, suite.splits.test_fraction)
@@ -106,6 +126,19 @@ def _check(suite: Suite, where: str) -> Suite:
     if suite.finetune.epochs < 1 or suite.finetune.batch_size < 1:
         raise ConfigError(f"{where}: finetune: epochs and batch_size must be >= 1")
     return suite
+
+
+def check_models(models: list[ModelSpec], where: str) -> None:
+    """Names usable as folder names and unique, and a path for each (kinds are checked by the registry)."""
+    names: set[str] = set()
+    for i, model in enumerate(models):
+        if not model.name or any(c in model.name for c in "/\\ \t"):
+            raise ConfigError(f"{where}[{i}].name: {model.name!r} must be non-empty, without / or spaces")
+        if model.name in names:
+            raise ConfigError(f"{where}[{i}].name: {model.name!r} is used twice")
+        names.add(model.name)
+        if not model.path:
+            raise ConfigError(f"{where}[{i}].path: empty; give the model's local weights")
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -124,8 +157,16 @@ def load_suite(path: str | Path) -> Suite:
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     suite = _check(suite, str(path))
+    for model in suite.models:
+        model.path = _relative_to(path, model.path)
+        model.prompts = {name: _relative_to(path, pack) for name, pack in model.prompts.items()}
     for ds in suite.datasets:
         ds.root = str((path.parent / ds.root).resolve()) if not Path(ds.root).is_absolute() else ds.root
         if ds.prompts and not Path(ds.prompts).is_absolute():
             ds.prompts = str((path.parent / ds.prompts).resolve())
     return suite
+
+
+def _relative_to(suite_file: Path, value: str) -> str:
+    """A path written in the suite file, relative to the file's folder unless absolute."""
+    return value if Path(value).is_absolute() else str((suite_file.parent / value).resolve())
