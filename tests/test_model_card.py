@@ -13,7 +13,7 @@ import yaml
 from conftest import ROOT, TINY_VOCAB, tiny_model_config
 
 from retclip_dist.config import load_config
-from retclip_dist.eval.benchmark.run import run_benchmark
+from retclip_dist.eval.benchmark.run import parse_model_arg, run_benchmark
 from retclip_dist.eval.benchmark.suite import load_suite
 from retclip_dist.model import card
 from retclip_dist.model.card import (
@@ -206,12 +206,14 @@ def test_a_benchmark_run_puts_its_table_in_the_models_card(model, tmp_path):
             }
         )
     )
-    summary = run_benchmark(load_suite(suite), str(tmp_path / "model"), str(tmp_path / "out"))
+    loaded = load_suite(suite)
+    loaded.models = [parse_model_arg(str(tmp_path / "model"))]
+    summary = run_benchmark(loaded, str(tmp_path / "out"))
     text = (tmp_path / "model" / README_FILE).read_text()
     section = text[text.index(BENCHMARK_START) : text.index(BENCHMARK_END)]
     auroc = next(r for r in summary["rows"] if r["metric"] == "auroc")
-    assert "1 seed(s)" in section and "| dataset | linear_probe auroc |" in section
-    assert f"| cohort | {auroc['mean']:.3f} [" in section
+    assert "1 seed(s)" in section and "## cohort" in section and "| model | linear_probe auroc |" in section
+    assert f"| retclip | {auroc['mean']:.3f} [" in section
     # The per-dataset notes (which may name images) stay in results.md only.
     assert str(tmp_path) not in text
 

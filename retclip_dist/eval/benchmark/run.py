@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -327,7 +327,9 @@ def run_benchmark(
         for m in models:  # our saved models get their own rows in their model card
             if m.spec.kind == "retclip":
                 mine = [r for r in rows if r["model"] == m.spec.name]
-                table = markdown(mine, [], protocols, [_model_note(out, m)], [])
+                note = _model_note(out, m)  # its weights by digest only: the card names no path
+                note = replace(note, weights=note.weights.rsplit("(", 1)[-1].rstrip(")"))
+                table = markdown(mine, [], protocols, [note], [])
                 record_benchmark(m.spec.path, table, len(suite.seeds))
     return {
         "ran": ran,
