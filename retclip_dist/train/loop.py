@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
 from retclip_dist.config import ConfigError, to_dict
@@ -41,7 +41,7 @@ from retclip_dist.train.backend import (
     uses_deepspeed,
     zero_stage,
 )
-from retclip_dist.train.checkpoint import Checkpointer
+from retclip_dist.train.checkpoint import Checkpointer, Restored
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.fp8 import convert_fp8_
 from retclip_dist.train.metrics_log import MetricsLog, tracker_config
@@ -143,11 +143,8 @@ def train(cfg: RunConfig) -> int:
     )
     restored = checkpointer.load(cfg.checkpoint.resume)
     step, epoch = (restored.step, restored.epoch) if restored else (0, 0)
-    if restored and restored.data_state is not None:
-        try:
-            data.load_state_dict(restored.data_state)
-        except ValueError as exc:
-            raise ConfigError(f"checkpoint.resume: {restored.path}: {exc}") from exc
+    if restored:
+        restore_data(data, restored, cfg.checkpoint.reset_data)
 
     config_dict = to_dict(cfg)
     acc.init_trackers(cfg.log.project, config=tracker_config(config_dict))  # main process only
@@ -256,6 +253,32 @@ def train(cfg: RunConfig) -> int:
     return exit_code
 
 
+def restore_data(data: TrainLoader, restored: Restored, reset: bool) -> None:
+    """The checkpoint's data position (data/position.py says what it must match), or with
+    ``checkpoint.reset_data`` its epoch from the first patient. check_run_config() refused a mismatch."""
+    if not reset:
+        if restored.data_state is None:
+            raise ConfigError(
+                f"checkpoint.resume: {restored.path} has no data position (data_rank*.json): pass "
+                f"--checkpoint.reset_data true to start epoch {restored.epoch}'s data from its first patient"
+            )
+        try:
+            data.load_state_dict(restored.data_state)
+        except ValueError as exc:
+            raise ConfigError(f"checkpoint.resume: {restored.path}: {exc}") from exc
+        return
+    data.set_epoch(restored.epoch)
+    if data.layout.rank == 0:
+        log.warning(
+            "checkpoint.reset_data: the data position of %s is not used; epoch %d starts again from its first "
+            "patient at step %d (patients it used before step %d are read again)",
+            restored.path,
+            restored.epoch,
+            restored.step,
+            restored.step,
+        )
+
+
 def save_checkpoint(
     acc: Accelerator,
     model: torch.nn.Module,
@@ -306,14 +329,20 @@ def log_train_step(
 
 
 def log_epoch(acc: Accelerator, metrics: MetricsLog | None, data: TrainLoader, epoch: int, step: int) -> None:
-    """Account for every patient of the split in the finished epoch: used once, or unused and why."""
-    # Each rank counts the damaged samples of its own streams; every rank joins the sum.
-    skipped = total_skipped(acc, data.epoch_skipped)
-    used = data.samples_per_epoch - data.unused_per_epoch - skipped
+    """Account for every patient of the split in the finished epoch, counted from the batches every rank
+    trained on: used once, unused (past the last whole global batch, or damaged), or read twice."""
+    # Every rank joins: one sum for the damaged and refilled rows, one gather of the rows' patients.
+    local = [data.epoch_skipped, data.epoch_skip_counts["reused"]]
+    skipped, reused = sum_over_ranks(acc, torch.tensor(local, dtype=torch.int64, device=acc.device)).tolist()
+    rows = gather_object(data.epoch_patients) if acc.num_processes > 1 else data.epoch_patients
+    used = len(set(rows))
+    # Rows beyond each patient's first that no short stream's refill accounts for: 0 unless the data order
+    # itself went wrong (a position that re-reads patients also leaves others out).
+    read_twice = len(rows) - used - reused
     unused = data.samples_per_epoch - used
     if metrics is None:
         return
-    metrics.epoch_end(step, epoch, used, unused, skipped)
+    metrics.epoch_end(step, epoch, used, unused, skipped, read_twice, reused)
     log.info(
         "epoch %d done: %d of %d patients used, %d unused (%d past the last whole global batch, %d skipped "
         "as damaged)",
@@ -324,3 +353,12 @@ def log_epoch(acc: Accelerator, metrics: MetricsLog | None, data: TrainLoader, e
         data.unused_per_epoch,
         skipped,
     )
+    if read_twice:
+        log.error(
+            "epoch %d: %d rows repeated a patient already trained on in this epoch (patients_read_twice, "
+            "expected 0) and %d patients were not used although the plan reads them: the data order went "
+            "wrong, e.g. a resume that did not continue where its checkpoint stopped",
+            epoch,
+            read_twice,
+            unused - data.unused_per_epoch - skipped,
+        )
