@@ -8,6 +8,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from retclip_dist.config import ConfigError, load_config
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.data.position import PositionError, patient_id
-from retclip_dist.train.checkpoint import STATE_NAME, checkpoint_name
+from retclip_dist.train.checkpoint import STATE_NAME, Restored, checkpoint_name
 from retclip_dist.train.config import RunConfig
+from retclip_dist.train.loop import restore_data
 from retclip_dist.train.preflight import check_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,3 +217,39 @@ def test_patient_ids_are_stable_and_distinct():
     assert len(set(ids)) == len(keys)
     assert patient_id("p00001") == patient_id("p00001") == -109100801855055693
     assert collections.Counter(ids).most_common(1)[0][1] == 1
+
+
+# --- what the trainer does with a position (train/loop.py restore_data) ---
+
+
+def _restored(state: dict | None, steps: int) -> Restored:
+    return Restored(
+        step=steps, epoch=0, data_state=None if state is None else {"ranks": [state]}, path=Path("ck")
+    )
+
+
+def test_reset_data_restarts_only_a_position_that_cannot_be_continued(shard_set, caplog):
+    _, state = _stopped(_cfg(shard_set), 3)
+    # A position that can be continued is, with or without the flag: it may stay on for every requeue.
+    for reset in (False, True):
+        data = build_train_data(_cfg(shard_set), TOKENIZER, 0, 1, 3)
+        restore_data(data, _restored(state, 3), reset)
+        assert data.state_dict() == state
+    # One that cannot: refused without the flag, its epoch from the first patient with it, said in the log.
+    other_seed = build_train_data(_cfg(shard_set), TOKENIZER, 0, 1, 4)
+    with pytest.raises(
+        ConfigError, match=r"checkpoint.resume: ck: cannot continue the data position: train.seed"
+    ):
+        restore_data(other_seed, _restored(state, 3), False)
+    for missing in (state, None):
+        data = build_train_data(_cfg(shard_set), TOKENIZER, 0, 1, 4)
+        with caplog.at_level(logging.WARNING, logger="retclip_dist.train"):
+            restore_data(data, _restored(missing, 3), True)
+        assert (data.step, data.epoch, data.epoch_patients, data.history) == (0, 0, [], [])
+        assert "checkpoint.reset_data: the data position of ck cannot be continued" in caplog.text
+        assert ("train.seed: saved 3, now 4" if missing else "no data_rank*.json") in caplog.text
+        caplog.clear()
+    with pytest.raises(
+        ConfigError, match=r"ck has no data position .data_rank\*.json.: pass --checkpoint.reset_data"
+    ):
+        restore_data(build_train_data(_cfg(shard_set), TOKENIZER, 0, 1, 3), _restored(None, 3), False)

@@ -130,8 +130,8 @@ def test_a_checkpoint_without_its_data_position_resumes_only_with_reset_data(sha
         )
     )
     assert (
-        f"checkpoint.reset_data: the data position of {path} is not used; epoch 1 starts again from its first "
-        "patient at step 6"
+        f"checkpoint.reset_data: the data position of {path} cannot be continued (no data_rank*.json); epoch 1 "
+        "starts again from its first patient at step 6"
     ) in done.stderr
     # Epoch 1 ran whole from step 6: its 4 steps end at step 10, every patient once.
     record = _epochs(out)[1]

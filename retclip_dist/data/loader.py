@@ -400,7 +400,8 @@ class TrainLoader:
         if len(ranks) != saved["world_size"]:
             raise position.PositionError(
                 f"the data layout changed ({changes}): continuing the epoch on it needs the positions of all "
-                f"{saved['world_size']} saved ranks, got {len(ranks)}"
+                f"{saved['world_size']} saved ranks, got {len(ranks)}",
+                ranks[0]["epoch"],
             )
         log.info(
             "data position saved on another layout (%s): epoch %d is re-planned", changes, ranks[0]["epoch"]

@@ -58,7 +58,19 @@ _NOT_RECORDED = "not recorded"
 
 
 class PositionError(ValueError):
-    """A saved data position this run cannot continue from."""
+    """A saved data position this run cannot continue from; ``reason`` names the field and both values."""
+
+    def __init__(self, reason: str, epoch: int) -> None:
+        super().__init__(f"cannot continue the data position: {reason}; {way_out(epoch)}")
+        self.reason = reason
+
+
+def way_out(epoch: int) -> str:
+    """What a refusal offers instead."""
+    return (
+        f"resume with the saved value, or pass --checkpoint.reset_data true to start epoch {epoch}'s data "
+        "from its first patient (patients it already used are read again)"
+    )
 
 
 def shard_record(shards: list[ShardInfo]) -> list[dict[str, Any]]:
@@ -131,33 +143,29 @@ def describe(changes: dict[str, tuple[Any, Any]]) -> str:
 
 
 def refusal(state: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """Why a run that records ``now`` cannot continue from a saved rank's ``state``; None if it can.
+    """Why a run that records ``now`` cannot continue from a saved rank's ``state`` (field and both values);
+    None if it can.
 
     Any saved rank's state does (they record the same but their rank); ``now`` is this run's
     ``layout_record``. What remains is exact or re-planned (``changed``, data/reshape.py).
     """
-    how = (
-        f"resume with the saved value, or pass --checkpoint.reset_data true to start epoch {state['epoch']}'s "
-        "data from its first patient (patients it already used are read again)"
-    )
     diff = changed(state, now)
     for key in (*FIXED, *MID_EPOCH):
         if key not in diff:
             continue
         then, new = diff[key]
         if key == "shards" and then != _NOT_RECORDED:
-            return f"{FIELD[key]}: the training shards changed ({_shard_difference(then, new)}); {how}"
+            return f"{FIELD[key]}: the training shards changed ({_shard_difference(then, new)})"
         if key == "shards":
             new = f"{len(new)} shards named with their sha256"
-        return f"{FIELD[key]}: saved {then}, now {new}; {how}"
+        return f"{FIELD[key]}: saved {then}, now {new}"
     saved = state["layout"]
     global_then = saved["batch_size"] * saved["world_size"]
     global_now = now["batch_size"] * now["world_size"]
     if global_then != global_now:
         return (
             f"data.batch_size: saved {saved['batch_size']} on {saved['world_size']} processes (global batch "
-            f"{global_then}), now {now['batch_size']} on {now['world_size']} (global batch {global_now}); "
-            "a resume keeps the global batch"
+            f"{global_then}), now {now['batch_size']} on {now['world_size']} (global batch {global_now})"
         )
     return None
 
@@ -166,4 +174,4 @@ def check(state: dict[str, Any], now: dict[str, Any]) -> None:
     """Raise ``PositionError`` with ``refusal``'s reason, if any."""
     reason = refusal(state, now)
     if reason is not None:
-        raise PositionError(f"cannot continue the data position: {reason}")
+        raise PositionError(reason, state["epoch"])

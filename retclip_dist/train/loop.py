@@ -254,25 +254,32 @@ def train(cfg: RunConfig) -> int:
 
 
 def restore_data(data: TrainLoader, restored: Restored, reset: bool) -> None:
-    """The checkpoint's data position (data/position.py says what it must match), or with
-    ``checkpoint.reset_data`` its epoch from the first patient. check_run_config() refused a mismatch."""
-    if not reset:
-        if restored.data_state is None:
+    """Continue the checkpoint's data position (data/position.py says what it must match). One that cannot be
+    continued is refused (check_run_config() did so before any process started), or with ``reset`` its
+    epoch starts again from the first patient. A position that can be continued always is: the flag may
+    stay on for every requeue of a run."""
+    if restored.data_state is None:
+        problem = "no data_rank*.json"
+        if not reset:
             raise ConfigError(
                 f"checkpoint.resume: {restored.path} has no data position (data_rank*.json): pass "
                 f"--checkpoint.reset_data true to start epoch {restored.epoch}'s data from its first patient"
             )
+    else:
         try:
             data.load_state_dict(restored.data_state)
+            return
         except ValueError as exc:
-            raise ConfigError(f"checkpoint.resume: {restored.path}: {exc}") from exc
-        return
+            if not reset:
+                raise ConfigError(f"checkpoint.resume: {restored.path}: {exc}") from exc
+            problem = getattr(exc, "reason", str(exc))
     data.set_epoch(restored.epoch)
     if data.layout.rank == 0:
         log.warning(
-            "checkpoint.reset_data: the data position of %s is not used; epoch %d starts again from its first "
-            "patient at step %d (patients it used before step %d are read again)",
+            "checkpoint.reset_data: the data position of %s cannot be continued (%s); epoch %d starts again "
+            "from its first patient at step %d (patients it used before step %d are read again)",
             restored.path,
+            problem,
             restored.epoch,
             restored.step,
             restored.step,

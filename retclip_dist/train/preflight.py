@@ -336,8 +336,8 @@ def _same_global_batch(cfg: RunConfig, world_size: int, path: Path, state: dict[
 def _same_data_position(
     cfg: RunConfig, world_size: int, path: Path, state: dict[str, Any], manifest: Manifest
 ) -> None:
-    """The checkpoint's data position continues on this run (data/position.py), or the user asked for the
-    data to restart (``checkpoint.reset_data``); the loader of every rank checks again when it loads."""
+    """The checkpoint's data position continues on this run (data/position.py), or the user allows its epoch
+    to start again where it cannot (``checkpoint.reset_data``); every rank's loader checks again."""
     saved = data_state_files(path, state["world_size"])
     missing = [f.name for f in saved if not f.exists()]
     if missing and len(missing) < len(saved):
@@ -345,7 +345,7 @@ def _same_data_position(
             f"checkpoint.resume: {path} lacks {', '.join(missing)} (saved by {state['world_size']} ranks)"
         )
     if cfg.checkpoint.reset_data:
-        return  # the run says so in its log
+        return  # the run continues what it can and says what it restarts
     if missing:
         raise ConfigError(
             f"checkpoint.resume: {path} has no data position ({missing[0]}): pass --checkpoint.reset_data "
@@ -362,7 +362,7 @@ def _same_data_position(
     now = position.layout_record(cfg.data, shards, layout, max(cfg.data.num_workers, 1), cfg.train.seed)
     reason = position.refusal(first, now)
     if reason is not None:
-        raise ConfigError(f"checkpoint.resume: {path}: {reason}")
+        raise ConfigError(f"checkpoint.resume: {path}: {reason}; {position.way_out(state['epoch'])}")
 
 
 def _fp8(cfg: RunConfig) -> None:
