@@ -36,9 +36,12 @@ from retclip_dist.train.backend import (
     build_accelerator,
     clamp_scales,
     configure_deepspeed,
+    declare_direct_parameters,
+    logit_scales,
     save_final_model,
     to_device,
     uses_deepspeed,
+    weights_finite,
     zero_stage,
 )
 from retclip_dist.train.checkpoint import Checkpointer, Restored
@@ -98,6 +101,7 @@ def prepare_training(
     optimizer = build_optimizer(model, cfg.train, acc.device)
     wrapped = torch.compile(model) if cfg.train.compile else model
     wrapped, optimizer = acc.prepare(wrapped, optimizer)
+    declare_direct_parameters(acc, wrapped)
     tripartite = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather, duplicates=cfg.loss.duplicates)
     return wrapped, optimizer, output_loss(tripartite)
 
@@ -298,8 +302,7 @@ def save_checkpoint(
     """A complete checkpoint of every rank, unless the weights are non-finite on any rank (a collective)."""
     # A finite loss can still come with weights the update just broke; such a state is never saved,
     # so the newest checkpoint is always one that can be resumed from.
-    finite = all(torch.isfinite(p).all() for p in model.parameters())
-    if any_rank(acc, not finite)[0]:
+    if any_rank(acc, not weights_finite(acc, model))[0]:
         raise NonFiniteLoss(
             f"weights became non-finite at step {step}; not saving them. The last complete checkpoint "
             f"under {checkpointer.root} is the last good state: resume from it with a lower lr"
@@ -328,8 +331,8 @@ def log_train_step(
     summed = sum_over_ranks(acc, local).tolist()
     world = acc.num_processes
     losses = {"total": summed[0] / world, **{k: v / world for k, v in zip(parts, summed[1:-1], strict=True)}}
+    scales = logit_scales(acc, model)  # gathered under ZeRO-3: every rank joins
     if metrics is not None:
-        scales = {k: p.exp().item() for k, p in acc.unwrap_model(model).logit_scale.items()}
         patients_per_s = steps_per_s * cfg.data.batch_size * world
         metrics.train_step(step, epoch, lr, losses, scales, patients_per_s, int(summed[-1]), timing)
     return losses["total"]
