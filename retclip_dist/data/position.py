@@ -10,7 +10,8 @@ comes when and what a sample holds. A run continues from a position only where t
   (data/reshape.py), each segment replayed with the buffer it was read with.
 - refused, naming the field and both values: the training shards (name, sample count and sha256 of each,
   from manifest.json: a rebuilt set with other content has other digests, a copied one the same), the
-  seed, the settings that change a sample (``SAMPLE_FIELDS``) and, mid-epoch, the plan format.
+  seed, the settings that change a sample (``SAMPLE_FIELDS``) and, mid-epoch, the plan format. A position
+  written before a field was recorded is refused as "saved not recorded": it cannot be checked.
 
 A refusal says how to go on anyway: ``--checkpoint.reset_data true`` starts the checkpoint's epoch from its
 first patient with the settings as they are now (patients already used in that epoch are read again).
