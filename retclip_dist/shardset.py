@@ -96,6 +96,7 @@ class ShardInfo:
     name: str  # file name relative to the manifest's directory
     split: str  # split the shard belongs to
     count: int  # patients stored in the shard
+    sha256: str | None = None  # the tar's digest as manifest.json lists it (None: a manifest without one)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def _parse(url: str, root: str, data: Any) -> Manifest:
             raise ValueError(f"{url}: shards[{i}] lacks name/split/count ({exc!r})") from exc
         if not isinstance(count, int) or count < 0:
             raise ValueError(f"{url}: shards[{i}] ({name}) has an invalid count {count!r}")
-        shards.append(ShardInfo(url=f"{root}/{name}", name=name, split=split, count=count))
+        digest = entry.get("sha256")
+        shards.append(ShardInfo(url=f"{root}/{name}", name=name, split=split, count=count, sha256=digest))
     if not shards:
         raise ValueError(f"{url}: the manifest lists no shards")
     return Manifest(location=url, shards=tuple(shards))

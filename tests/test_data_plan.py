@@ -175,7 +175,7 @@ def test_reshaped_tails_read_every_unused_sample_once() -> None:
         shards = _shards([rng.randrange(0, 60) for _ in range(rng.randrange(1, 8))])
         total = sum(s.count for s in shards)
         global_batch = rng.choice([2, 4, 6, 12])
-        seed, epoch, buffer = rng.randrange(100), rng.randrange(3), rng.randrange(1, 20)
+        seed, epoch = rng.randrange(100), rng.randrange(3)
         history: list[Segment] = []
         used: list[tuple[str, int]] = []
         for generation in range(3):
@@ -184,7 +184,7 @@ def test_reshaped_tails_read_every_unused_sample_once() -> None:
             if generation == 0:
                 plan = plan_epoch(shards, partitions, workers, micro, seed, epoch)
             else:
-                plan = replan(shards, seed, epoch, buffer, history, partitions, workers, micro)
+                plan = replan(shards, seed, epoch, history, partitions, workers, micro)
             assert plan.samples == total and 0 <= plan.unused < global_batch
             assert plan.steps * global_batch + plan.unused == total - len(used)
             if generation == 2:
@@ -194,8 +194,10 @@ def test_reshaped_tails_read_every_unused_sample_once() -> None:
             for w in plan.order[:stop]:
                 for p in range(partitions):
                     positions[p][w] += micro
-            segment = Segment(partitions, workers, micro, tuple(tuple(r) for r in positions))
-            used_now = used_by(plan, segment, seed, epoch, generation, buffer)
+            # Each segment read with its own shuffle buffer size: a new size is a new layout too.
+            buffer = rng.randrange(1, 20)
+            segment = Segment(partitions, workers, micro, tuple(tuple(r) for r in positions), buffer)
+            used_now = used_by(plan, segment, seed, epoch, generation)
             assert len(used_now) == stop * global_batch
             used += sorted(used_now)
             history.append(segment)

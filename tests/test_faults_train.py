@@ -7,6 +7,7 @@ fails the test instead of stalling the suite.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -25,8 +26,9 @@ from conftest import build_synth_shards, free_port
 
 from retclip_dist.config import ConfigError, load_config
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.loader import LoaderError, data_loader, guarded
+from retclip_dist.data.loader import LoaderError, build_train_data, data_loader, guarded
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_STOPPED
+from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.train import runlock
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.metrics_log import read_metrics
@@ -148,17 +150,23 @@ def test_preflight_accepts_the_tiny_config(shards, tmp_path):
     assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").iterdir())
 
 
-def _fake_checkpoint(out: Path, world_size: int, **data: object) -> Path:
+def _fake_checkpoint(out: Path, world_size: int, shards: Path | None = None, **data: object) -> Path:
     path = out / "checkpoints" / "step_00000004"
     path.mkdir(parents=True)
     state = {"step": 4, "epoch": 0, "world_size": world_size, "config": {"data": data}}
     (path / "train_state.json").write_text(json.dumps(state))
+    if shards is not None:  # every rank's data position, as a run of that layout saves it
+        cfg = _cfg(shards, out)
+        layout = dataclasses.replace(cfg.data, **data)
+        for rank in range(world_size):
+            loader = build_train_data(layout, build_tokenizer(cfg.model), rank, world_size, cfg.train.seed)
+            (path / f"data_rank{rank}.json").write_text(json.dumps(loader.state_dict()))
     return path
 
 
 def test_preflight_resumes_on_another_shape_with_the_same_global_batch(shards, tmp_path):
     out = tmp_path / "run"
-    path = _fake_checkpoint(out, 2, batch_size=8, partitions=2, num_workers=0)
+    path = _fake_checkpoint(out, 2, shards, batch_size=8, partitions=2, num_workers=0)
     check_run_config(_cfg(shards, out, "--checkpoint.resume", "auto"), 2)  # the same layout resumes
     # Other workers and partitions on the same world size: the loader re-plans the epoch's rest.
     check_run_config(_cfg(shards, out, "--checkpoint.resume", "auto", "--data.num_workers", "2"), 2)
@@ -198,7 +206,7 @@ _WORKER_ERROR = textwrap.dedent(
     """
     import multiprocessing, sys, torch
     from retclip_dist.data.config import DataConfig
-    from retclip_dist.data.loader import LoaderError, data_loader, guarded
+    from retclip_dist.data.loader import LoaderError, build_train_data, data_loader, guarded
 
     class Broken(torch.utils.data.IterableDataset):
         def __iter__(self):

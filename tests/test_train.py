@@ -1,4 +1,6 @@
-"""End-to-end training runs of the tiny config on CPU: equivalence across ranks, resume, signals, ZeRO."""
+"""End-to-end training runs of the tiny config on CPU: equivalence across ranks, resume, signals.
+
+DeepSpeed ZeRO-2 and ZeRO-3 have their own file (test_train_deepspeed.py)."""
 
 from __future__ import annotations
 
@@ -282,18 +284,6 @@ def test_sigterm_then_resume_on_another_shape_finishes_the_run(
     # Every epoch accounts for the same patients as the uninterrupted run (the reshaped one included).
     assert read_metrics(metrics, "epoch") == read_metrics(reference / "metrics.jsonl", "epoch")
     assert (tmp_path / "model" / "model.safetensors").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.dist
-def test_deepspeed_zero2_on_two_cpu_processes(shards, reference, tmp_path):
-    train(shards, tmp_path, processes=2, accelerate_config="configs/accelerate/zero2.yaml")
-    assert read_metrics(tmp_path / "metrics.jsonl", "end")[-1]["exit_code"] == 0
-    # ZeRO-2 shards optimiser state and gradients but must train the same model.
-    torch.testing.assert_close(
-        torch.tensor(losses(tmp_path)), torch.tensor(losses(reference)), rtol=1e-4, atol=1e-5
-    )
-    assert_same_weights(weights(reference), weights(tmp_path), atol=2e-4)
 
 
 @pytest.mark.slow

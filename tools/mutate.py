@@ -171,6 +171,22 @@ MUTANTS = [
         (f"{T_LOADER}::test_resume_continues_with_the_uninterrupted_batches",),
     ),
     Mutant(
+        "resume-ignores-a-new-shuffle-buffer",
+        "retclip_dist/data/position.py",
+        'RESHAPED = ("rank", "world_size", "partitions", "workers", "batch_size", "shuffle_buffer")',
+        'RESHAPED = ("rank", "world_size", "partitions", "workers", "batch_size")',
+        (
+            "tests/test_data_position.py::test_a_resume_with_another_shuffle_buffer_reads_the_rest_of_the_epoch_once",
+        ),
+    ),
+    Mutant(
+        "epoch-tally-not-carried-by-a-resume",
+        LOADER,
+        'self.epoch_patients = list(state.get("epoch_patients", []))',
+        "self.epoch_patients = []",
+        ("tests/test_data_position.py::test_an_exact_resume_carries_the_epochs_tally",),
+    ),
+    Mutant(
         "shuffle-buffer-emits-in-order",
         STREAMS,
         "i = rng.randrange(size)",

@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
+from retclip_dist.data import position
 from retclip_dist.data.augment import DeviceAugment
 from retclip_dist.data.config import DataConfig
-from retclip_dist.data.plan import LEGACY_PLAN_FORMAT, PLAN_FORMAT, EpochPlan, Layout, plan_epoch, stream_seed
+from retclip_dist.data.plan import EpochPlan, Layout, plan_epoch, stream_seed
 from retclip_dist.data.reshape import Segment, replan
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
@@ -235,6 +236,9 @@ class TrainLoader:
         self.base_step = 0  # steps of this epoch taken before the current plan
         self.positions = [[0] * len(self.layout.local_partitions) for _ in range(self.workers)]
         self.epoch_skip_counts = Counter()
+        # position.patient_id of every row handed out this epoch, repeats included: what the epoch's
+        # record counts (patients used, read twice), kept across a resume with the position.
+        self.epoch_patients: list[int] = []
         if self.plan.steps == 0:
             raise ValueError(
                 f"split {self.cfg.train_split!r} ({sum(s.count for s in self.shards)} samples in "
@@ -261,7 +265,6 @@ class TrainLoader:
             self.shards,
             self.seed,
             self.epoch,
-            self.cfg.shuffle_buffer,
             history,
             self.layout.partitions,
             self.workers,
@@ -347,6 +350,7 @@ class TrainLoader:
             self.positions[expected] = list(meta["positions"])
             self.skip_counts.update(meta["skips"])
             self.epoch_skip_counts.update(meta["skips"])
+            self.epoch_patients.extend(position.patient_id(key) for key in batch["keys"])
             self.step += 1
             yield batch
         if not self.epoch_done():
@@ -354,18 +358,8 @@ class TrainLoader:
                 f"loader stopped at step {self.step} of {self.plan.steps} in epoch {self.epoch}"
             )
 
-    def _layout_record(self) -> dict[str, int]:
-        return {
-            "rank": self.layout.rank,
-            "world_size": self.layout.world_size,
-            "partitions": self.layout.partitions,
-            "batch_size": self.layout.batch_size,
-            "workers": self.workers,
-            "seed": self.seed,
-            "shards": len(self.shards),
-            "samples": self.plan.samples,
-            "plan": PLAN_FORMAT,
-        }
+    def _layout_record(self) -> dict[str, Any]:
+        return position.layout_record(self.cfg, self.shards, self.layout, self.workers, self.seed)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready position after the last batch handed out."""
@@ -375,6 +369,7 @@ class TrainLoader:
             "positions": [list(p) for p in self.positions],
             "skips": dict(self.skip_counts),
             "epoch_skips": dict(self.epoch_skip_counts),
+            "epoch_patients": list(self.epoch_patients),
             "layout": self._layout_record(),
             # Only after a resume on another layout: what the epoch read before, to replay it.
             "history": [seg.record() for seg in self.history],
@@ -385,40 +380,33 @@ class TrainLoader:
         """Continue from a ``state_dict()``, or from ``{"ranks": [the state of every saved rank]}``.
 
         On the layout it was saved with, the loader continues exactly as the uninterrupted one would.
-        On another one (ranks, partitions or workers) with the same global batch, the rest of the
-        epoch is re-planned over the samples not used yet (``data/reshape.py``); that needs the state
-        of every saved rank, or a single rank's state.
+        On another one (ranks, partitions, workers or shuffle buffer) with the same global batch, the rest
+        of the epoch is re-planned over the samples not used yet (``data/reshape.py``); that needs the
+        state of every saved rank, or a single rank's state. What cannot be continued (other shards, seed
+        or sample settings: ``data/position.py``) raises ``position.PositionError``.
         """
         ranks = state.get("ranks", [state])
         if "ranks" not in state:
             own = state
         else:
             own = ranks[self.layout.rank] if len(ranks) == self.layout.world_size else None
-        changed = self._changed(own if own is not None else ranks[0])
-        if own is not None and not changed:
+        mine = self._layout_record()
+        position.check(ranks[0], mine)
+        if own is not None and not position.changed(own, mine):
             self._load_exact(own)
             return
         saved = ranks[0]["layout"]
-        fixed = {k: v for k, v in changed.items() if k not in ("rank", "world_size", "partitions", "workers")}
-        fixed.pop("batch_size", None)
-        global_now = self.layout.batch_size * self.layout.world_size
-        global_then = saved.get("batch_size", 0) * saved.get("world_size", 0)
-        detail = ", ".join(f"{k}: saved {old}, now {new}" for k, (old, new) in changed.items())
-        if fixed or global_then != global_now:
-            raise ValueError(f"cannot resume the data position, the data layout changed ({detail})")
+        changes = position.describe(position.changed(ranks[0], {**mine, "rank": 0}))
         if len(ranks) != saved["world_size"]:
-            raise ValueError(
-                f"the data layout changed ({detail}): continuing the epoch on it needs the positions of "
-                f"all {saved['world_size']} saved ranks, got {len(ranks)}"
+            raise position.PositionError(
+                f"the data layout changed ({changes}): continuing the epoch on it needs the positions of all "
+                f"{saved['world_size']} saved ranks, got {len(ranks)}",
+                ranks[0]["epoch"],
             )
+        log.info(
+            "data position saved on another layout (%s): epoch %d is re-planned", changes, ranks[0]["epoch"]
+        )
         self._load_reshaped(ranks)
-
-    def _changed(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-        mine = self._layout_record()
-        # States without a plan record come from the shard-per-stream plan; at an epoch's first step
-        # every position is zero under any plan, so only a mid-epoch position needs the same plan.
-        saved = {"plan": LEGACY_PLAN_FORMAT, **state["layout"]} if state["step"] else state["layout"]
-        return {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
 
     def _load_exact(self, state: dict[str, Any]) -> None:
         self.set_epoch(state["epoch"])
@@ -430,6 +418,7 @@ class TrainLoader:
         self.skip_counts = Counter(state["skips"])
         # Older states lack it: the epoch's losses before the checkpoint are then not in the epoch's count.
         self.epoch_skip_counts = Counter(state.get("epoch_skips", {}))
+        self.epoch_patients = list(state.get("epoch_patients", []))
 
     def _load_reshaped(self, ranks: list[dict[str, Any]]) -> None:
         first = ranks[0]
@@ -443,7 +432,8 @@ class TrainLoader:
         history = [Segment.from_record(rec) for rec in first.get("history", [])]
         if first["step"]:
             micro = saved["batch_size"] // (partitions // world)
-            history.append(Segment(partitions, workers, micro, tuple(tuple(row) for row in positions)))
+            rows = tuple(tuple(row) for row in positions)
+            history.append(Segment(partitions, workers, micro, rows, saved["shuffle_buffer"]))
         self.set_epoch(first["epoch"])
         if history:
             self._continue_reshaped(history, first.get("base_step", 0) + first["step"])
@@ -452,6 +442,7 @@ class TrainLoader:
             for rank_state in ranks:
                 self.skip_counts.update(rank_state["skips"])
                 self.epoch_skip_counts.update(rank_state.get("epoch_skips", {}))
+                self.epoch_patients.extend(rank_state.get("epoch_patients", []))
 
 
 def build_train_data(

@@ -9,7 +9,8 @@ sample ranges exactly as ``plan_epoch`` cuts a whole epoch (fewer than one globa
 each tail stream has its own seeded shuffle buffer, seeded by ``stream_seed(..., generation)`` where
 the generation counts the reshapes within the epoch. A run stopped again during a tail and resumed on
 yet another layout replays every earlier segment the same way, so a segment record is
-(partitions, workers, micro-batch, every stream's position).
+(partitions, workers, micro-batch, every stream's position, the shuffle buffer it was read with): a new
+buffer size is a new layout like any other.
 
 What the replay cannot see: samples a damaged tar lost (the manifest's count is replayed). Samples of
 such a tar may then be used twice or not at all in that epoch; the loss itself was counted when read.
@@ -42,6 +43,7 @@ class Segment:
     workers: int  # logical workers W
     micro_batch: int  # patients per partition per step
     positions: tuple[tuple[int, ...], ...]  # positions[p][w]: raw samples stream (p, w) emitted
+    buffer: int  # samples each stream's shuffle buffer held (data.shuffle_buffer)
 
     def record(self) -> dict[str, Any]:
         return {
@@ -49,18 +51,16 @@ class Segment:
             "workers": self.workers,
             "micro_batch": self.micro_batch,
             "positions": [list(row) for row in self.positions],
+            "buffer": self.buffer,
         }
 
     @staticmethod
     def from_record(rec: dict[str, Any]) -> Segment:
-        return Segment(
-            rec["partitions"], rec["workers"], rec["micro_batch"], tuple(tuple(r) for r in rec["positions"])
-        )
+        positions = tuple(tuple(r) for r in rec["positions"])
+        return Segment(rec["partitions"], rec["workers"], rec["micro_batch"], positions, rec["buffer"])
 
 
-def used_by(
-    plan: EpochPlan, segment: Segment, seed: int, epoch: int, generation: int, buffer: int
-) -> set[Sample]:
+def used_by(plan: EpochPlan, segment: Segment, seed: int, epoch: int, generation: int) -> set[Sample]:
     """The samples the streams of ``plan`` emitted up to ``segment``'s positions."""
     used: set[Sample] = set()
     for p, row in enumerate(plan.streams):
@@ -69,7 +69,8 @@ def used_by(
             if not position:
                 continue
             items = [(r.shard.url, i) for r in ranges for i in r.indices()]
-            order = shuffled(items, buffer, random.Random(stream_seed(seed, epoch, p, w, generation)))
+            rng = random.Random(stream_seed(seed, epoch, p, w, generation))
+            order = shuffled(items, segment.buffer, rng)
             for k, item in enumerate(order):
                 if k == position:
                     break
@@ -120,7 +121,6 @@ def replan(
     shards: list[ShardInfo],
     seed: int,
     epoch: int,
-    buffer: int,
     history: list[Segment],
     partitions: int,
     workers: int,
@@ -134,5 +134,5 @@ def replan(
             plan = plan_epoch(shards, seg.partitions, seg.workers, seg.micro_batch, seed, epoch)
         else:
             plan = plan_rest(shards, order, used, seg.partitions, seg.workers, seg.micro_batch)
-        used |= used_by(plan, seg, seed, epoch, generation, buffer)
+        used |= used_by(plan, seg, seed, epoch, generation)
     return plan_rest(shards, order, used, partitions, workers, micro_batch)

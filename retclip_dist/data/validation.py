@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
@@ -16,7 +18,7 @@ from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import read_shard
 from retclip_dist.model.config import ImageInput
-from retclip_dist.shardset import ShardInfo, read_manifest
+from retclip_dist.shardset import EYES, IMAGE_MEMBER, REPORT_MEMBER, ShardInfo, read_manifest
 
 log = logging.getLogger("retclip_dist.data")
 
@@ -70,10 +72,25 @@ class ValLoader:
         self.shards = shards[rank::world_size]
         self.dataset = ValStream(cfg, image, tokenizer, self.shards)
         self.skip_counts: Counter[str] = Counter()
+        self._blank = (cfg, image, tokenizer)
 
     @property
     def skipped(self) -> int:
         return skipped_total(self.skip_counts)
+
+    def blank_batch(self) -> dict[str, Any]:
+        """One blank patient (black eyes, empty report) batched like the split's: the forward a rank whose
+        share is done runs while the others still embed, where a forward is a collective (ZeRO-3)."""
+        cfg, image, tokenizer = self._blank
+        black = io.BytesIO()
+        Image.new("RGB", (cfg.decode_size, cfg.decode_size)).save(black, format="JPEG")
+        raw = {
+            "__key__": "blank",
+            **{IMAGE_MEMBER[eye]: black.getvalue() for eye in EYES},
+            REPORT_MEMBER: b"",
+        }
+        patient = SampleDecoder(cfg, image, seed=0, epoch=0, train=False, counter=SkipCounter())(raw)
+        return collate([patient], tokenizer, cfg, with_texts=True)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch, skips in guarded(

@@ -249,9 +249,17 @@ class RetClip(nn.Module):
         bias = None if self.logit_bias is None else PerLevel(*(self.logit_bias[level] for level in LEVELS))
         return RetClipOutput(image, text, scale, bias)
 
-    def save_pretrained(self, directory: str | Path, summary: TrainingSummary | None = None) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        summary: TrainingSummary | None = None,
+        state_dict: dict[str, Tensor] | None = None,
+    ) -> Path:
         """Write a self-contained dir: safetensors weights, config.json, the tokenizer if one is set, and the
-        model card README.md (with the trainer's ``summary`` of the run where there is one)."""
+        model card README.md (with the trainer's ``summary`` of the run where there is one).
+
+        ``state_dict``: the weights to write instead of this module's own (as in transformers), e.g. the
+        full weights gathered from the shards of a ZeRO-3 run, whose module holds none."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # The saved config must rebuild the architecture without the original files: towers are
@@ -267,9 +275,11 @@ class RetClip(nn.Module):
         if self.config.tokenizer_path or self.config.text_path:
             build_tokenizer(self.config).save_pretrained(str(directory / TOKENIZER_DIR))
         (directory / CONFIG_FILE).write_text(json.dumps(to_dict(standalone), indent=2, sort_keys=True))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        weights = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous() for k, v in weights.items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        write_card(directory, self, summary)
+        # The card counts parameters and reads the scales: from the weights written, not an empty ZeRO-3 shard.
+        write_card(directory, self if state_dict is None else type(self).from_pretrained(directory), summary)
         return directory
 
     @classmethod

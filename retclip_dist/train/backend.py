@@ -1,8 +1,12 @@
 """What the trainer needs from its backend (Accelerate with DDP or DeepSpeed ZeRO) beyond the plain loop.
 
 Everything here hides one difference between the backends: DeepSpeed needs the batch sizes that
-Accelerate cannot infer, does its own gradient clipping, and under ZeRO-3 holds each parameter in shards,
-so the logit-scale clamp and the final ``save_pretrained`` gather the full tensors first.
+Accelerate cannot infer and does its own gradient clipping; under ZeRO its optimiser steps a float32 master
+copy of each parameter (the model's copy is overwritten from it after every step), and under ZeRO-3 each
+rank holds only a shard of every parameter, so whatever reads or changes parameters outside the step
+(the logged logit scales, their clamp, the finite check, the final ``save_pretrained``) goes through here.
+Forwards outside the step (validation, the probe) gather parameters from every rank under ZeRO-3: every
+rank must run the same number of them (``same_forwards``).
 """
 
 from __future__ import annotations
@@ -68,17 +72,87 @@ def configure_deepspeed(acc: Accelerator, cfg: RunConfig) -> None:
     ds["gradient_clipping"] = cfg.train.grad_clip or 0.0
 
 
-def clamp_scales(acc: Accelerator, model: torch.nn.Module) -> None:
-    """The model's logit-scale clamp, on gathered parameters under ZeRO-3."""
-    inner = acc.unwrap_model(model)
-    if zero_stage(acc) == 3:
-        import deepspeed
+def declare_direct_parameters(acc: Accelerator, model: torch.nn.Module) -> None:
+    """Under ZeRO-3, declare the parameters ``RetClip.forward`` reads itself (the logit scales and biases,
+    which no submodule's forward uses) before the first forward. DeepSpeed otherwise finds them during a
+    forward and adds them to the top module then, so a run whose first forwards differ from another's (a
+    resumed run validating after one step) fetches against a parameter trace that lacks them and stops
+    with "tracing error"."""
+    if zero_stage(acc) != 3:
+        return
+    import deepspeed
 
-        params = list(inner.logit_scale.parameters())
+    inner = acc.unwrap_model(model)
+    for group in (inner.logit_scale, inner.logit_bias):
+        for param in group.parameters() if group is not None else ():
+            deepspeed.zero.register_external_parameter(inner, param)
+
+
+def same_forwards(acc: Accelerator) -> bool:
+    """Whether a forward is a collective (ZeRO-3 gathers each layer's shards from every rank)."""
+    return zero_stage(acc) == 3
+
+
+def clamp_scales(acc: Accelerator, model: torch.nn.Module) -> None:
+    """The model's logit-scale clamp; under DeepSpeed on what its optimiser steps too (every rank calls it).
+
+    DeepSpeed copies its float32 master weights into the model after each step: clamping the model's copy
+    alone would let a scale held at the cap grow without bound underneath.
+    """
+    inner = acc.unwrap_model(model)
+    if not uses_deepspeed(acc):
+        inner.clamp_logit_scales_()
+        return
+    import deepspeed
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
+
+    low, high = inner.config.min_logit_scale, inner.config.max_logit_scale
+    params = list(inner.logit_scale.parameters())
+    if zero_stage(acc) == 3:
+        # The clamp is element-wise: each rank clamps its own shard of the master. (The full-tensor setter
+        # cannot take a tensor padded across ranks, as a 1-element scale is: DeepSpeed 0.19.)
+        get, put = safe_get_local_fp32_param, safe_set_local_fp32_param
+    else:
+        # ZeRO-1/2: the full getter is a collective, the setter writes the part this rank's optimiser holds.
+        get, put = safe_get_full_fp32_param, safe_set_full_fp32_param
+    for param in params:
+        master = get(param)  # None where it is not trained (train.freeze)
+        if master is not None:
+            put(param, master.clamp(min=low, max=high))
+    if zero_stage(acc) == 3:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             inner.clamp_logit_scales_()
     else:
         inner.clamp_logit_scales_()
+
+
+def logit_scales(acc: Accelerator, model: torch.nn.Module) -> dict[str, float]:
+    """exp of each level's logit scale, gathered under ZeRO-3 (every rank calls it)."""
+    inner = acc.unwrap_model(model)
+    params = dict(inner.logit_scale.items())
+    if zero_stage(acc) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {k: p.exp().item() for k, p in params.items()}
+    return {k: p.exp().item() for k, p in params.items()}
+
+
+def weights_finite(acc: Accelerator, model: torch.nn.Module) -> bool:
+    """Whether this rank's weights are finite. Under ZeRO-3 a rank holds a shard of each parameter (the
+    model's are empty tensors between forwards): its shard of the float32 master weights is checked, and
+    the ranks' shards together cover every weight. Every rank must ask, and agree (``any_rank``)."""
+    if zero_stage(acc) != 3:
+        return all(torch.isfinite(p).all() for p in model.parameters())
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    shards = (safe_get_local_fp32_param(p) for p in model.parameters())
+    return all(torch.isfinite(t).all() for t in shards if t is not None)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -93,11 +167,9 @@ def save_final_model(
     """``save_pretrained`` from the main process, with full weights gathered first under ZeRO-3; ``summary``
     goes into the model card."""
     if zero_stage(acc) == 3:
-        state = acc.get_state_dict(model)
+        state = acc.get_state_dict(model)  # a collective: the whole state on the main process
         if acc.is_main_process:
-            inner = acc.unwrap_model(model)
-            inner.load_state_dict(state)
-            inner.save_pretrained(directory, summary)
+            acc.unwrap_model(model).save_pretrained(directory, summary, state_dict=state)
     elif acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(directory, summary)
     acc.wait_for_everyone()

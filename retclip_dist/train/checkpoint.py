@@ -63,6 +63,11 @@ def read_train_state(path: Path) -> dict[str, Any]:
         raise ConfigError(f"checkpoint.resume: cannot read {path / STATE_NAME}: {exc}") from exc
 
 
+def data_state_files(path: Path, world_size: int) -> list[Path]:
+    """The loader positions a checkpoint saved by ``world_size`` ranks holds, one per rank."""
+    return [path / f"data_rank{r}.json" for r in range(world_size)]
+
+
 @dataclass
 class Restored:
     step: int  # optimiser steps already taken
@@ -109,7 +114,8 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        (tmp / f"data_rank{acc.process_index}.json").write_text(json.dumps(data_state, sort_keys=True))
+        data_file = data_state_files(tmp, acc.num_processes)[acc.process_index]
+        data_file.write_text(json.dumps(data_state, sort_keys=True))
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": step, "epoch": epoch, "world_size": acc.num_processes, "config": config}
@@ -155,7 +161,7 @@ class Checkpointer:
         self.accelerator.load_state(str(path))
         # Every rank gets every saved rank's loader position: on another layout the loader re-plans the
         # rest of the epoch from all of them.
-        files = [path / f"data_rank{r}.json" for r in range(saved_world)]
+        files = data_state_files(path, saved_world)
         missing = [f.name for f in files if not f.exists()]
         if missing and len(missing) < len(files):
             raise ConfigError(

@@ -61,6 +61,11 @@ class CheckpointSection:
     every_steps: int = 1000  # save every N optimiser steps (0: only at the end and on signals)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     resume: str | None = None  # "auto" (latest complete checkpoint, if any) or a checkpoint path
+    # Where the checkpoint's data position cannot be continued (no data_rank*.json; other shards, seed or
+    # sample settings) its epoch starts again from the first patient with the data settings as they are
+    # now, instead of being refused (patients that epoch used are read again); a position that can be
+    # continued still is, so the flag may stay on for requeues. Weights, optimiser and step are restored.
+    reset_data: bool = False
     # Also keep the checkpoint where this metric (kind/key of metrics.jsonl, higher is better) was best,
     # beside the last keep_last; "probe/auroc" needs val.probe. None: keep only the last ones.
     keep_best: Literal["probe/auroc"] | None = None

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm import tqdm
 
 from retclip_dist.config import ConfigError, to_dict
@@ -37,12 +37,15 @@ from retclip_dist.train.backend import (
     build_accelerator,
     clamp_scales,
     configure_deepspeed,
+    declare_direct_parameters,
+    logit_scales,
     save_final_model,
     to_device,
     uses_deepspeed,
+    weights_finite,
     zero_stage,
 )
-from retclip_dist.train.checkpoint import Checkpointer
+from retclip_dist.train.checkpoint import Checkpointer, Restored
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.fp8 import convert_fp8_
 from retclip_dist.train.metrics_log import MetricsLog, tracker_config
@@ -100,6 +103,7 @@ def prepare_training(
     optimizer = build_optimizer(model, cfg.train, acc.device)
     wrapped = torch.compile(model) if cfg.train.compile else model
     wrapped, optimizer = acc.prepare(wrapped, optimizer)
+    declare_direct_parameters(acc, wrapped)
     tripartite = TripartiteLoss(cfg.model.loss, gather=cfg.loss.gather, duplicates=cfg.loss.duplicates)
     return wrapped, optimizer, output_loss(tripartite)
 
@@ -147,11 +151,8 @@ def train(cfg: RunConfig, preset: str | None = None) -> int:
     )
     restored = checkpointer.load(cfg.checkpoint.resume)
     step, epoch = (restored.step, restored.epoch) if restored else (0, 0)
-    if restored and restored.data_state is not None:
-        try:
-            data.load_state_dict(restored.data_state)
-        except ValueError as exc:
-            raise ConfigError(f"checkpoint.resume: {restored.path}: {exc}") from exc
+    if restored:
+        restore_data(data, restored, cfg.checkpoint.reset_data)
 
     config_dict = to_dict(cfg)
     acc.init_trackers(cfg.log.project, config=tracker_config(config_dict))  # main process only
@@ -263,6 +264,39 @@ def train(cfg: RunConfig, preset: str | None = None) -> int:
     return exit_code
 
 
+def restore_data(data: TrainLoader, restored: Restored, reset: bool) -> None:
+    """Continue the checkpoint's data position (data/position.py says what it must match). One that cannot be
+    continued is refused (check_run_config() did so before any process started), or with ``reset`` its
+    epoch starts again from the first patient. A position that can be continued always is: the flag may
+    stay on for every requeue of a run."""
+    if restored.data_state is None:
+        problem = "no data_rank*.json"
+        if not reset:
+            raise ConfigError(
+                f"checkpoint.resume: {restored.path} has no data position (data_rank*.json): pass "
+                f"--checkpoint.reset_data true to start epoch {restored.epoch}'s data from its first patient"
+            )
+    else:
+        try:
+            data.load_state_dict(restored.data_state)
+            return
+        except ValueError as exc:
+            if not reset:
+                raise ConfigError(f"checkpoint.resume: {restored.path}: {exc}") from exc
+            problem = getattr(exc, "reason", str(exc))
+    data.set_epoch(restored.epoch)
+    if data.layout.rank == 0:
+        log.warning(
+            "checkpoint.reset_data: the data position of %s cannot be continued (%s); epoch %d starts again "
+            "from its first patient at step %d (patients it used before step %d are read again)",
+            restored.path,
+            problem,
+            restored.epoch,
+            restored.step,
+            restored.step,
+        )
+
+
 def save_checkpoint(
     acc: Accelerator,
     model: torch.nn.Module,
@@ -275,8 +309,7 @@ def save_checkpoint(
     """A complete checkpoint of every rank, unless the weights are non-finite on any rank (a collective)."""
     # A finite loss can still come with weights the update just broke; such a state is never saved,
     # so the newest checkpoint is always one that can be resumed from.
-    finite = all(torch.isfinite(p).all() for p in model.parameters())
-    if any_rank(acc, not finite)[0]:
+    if any_rank(acc, not weights_finite(acc, model))[0]:
         raise NonFiniteLoss(
             f"weights became non-finite at step {step}; not saving them. The last complete checkpoint "
             f"under {checkpointer.root} is the last good state: resume from it with a lower lr"
@@ -305,22 +338,28 @@ def log_train_step(
     summed = sum_over_ranks(acc, local).tolist()
     world = acc.num_processes
     losses = {"total": summed[0] / world, **{k: v / world for k, v in zip(parts, summed[1:-1], strict=True)}}
+    scales = logit_scales(acc, model)  # gathered under ZeRO-3: every rank joins
     if metrics is not None:
-        scales = {k: p.exp().item() for k, p in acc.unwrap_model(model).logit_scale.items()}
         patients_per_s = steps_per_s * cfg.data.batch_size * world
         metrics.train_step(step, epoch, lr, losses, scales, patients_per_s, int(summed[-1]), timing)
     return losses["total"]
 
 
 def log_epoch(acc: Accelerator, metrics: MetricsLog | None, data: TrainLoader, epoch: int, step: int) -> None:
-    """Account for every patient of the split in the finished epoch: used once, or unused and why."""
-    # Each rank counts the damaged samples of its own streams; every rank joins the sum.
-    skipped = total_skipped(acc, data.epoch_skipped)
-    used = data.samples_per_epoch - data.unused_per_epoch - skipped
+    """Account for every patient of the split in the finished epoch, counted from the batches every rank
+    trained on: used once, unused (past the last whole global batch, or damaged), or read twice."""
+    # Every rank joins: one sum for the damaged and refilled rows, one gather of the rows' patients.
+    local = [data.epoch_skipped, data.epoch_skip_counts["reused"]]
+    skipped, reused = sum_over_ranks(acc, torch.tensor(local, dtype=torch.int64, device=acc.device)).tolist()
+    rows = gather_object(data.epoch_patients) if acc.num_processes > 1 else data.epoch_patients
+    used = len(set(rows))
+    # Rows beyond each patient's first that no short stream's refill accounts for: 0 unless the data order
+    # itself went wrong (a position that re-reads patients also leaves others out).
+    read_twice = len(rows) - used - reused
     unused = data.samples_per_epoch - used
     if metrics is None:
         return
-    metrics.epoch_end(step, epoch, used, unused, skipped)
+    metrics.epoch_end(step, epoch, used, unused, skipped, read_twice, reused)
     log.info(
         "epoch %d done: %d of %d patients used, %d unused (%d past the last whole global batch, %d skipped "
         "as damaged)",
@@ -331,3 +370,12 @@ def log_epoch(acc: Accelerator, metrics: MetricsLog | None, data: TrainLoader, e
         data.unused_per_epoch,
         skipped,
     )
+    if read_twice:
+        log.error(
+            "epoch %d: %d rows repeated a patient already trained on in this epoch (patients_read_twice, "
+            "expected 0) and %d patients were not used although the plan reads them: the data order went "
+            "wrong, e.g. a resume that did not continue where its checkpoint stopped",
+            epoch,
+            read_twice,
+            unused - data.unused_per_epoch - skipped,
+        )

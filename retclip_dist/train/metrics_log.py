@@ -57,12 +57,18 @@ class MetricsLog:
         record.update(patients_per_s=patients_per_s, skipped_samples=skipped, **(timing or {}))
         self.write("train", step, record)
 
-    def epoch_end(self, step: int, epoch: int, used: int, unused: int, skipped: int) -> None:
-        """One ``epoch`` record: used + unused = the split's patient count in the manifest."""
+    def epoch_end(
+        self, step: int, epoch: int, used: int, unused: int, skipped: int, read_twice: int, reused: int
+    ) -> None:
+        """One ``epoch`` record, counted from the rows trained on: used (distinct patients) + unused = the
+        split's patient count in the manifest; ``read_twice`` rows repeated a patient (0 unless the data
+        order went wrong), ``reused`` rows refilled a stream that damaged samples left short."""
         record = {
             "epoch": epoch,
             "patients_used": used,
             "patients_unused": unused,
+            "patients_read_twice": read_twice,
+            "patients_reused": reused,
             "skipped_samples": skipped,
         }
         self.write("epoch", step, record)

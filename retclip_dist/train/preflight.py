@@ -4,8 +4,8 @@
 ranges of single fields, rules between fields (partitions and batch, the logit-scale clamp range, image
 size and context length against the model), the model built on the meta device as every rank will build
 it (weight files strictly checked against the towers, without initialising or holding any weights), then
-what lies outside the config (paths, the shard manifest, the probe's table and
-its splits, the checkpoint to resume from and the global batch it was saved with, a live run in the same
+what lies outside the config (paths, the shard manifest, the probe's table and its splits, the checkpoint
+to resume from, the global batch and the data position it was saved with, a live run in the same
 output_dir). It only reads, except that it creates ``output_dir`` to prove it writable, as the run would,
 and that a resume on another world size sets ``data.batch_size`` (and maybe ``data.partitions``) to keep
 the saved global batch.
@@ -13,6 +13,7 @@ the saved global batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -26,15 +27,17 @@ import torch
 from accelerate.utils import LoggerType
 
 from retclip_dist.config import ConfigError
+from retclip_dist.data import position
+from retclip_dist.data.plan import Layout
 from retclip_dist.io import files
 from retclip_dist.launch.stop_signals import stop_signals
 from retclip_dist.model.config import ModelConfig, ModelConfigError
 from retclip_dist.model.retclip import WEIGHTS_FILE, RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import image_input, text_model_config, vision_input_size
-from retclip_dist.shardset import read_manifest
+from retclip_dist.shardset import Manifest, read_manifest
 from retclip_dist.train import runlock
-from retclip_dist.train.checkpoint import read_train_state, resume_path
+from retclip_dist.train.checkpoint import data_state_files, read_train_state, resume_path
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.fp8 import fp8_unavailable_reason
 from retclip_dist.train.optim import TOWERS
@@ -243,7 +246,7 @@ def _model_builds(cfg: ModelConfig) -> None:
             raise ConfigError(f"{exc.field}: {exc}") from exc
 
 
-def _shards(cfg: RunConfig) -> None:
+def _shards(cfg: RunConfig) -> Manifest:
     try:
         manifest = read_manifest(cfg.data.shards, cfg.data.storage_options)
     except ValueError as exc:
@@ -251,6 +254,7 @@ def _shards(cfg: RunConfig) -> None:
     if not manifest.has_split(cfg.data.train_split):
         have = sorted({s.split for s in manifest.shards})
         raise _fail("data.train_split", cfg.data.train_split, f"{manifest.location} has only splits {have}")
+    return manifest
 
 
 def _probe(cfg: RunConfig) -> None:
@@ -298,7 +302,7 @@ def _same_param_groups(cfg: RunConfig, path: Path, saved: dict[str, Any]) -> Non
             )
 
 
-def _resume(cfg: RunConfig, world_size: int) -> None:
+def _resume(cfg: RunConfig, world_size: int, manifest: Manifest) -> None:
     root = Path(cfg.output_dir) / "checkpoints"
     path = resume_path(root, cfg.checkpoint.resume)
     if path is None:
@@ -313,6 +317,7 @@ def _resume(cfg: RunConfig, world_size: int) -> None:
     state = read_train_state(path)
     _same_param_groups(cfg, path, state.get("config", {}).get("train", {}))
     _same_global_batch(cfg, world_size, path, state)
+    _same_data_position(cfg, world_size, path, state, manifest)
 
 
 def _same_global_batch(cfg: RunConfig, world_size: int, path: Path, state: dict[str, Any]) -> None:
@@ -367,6 +372,38 @@ def _same_global_batch(cfg: RunConfig, world_size: int, path: Path, state: dict[
     _layout(cfg, world_size)
 
 
+def _same_data_position(
+    cfg: RunConfig, world_size: int, path: Path, state: dict[str, Any], manifest: Manifest
+) -> None:
+    """The checkpoint's data position continues on this run (data/position.py), or the user allows its epoch
+    to start again where it cannot (``checkpoint.reset_data``); every rank's loader checks again."""
+    saved = data_state_files(path, state["world_size"])
+    missing = [f.name for f in saved if not f.exists()]
+    if missing and len(missing) < len(saved):
+        raise ConfigError(
+            f"checkpoint.resume: {path} lacks {', '.join(missing)} (saved by {state['world_size']} ranks)"
+        )
+    if cfg.checkpoint.reset_data:
+        return  # the run continues what it can and says what it restarts
+    if missing:
+        raise ConfigError(
+            f"checkpoint.resume: {path} has no data position ({missing[0]}): pass --checkpoint.reset_data "
+            f"true to start epoch {state['epoch']}'s data from its first patient (patients it already used "
+            "are read again)"
+        )
+    try:
+        first = json.loads(saved[0].read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"checkpoint.resume: cannot read {saved[0]}: {exc}") from exc
+    _layout(cfg, world_size)
+    layout = Layout(0, world_size, cfg.data.partitions or world_size, cfg.data.batch_size)
+    shards = manifest.split(cfg.data.train_split)
+    now = position.layout_record(cfg.data, shards, layout, max(cfg.data.num_workers, 1), cfg.train.seed)
+    reason = position.refusal(first, now)
+    if reason is not None:
+        raise ConfigError(f"checkpoint.resume: {path}: {reason}; {position.way_out(state['epoch'])}")
+
+
 def _fp8(cfg: RunConfig) -> None:
     # Checked where the run starts: a --check on a host without the training GPU refuses it as well.
     if cfg.train.fp8:
@@ -399,7 +436,7 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
         _layout(cfg, world_size)  # else after _resume, which may set the batch for a new world size
     _model_fit(cfg)
     _fp8(cfg)
-    _shards(cfg)
+    manifest = _shards(cfg)
     _probe(cfg)
     _output_dir(cfg)
     if check_lock:
@@ -407,5 +444,5 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
             runlock.check(cfg.output_dir)
         except runlock.RunLocked as exc:
             raise ConfigError(str(exc)) from exc
-    _resume(cfg, world_size)
+    _resume(cfg, world_size, manifest)
     _layout(cfg, world_size)

@@ -8,8 +8,10 @@ shared projection (D-wide, the release's eval_*.py feature), logistic regression
 on val, macro AUROC on test. It writes one ``probe`` record to metrics.jsonl (TensorBoard ``probe/auroc``).
 
 The other ranks wait in one collective that then hands them the value, so that every rank agrees whether
-``checkpoint.keep_best`` saves this step. The probe is deterministic: no random draw (the split without a
-split column is a hash of the row ids), eval mode, float32 features, lbfgs.
+``checkpoint.keep_best`` saves this step. Under ZeRO-3, where every forward gathers each layer's shards
+from all ranks, every rank runs the probe on the whole table (the same forwards, in the same order) and
+rank 0's result is the record. The probe is deterministic: no random draw (the split without a split
+column is a hash of the row ids), eval mode, float32 features, lbfgs.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 
-from retclip_dist.config import ConfigError
 from retclip_dist.eval.config import DataConfig, EvalConfig
 from retclip_dist.train.checkpoint import Checkpointer
 from retclip_dist.train.config import ProbeSection
@@ -80,11 +81,13 @@ def read_probe_splits(section: ProbeSection) -> ProbeSplits:
 
 
 class TrainProbe:
-    """The probe of one run; ``score`` on the main process only. The table is read and its images decoded
-    once, at the first probe, and kept (uint8 at the model's input size) for the later ones."""
+    """The probe of one run; ``score`` on the main process (on every rank under ZeRO-3). The table is read
+    and its images decoded once, at the first probe, and kept (uint8 at the model's input size) for the
+    later ones."""
 
-    def __init__(self, section: ProbeSection) -> None:
+    def __init__(self, section: ProbeSection, every_rank: bool = False) -> None:
         self.section = section
+        self.every_rank = every_rank  # ZeRO-3: every rank embeds the table with rank 0
         self.cfg = probe_eval_config(section)
         self._splits: ProbeSplits | None = None
         self._images: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -134,16 +137,11 @@ class TrainProbe:
 
 
 def build_probe(cfg_probe: ProbeSection, acc: Accelerator, zero_stage: int) -> TrainProbe | None:
-    """The run's probe, None when ``val.probe.table`` is empty. ZeRO-3 is refused: each rank holds only a
-    shard of the weights, and rank 0 could not embed alone."""
+    """The run's probe, None when ``val.probe.table`` is empty. Under ZeRO-3 each rank holds only a shard
+    of the weights, so rank 0 cannot embed alone: every rank runs it."""
     if not cfg_probe.table:
         return None
-    if zero_stage == 3:
-        raise ConfigError(
-            "val.probe: the probe embeds on rank 0 alone, which ZeRO-3's sharded weights do not allow; "
-            "use ZeRO-2 or DDP, or probe the saved model with retclip-eval linear-probe"
-        )
-    return TrainProbe(cfg_probe)
+    return TrainProbe(cfg_probe, every_rank=zero_stage == 3)
 
 
 def run_probe(
@@ -163,7 +161,7 @@ def run_probe(
     the error, rank 0 must still join the collective below, or the other ranks would wait in it forever.
     """
     value, record = math.nan, None
-    if acc.is_main_process:
+    if acc.is_main_process or probe.every_rank:
         try:
             record = probe.score(acc.unwrap_model(model))
         except (ValueError, OSError) as exc:  # bad input (LabelError is a ValueError): its one line says why
@@ -178,6 +176,7 @@ def run_probe(
             value = float(record["auroc"])
     # The other ranks wait here while rank 0 probes, then all hold rank 0's value.
     mine = torch.tensor([value if acc.is_main_process else 0.0], dtype=torch.float64, device=acc.device)
+    record = record if acc.is_main_process else None
     value = float(sum_over_ranks(acc, mine).item())
     probe.last_step = step
     best = checkpointer.offer(METRIC, value, step)

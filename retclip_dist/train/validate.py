@@ -1,7 +1,9 @@
 """Validation during training: image<->text retrieval recall on the held-out split.
 
 Every rank embeds its own shards of the split; features and report texts are gathered to all ranks and
-sorted by patient key, so the numbers are those of the whole split whatever the world size.
+sorted by patient key, so the numbers are those of the whole split whatever the world size. Ranks' shares
+differ; where a forward is a collective (ZeRO-3), a rank whose share is done runs blank batches until the
+last rank's is done too.
 
 Clinical reports repeat ("no abnormality in either eye" is the most common report of all), so a query
 whose report text is shared by m patients has m right answers; counting only its own index would make a
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,9 +23,9 @@ from accelerate.utils import gather_object
 
 from retclip_dist.data.validation import ValLoader
 from retclip_dist.model.config import LEVELS
-from retclip_dist.train.backend import to_device
+from retclip_dist.train.backend import same_forwards, to_device
 from retclip_dist.train.metrics_log import MetricsLog
-from retclip_dist.train.signals import sum_over_ranks
+from retclip_dist.train.signals import any_rank, sum_over_ranks
 
 log = logging.getLogger("retclip_dist.train")
 
@@ -78,7 +80,7 @@ def total_skipped(acc: Accelerator, mine: int) -> int:
 @torch.no_grad()
 def retrieval_scores(
     model: torch.nn.Module,
-    loader: Iterable[dict[str, Any]],
+    loader: ValLoader,
     acc: Accelerator,
     prepare: Callable[[dict[str, Any]], dict[str, Any]],
     max_samples: int | None,
@@ -89,9 +91,18 @@ def retrieval_scores(
     inner.eval()
     rows: list[dict[str, Any]] = []
     per_rank = None if max_samples is None else -(-max_samples // acc.num_processes)
-    for batch in loader:
-        if per_rank is not None and len(rows) >= per_rank:
+    lockstep = same_forwards(acc)
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None) if per_rank is None or len(rows) < per_rank else None
+        # Under ZeRO-3 one small collective per batch: every rank runs a forward while any has a batch.
+        more = any_rank(acc, batch is not None)[0] if lockstep else batch is not None
+        if not more:
             break
+        if batch is None:  # this rank's share is done, another's is not
+            with acc.autocast():
+                inner(prepare(to_device(loader.blank_batch(), acc.device)))
+            continue
         batch = prepare(to_device(batch, acc.device))
         with acc.autocast():
             out = inner(batch)
