@@ -75,6 +75,7 @@ def test_sbatch_run_completes_and_matches_direct_run(cluster, tmp_path_factory, 
     assert (end["kind"], end["step"], end["exit_code"], end["skipped_samples"]) == ("end", TOTAL_STEPS, 0, 0)
     assert [r["epoch"] for r in rows if r["kind"] == "val"] == list(range(1, 9))
     assert sorted(p.name for p in (out / "model").iterdir()) == [
+        "README.md",
         "config.json",
         "model.safetensors",
         "tokenizer",
