@@ -205,18 +205,21 @@ _WORKER_ERROR = textwrap.dedent(
             yield 1
             raise ValueError("every shard is empty")
 
-    try:
-        list(guarded(data_loader(Broken(), DataConfig(num_workers=2, pin_memory=False)), "training data"))
-    except LoaderError as exc:
-        print(exc, len(multiprocessing.active_children()))
-        sys.exit(1)
+    if __name__ == "__main__":  # workers import this script to find Broken
+        try:
+            list(guarded(data_loader(Broken(), DataConfig(num_workers=2, pin_memory=False)), "training data"))
+        except LoaderError as exc:
+            print(exc, len(multiprocessing.active_children()))
+            sys.exit(1)
     """
 )
 
 
-def test_a_worker_error_is_one_line_and_the_process_exits():
+def test_a_worker_error_is_one_line_and_the_process_exits(tmp_path):
     # Before: the workers ignore SIGTERM, so multiprocessing's exit handler waited for them forever.
-    done = _run([sys.executable, "-c", _WORKER_ERROR], timeout=60)
+    script = tmp_path / "worker_error.py"
+    script.write_text(_WORKER_ERROR)
+    done = _run([sys.executable, str(script)], timeout=60)
     assert done.returncode == 1, done.stderr
     assert done.stdout == "training data: ValueError: every shard is empty 0\n"
     assert "Traceback" not in done.stderr
@@ -383,17 +386,19 @@ def test_killing_the_launchers_process_group_ends_the_ranks_and_their_workers(sh
     while not (metrics.exists() and read_metrics(metrics, "train")):
         assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start training"
         time.sleep(0.2)
-    # Loader workers start anew with each epoch's iterator: wait until both ranks have theirs.
+    # Loader workers start anew with each epoch's iterator, from each rank's fork server (a child of the
+    # rank, beside multiprocessing's resource tracker): wait until both ranks have a worker.
     while True:
         ranks = _children(launcher.pid)
-        workers = [w for r in ranks for w in _children(r)]
+        helpers = [h for r in ranks for h in _children(r)]
+        workers = [w for h in helpers for w in _children(h)]
         if len(ranks) == 2 and len(workers) >= 2:
             break
-        assert launcher.poll() is None and time.monotonic() < deadline, (ranks, workers)
+        assert launcher.poll() is None and time.monotonic() < deadline, (ranks, helpers, workers)
         time.sleep(0.05)
     os.killpg(launcher.pid, signal.SIGKILL)  # what a scheduler or a closed terminal does
     launcher.wait()
-    _wait_gone(ranks + workers, timeout=10)
+    _wait_gone(ranks + helpers + workers, timeout=10)
     # The next run finds the lock stale (its holder is dead) and resumes.
     runlock.check(out)
 

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -24,6 +23,7 @@ from retclip_dist.cli_args import OUTPUT_DIR_FLAG
 from retclip_dist.io.errors import ImageReadError, ImageRootError
 from retclip_dist.io.files import OutputDir
 from retclip_dist.io.roots import ImageStore, open_image_root
+from retclip_dist.runtime.workers import process_pool
 from retclip_dist.shards.images import ImageOptions, process_image
 from retclip_dist.shards.journal import JOURNAL_NAME, Journal, Progress
 from retclip_dist.shards.plan import plan
@@ -202,7 +202,8 @@ def ordered_map(
         yield from (process_record(store, opts, rec) for rec in records)
         return
     chunk = max(1, min(16, len(records) // (workers * 8)))
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(store, opts)) as pool:
+    # From the fork server: this process runs tqdm's monitor thread (runtime/workers.py says why).
+    with process_pool(workers, _init_worker, (store, opts)) as pool:
         yield from pool.imap(_work, records, chunksize=chunk)
 
 
