@@ -15,6 +15,7 @@ import faulthandler
 import os
 import re
 import signal
+import sysconfig
 import tempfile
 import threading
 import time
@@ -28,8 +29,10 @@ from retclip_dist.shardset import ShardInfo
 # None where the platform has no real-time signals: workers are then not asked for their stacks.
 STACK_SIGNAL: int | None = signal.SIGRTMIN + 4 if hasattr(signal, "SIGRTMIN") else None
 _PACKAGE = str(Path(__file__).resolve().parent.parent)  # frames of our own code, for the stuck frame
+_STDLIB = sysconfig.get_paths()["stdlib"] + "/"  # shown as "selectors.py:415", not the full path
 _FRAME = re.compile(r'^\s+File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)')
 _THREAD = re.compile(r"^(Current thread|Thread) (0x[0-9a-f]+)")
+_CURRENT = re.compile(r"^Current thread (0x[0-9a-f]+)", re.MULTILINE)
 
 _collecting: str | None = None  # the watchdog's directory while one runs in this process
 _answering: list[object] = []  # the open dump file of this worker (faulthandler keeps writing to it)
@@ -147,6 +150,10 @@ class Frame:
         file = self.file
         if file.startswith(_PACKAGE):
             file = "retclip_dist" + file[len(_PACKAGE) :]
+        elif "site-packages/" in file:
+            file = file.split("site-packages/")[-1]
+        elif file.startswith(_STDLIB):
+            file = file[len(_STDLIB) :]
         return f"{file}:{self.line} in {self.func}"
 
 
@@ -181,9 +188,12 @@ def main_thread_frames(text: str) -> list[Frame]:
 
 
 def worker_frames(text: str) -> list[Frame]:
-    """A worker's main thread in its dump: the thread that runs our code (its other threads are
-    multiprocessing's queue and fd-sharing helpers)."""
-    blocks = list(threads(text).values())
-    return next(
-        (b for b in blocks if any(f.file.startswith(_PACKAGE) for f in b)), blocks[0] if blocks else []
-    )
+    """A worker's main thread in its dump: the thread that took the signal (faulthandler's "Current
+    thread"; the kernel gives a process-wide signal to the main thread), else the first one running our
+    data code (its other threads are multiprocessing's queue and fd-sharing helpers and our own watch)."""
+    current = _CURRENT.search(text)
+    blocks = threads(text)
+    if current is not None and int(current.group(1), 16) in blocks:
+        return blocks[int(current.group(1), 16)]
+    ours = (b for b in blocks.values() if any(f.file.startswith(_PACKAGE + "/data") for f in b))
+    return next(ours, next(iter(blocks.values()), []))

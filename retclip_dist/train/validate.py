@@ -23,7 +23,7 @@ from retclip_dist.data.validation import ValLoader
 from retclip_dist.model.config import LEVELS
 from retclip_dist.train.backend import to_device
 from retclip_dist.train.metrics_log import MetricsLog
-from retclip_dist.train.signals import sum_over_ranks
+from retclip_dist.train.signals import any_rank, sum_over_ranks
 
 log = logging.getLogger("retclip_dist.train")
 
@@ -82,14 +82,23 @@ def retrieval_scores(
     acc: Accelerator,
     prepare: Callable[[dict[str, Any]], dict[str, Any]],
     max_samples: int | None,
-) -> dict[str, float]:
-    """Recall@1/5/10 both ways at patient, left and right level over the held-out split (a collective)."""
+    stopping: Callable[[], bool] | None = None,
+) -> dict[str, float] | None:
+    """Recall@1/5/10 both ways at patient, left and right level over the held-out split (a collective).
+
+    ``stopping`` is asked before each batch (the trainer's progress beat and stop signal): once it says
+    yes on any rank, every rank stops and the result is None, not scores of part of the split.
+    """
     inner = acc.unwrap_model(model)
     was_training = inner.training
     inner.eval()
     rows: list[dict[str, Any]] = []
     per_rank = None if max_samples is None else -(-max_samples // acc.num_processes)
+    stopped = False
     for batch in loader:
+        if stopping is not None and stopping():
+            stopped = True
+            break
         if per_rank is not None and len(rows) >= per_rank:
             break
         batch = prepare(to_device(batch, acc.device))
@@ -105,6 +114,8 @@ def retrieval_scores(
                 }
             )
     inner.train(was_training)
+    if any_rank(acc, stopped)[0]:  # every rank gets here, however many batches it had
+        return None
     gathered = gather_object(rows) if acc.num_processes > 1 else rows
     # A fixed order (by patient key) makes the numbers independent of the world size.
     gathered = sorted(gathered, key=lambda r: r["key"])
@@ -132,15 +143,23 @@ def validate(
     metrics: MetricsLog | None,
     step: int,
     epoch: int,
-) -> None:
-    """Score the held-out split and write one ``val`` record; every rank must call it (collectives)."""
+    stopping: Callable[[], bool] | None = None,
+) -> bool:
+    """Score the held-out split and write one ``val`` record; every rank must call it (collectives).
+
+    False when ``stopping`` (see ``retrieval_scores``) ended it early: nothing is recorded.
+    """
     if loader is None:
-        return
-    scores = retrieval_scores(model, loader, acc, prepare, max_samples)
+        return True
+    scores = retrieval_scores(model, loader, acc, prepare, max_samples, stopping)
+    if scores is None:
+        log.warning("validation at step %d (epoch %d) stopped by a signal; not recorded", step, epoch)
+        return False
     skipped = total_skipped(acc, loader.skipped)  # every rank joins; each read its own shards
     if metrics is not None and scores:
         metrics.write("val", step, {"epoch": epoch, "skipped_samples": skipped, **scores})
         log.info("validation at step %d (epoch %d): %s", step, epoch, _summary(scores))
+    return True
 
 
 def _summary(scores: dict[str, float]) -> str:
