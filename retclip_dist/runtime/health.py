@@ -69,37 +69,56 @@ def read_records(output_dir: str | Path) -> dict[int, dict[str, Any]]:
     return out
 
 
-def silent_ranks(records: dict[int, dict[str, Any]], ranks: range, me: int, now: float) -> list[int]:
-    """Ranks of ``ranks`` other than ``me`` whose record is missing or older than ``SILENT_S``."""
-    return [
-        r
-        for r in ranks
-        if r != me and (r not in records or "exit" in records[r] or now - records[r]["time"] > SILENT_S)
-    ]
+def _gone(record: dict[str, Any]) -> bool:
+    """Whether a record's process has ended, where this host can tell (its own processes only)."""
+    if record["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a killed process whose parent died too stays a zombie until something reaps it
+        return Path(f"/proc/{record['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def lost_peers(records: dict[int, dict[str, Any]], world: int, me: int, now: float) -> dict[int, str]:
+    """The ranks other than ``me`` that are gone, each with why it looks so: it exited, its process is
+    gone (same host), its record stopped (older than ``SILENT_S``: frozen, dead or cut off), or none."""
+    out = {}
+    for r in range(world):
+        rec = records.get(r)
+        if r == me:
+            continue
+        if rec is None:
+            out[r] = f"rank {r} (no health record)"
+        elif "exit" in rec:
+            out[r] = f"rank {r} on {rec['host']} (exited with code {rec['exit']['code']})"
+        elif _gone(rec):
+            out[r] = f"rank {r} on {rec['host']} (its process is gone)"
+        elif now - rec["time"] > SILENT_S:
+            out[r] = f"rank {r} on {rec['host']} (silent for {now - rec['time']:.0f} s)"
+    return out
 
 
 def describe_peers(output_dir: str | Path, world: int, me: int, now: float | None = None) -> str:
-    """One clause on the other ranks, for the line of a rank that waits for them: which went silent
-    (with host and how long ago), else which made no progress longest and in what phase."""
+    """One clause on the other ranks, for the line of a rank that waits for them: which are gone (with
+    host and why), else which has made no progress the longest, and in what phase."""
     now = time.time() if now is None else now
-    records = read_records(output_dir)
-    silent = silent_ranks(records, range(world), me, now)
-    if silent:
-        parts = []
-        for r in silent:
-            rec = records.get(r)
-            if rec is None:
-                parts.append(f"rank {r} (no record)")
-            elif "exit" in rec:
-                parts.append(f"rank {r} on {rec['host']} (exited with code {rec['exit']['code']})")
-            else:
-                parts.append(f"rank {r} on {rec['host']} (silent for {now - rec['time']:.0f} s)")
-        return "lost contact with " + ", ".join(parts)
+    attempt = slurm_job()  # a record of an earlier attempt says nothing about this one's ranks
+    records = {r: rec for r, rec in read_records(output_dir).items() if rec.get("attempt") == attempt}
+    lost = lost_peers(records, world, me, now)
+    if lost:
+        return "lost contact with " + ", ".join(lost.values())
     others = [rec for r, rec in records.items() if r != me and r < world]
     if not others:
-        return "no other rank's record"
+        return "no other rank's health record"
     slowest = min(others, key=lambda rec: rec["progress_at"])
     return (
-        f"every rank answers; rank {slowest['rank']} on {slowest['host']} has made no progress for "
-        f"{now - slowest['progress_at']:.0f} s ({slowest['phase']})"
+        f"no other rank looks gone (health records under {SILENT_S:.0f} s old); the slowest, rank "
+        f"{slowest['rank']} on {slowest['host']}, made no progress for {now - slowest['progress_at']:.0f} s "
+        f"({slowest['phase']})"
     )
