@@ -133,6 +133,12 @@ def train(
         watchdog.stop()
 
 
+def _setup_stage(stop: StopRequest, stage: str) -> None:
+    """The setup stage starting now: a stop signal ends it at once (``runtime/stop.py``)."""
+    stop.stage = stage
+    log.info("setting up: %s", stage)
+
+
 def _train(cfg: RunConfig, stop: StopRequest, watchdog: Watchdog) -> int:
     stop.enter_setup("the start of the process group")
     if cfg.data.num_workers:
@@ -153,7 +159,7 @@ def _train(cfg: RunConfig, stop: StopRequest, watchdog: Watchdog) -> int:
     # Same seed everywhere: every rank must start from identical weights.
     set_seed(cfg.train.seed)
 
-    stop.stage = "the model build"
+    _setup_stage(stop, "the model build")
     try:
         model = RetClip(cfg.model)
     except InitFromError as exc:  # every rank finds the same mismatch; exit 2 like any config error
@@ -161,7 +167,7 @@ def _train(cfg: RunConfig, stop: StopRequest, watchdog: Watchdog) -> int:
     tokenizer = build_tokenizer(cfg.model)
     image = model.image_input  # both augmentation paths resize and normalise as the model states
     rank, world = acc.process_index, acc.num_processes
-    stop.stage = "the data setup"
+    _setup_stage(stop, "the data setup")
     try:
         data = build_train_data(cfg.data, tokenizer, rank, world, cfg.train.seed, image)
     except ValueError as exc:  # a split too small for one step, a layout the plan refuses
@@ -172,13 +178,13 @@ def _train(cfg: RunConfig, stop: StopRequest, watchdog: Watchdog) -> int:
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
-    stop.stage = "the model's preparation"
+    _setup_stage(stop, "the model's preparation")
     model, optimizer, loss_fn = prepare_training(acc, model, cfg)
 
     # Ranks wait here while the main process alone writes or probes: no collective timeout applies.
     solo_wait = LongWait(acc, watchdog.limits.long_wait_s)
     # check_run_config() refused a fresh run over existing checkpoints, before any rank started.
-    stop.stage = "the checkpoint load"
+    _setup_stage(stop, "the checkpoint load")
     checkpointer = Checkpointer(
         acc, out_dir / CHECKPOINTS_DIR, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, solo_wait
     )
