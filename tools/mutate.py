@@ -58,6 +58,8 @@ PLAN = "retclip_dist/data/plan.py"
 STREAMS = "retclip_dist/data/streams.py"
 TELE = "retclip_dist/train/telemetry.py"
 PROBE = "retclip_dist/train/probe.py"
+DOG = "retclip_dist/runtime/watchdog.py"
+REQUEUE = "retclip_dist/launch/requeue.py"
 
 T_AUG = "tests/test_data_augment.py"
 T_AUG_PATHS = f"{T_AUG}::test_cpu_and_device_paths_agree_on_real_crops"
@@ -81,6 +83,9 @@ T_KEEP_BEST = (
     "tests/test_strength_checkpoint.py::test_keep_best_survives_keep_last_and_a_resume_knows_its_value"
 )
 T_PROBE = "tests/test_train_probe.py::test_probe_of_the_live_model_equals_retclip_eval_linear_probe"
+T_FORK_STRESS = "tests/test_runtime_workers.py::test_hundreds_of_worker_starts_beside_thread_churn_never_hang"
+T_DOG = "tests/test_watchdog.py::test_a_rank_stuck_in_its_own_work_dumps_its_stacks_and_ends_with_exit_code_5"
+T_REQUEUE = "tests/test_watchdog.py::test_a_fault_is_requeued_until_it_repeats_without_a_newer_checkpoint"
 
 MUTANTS = [
     # --- augmentation
@@ -377,6 +382,30 @@ MUTANTS = [
         "            except StopIteration:\n                return\n",
         "            except StopIteration:\n                self.total_wait += time.perf_counter() - start\n                return\n",
         (T_TELE_CLOCK,),
+    ),
+    # --- a job never stalls (issue 19)
+    Mutant(
+        "loader-workers-forked-from-the-rank",
+        LOADER,
+        '"multiprocessing_context": worker_context(),',
+        '"multiprocessing_context": __import__("multiprocessing").get_context("fork"),',
+        (T_FORK_STRESS,),
+        slow=True,
+    ),
+    Mutant(
+        "watchdog-gives-waiting-ranks-no-more-time",
+        DOG,
+        "return self.stall_s + self.collective_s + WAIT_MARGIN_S",
+        "return self.stall_s",
+        (T_DOG,),
+        slow=True,
+    ),
+    Mutant(
+        "requeue-budget-counts-faults-across-checkpoints",
+        REQUEUE,
+        '        if entry.get("checkpoint") != newest:\n            break\n',
+        '        if entry.get("checkpoint") is None:\n            break\n',
+        (T_REQUEUE,),
     ),
 ]
 

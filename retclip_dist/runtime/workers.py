@@ -22,6 +22,11 @@ What the workers keep from the direct fork they replace:
 - the log format of the rank, handed over explicitly (a forked worker inherited it);
 - byte-identical batches: a worker's data depends only on its pickled dataset and the seeds torch hands
   each worker, whatever the start method.
+
+What differs: a worker is built from the pickled dataset, not a copy of the rank's memory, so everything
+it uses must pickle (module-level classes; a script's dataset needs its ``if __name__ == "__main__"``
+guard, since workers import the script), and it sees the environment variables the rank had when the
+server started (the trainer starts it first thing; it changes none after).
 """
 
 from __future__ import annotations
