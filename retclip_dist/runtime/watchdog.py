@@ -84,9 +84,7 @@ class Watchdog:
     # --- what the trainer calls ----------------------------------------------------------------------
 
     def start(self) -> Watchdog:
-        """Start the thread (not without a stall timeout: then phases and beats cost nothing)."""
-        if self.limits.stall_s <= 0:
-            return self
+        """Start the thread: the rank's health heartbeat always, the stall check with a stall timeout."""
         self._dir = stacks.start_collecting()
         stacks.answer_dumps(self._dir, "rank", dump=False)  # the shard a read in this process is stuck on
         self.health.write(self.name, self.progress_wall)
@@ -129,7 +127,7 @@ class Watchdog:
             with self._lock:
                 name, kind, since, wall = self.name, self.kind, self.progress_at, self.progress_wall
             now = time.monotonic()
-            if now - since > self.limits.of(kind):
+            if self.limits.stall_s > 0 and now - since > self.limits.of(kind):
                 self._stalled(name, kind, now - since)
             if now >= next_beat:
                 self.health.write(name, wall)

@@ -43,7 +43,7 @@ class TrainSection:
     # A rank with no progress for this long in its own work (waiting for its next batch, validation, the
     # probe, writing a checkpoint, setting up) writes every thread's stack, its loader workers' too, and
     # ends with exit code 5, which the launchers requeue; a rank waiting for other ranks (a step, a
-    # barrier) gets collective_timeout_s and a minute more. 0: no watchdog (runtime/watchdog.py)
+    # barrier) gets collective_timeout_s and a minute on top. 0: no stall check (runtime/watchdog.py)
     stall_timeout_s: float = 180.0
     # How long a collective waits for the other ranks (the process group's timeout): a dead or frozen node
     # ends the others with exit code 6, naming the silent ranks from their health records
