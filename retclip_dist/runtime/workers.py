@@ -3,12 +3,13 @@
 Forking a process that runs other threads can leave the child deadlocked inside ``os.fork()``: on
 Python 3.11 a thread that holds the interpreter's thread-list lock at that instant (a C++ thread taking a
 Python thread state, as torch's and gloo's do) leaves the child waiting for it forever in
-``PyOS_AfterFork_Child`` (CPython gh-112275, fixed in 3.12). A trainer always has such threads (the run
-lock's heartbeat, tqdm's monitor, tracker writers, the previous loader's queue threads, torch's own), and
-make-shards forked its pool under a live progress bar; a worker that never starts stalls its rank. So the
-training, validation and probe loaders and make-shards' pool start their workers from multiprocessing's
-*forkserver*: a fresh interpreter started with exec (nothing inherited but file descriptors), which
-imports the data stack once (``PRELOAD``) and forks every worker from its single thread.
+``PyOS_AfterFork_Child`` (CPython gh-112275, fixed in later releases). A trainer always has such threads
+(the run lock's heartbeat, tqdm's monitor, tracker writers, the previous loader's queue threads, torch's),
+and make-shards forked its pool under a live progress bar; a worker that never starts stalls its rank.
+So the training, validation and probe loaders and make-shards' pool start their workers from
+multiprocessing's *forkserver*: a fresh interpreter started with exec (nothing inherited but file
+descriptors), which imports the data stack once (``LOADER_PRELOAD``, or make-shards' ``POOL_PRELOAD``)
+and forks every worker from its single thread.
 
 What the workers keep from the direct fork they replace:
 
@@ -49,24 +50,21 @@ from retclip_dist.launch.lifetime import exit_with_parent, exit_with_process
 from retclip_dist.launch.stop_signals import LAUNCHER_IGNORES
 from retclip_dist.runtime import stacks
 
-# Imported once by the fork server, so that each worker starts with the data stack loaded instead of
-# importing it again. The tokenizer's module matters most: transformers imports its tokenizer classes
-# lazily, and unpickling a worker's tokenizer would import them in every worker (1.7 s each here).
-PRELOAD = (
-    "retclip_dist.data.loader",
-    "retclip_dist.data.validation",
-    "retclip_dist.model.tokenizer",
-    "retclip_dist.shards.build",
-)
+# What the fork server imports once, so that each worker starts with it loaded instead of importing it
+# again: the loaders' data stack (the tokenizer's module matters most: transformers imports its tokenizer
+# classes lazily, and unpickling a worker's tokenizer would import them in every worker, 1.7 s each
+# here), or make-shards' image pipeline. One server per process: the first caller's list is the one.
+LOADER_PRELOAD = ("retclip_dist.data.loader", "retclip_dist.data.validation", "retclip_dist.model.tokenizer")
+POOL_PRELOAD = ("retclip_dist.shards.build",)
 _started = threading.Lock()
 
 
-def worker_context() -> multiprocessing.context.BaseContext:
+def worker_context(preload: tuple[str, ...] = LOADER_PRELOAD) -> multiprocessing.context.BaseContext:
     """The multiprocessing context every worker process of the package is started from (a running fork
-    server with the data stack loaded, started on first use)."""
+    server that imported ``preload``, started on first use)."""
     context = multiprocessing.get_context("forkserver")
     with _started:
-        context.set_forkserver_preload(list(PRELOAD))  # read when the server starts, ignored after
+        context.set_forkserver_preload(list(preload))  # read when the server starts, ignored after
         # Blocked while the two helper processes are exec'd: a signal mask survives exec, so they and every
         # worker the server forks start with the stop signals held back (see the module docstring).
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, LAUNCHER_IGNORES)
@@ -127,7 +125,7 @@ def process_pool(
     Unlike loader workers they keep the default signal actions, so that ``Pool.terminate`` (an error, a
     Ctrl-C) still ends them, and they die with the process that made the pool.
     """
-    return worker_context().Pool(processes, _pool_worker, (os.getpid(), initializer, initargs))
+    return worker_context(POOL_PRELOAD).Pool(processes, _pool_worker, (os.getpid(), initializer, initargs))
 
 
 def _pool_worker(owner: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
