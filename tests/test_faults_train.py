@@ -222,6 +222,7 @@ _WORKER_ERROR = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # the subprocess imports torch and starts its loader's fork server
 def test_a_worker_error_is_one_line_and_the_process_exits(tmp_path):
     # Before: the workers ignore SIGTERM, so multiprocessing's exit handler waited for them forever.
     script = tmp_path / "worker_error.py"
