@@ -21,10 +21,12 @@
 # change it, change both:
 #   RETCLIP_REQUEUE_SIGNAL=USR1 sbatch --signal=B:USR1@120 launch/pretrain.sh CONFIG.yaml ...
 # (This shell, node.sh and the training processes answer USR1 and USR2 alike, so a mismatch still
-# saves.) The config is checked once before srun (retclip-train --check): a bad
-# one ends the job with one line and status 2. PYTHON names the interpreter of the environment (default:
-# python on PATH). Preemption: Slurm sends SIGTERM to every process, the trainer saves, and Slurm
-# requeues the job (PreemptMode=REQUEUE).
+# saves.) A rank that stalled or lost a peer (exit codes 5 and 6: train.stall_timeout_s,
+# train.collective_timeout_s) requeues the job as well, at most train.max_fault_requeues times in a row
+# without a newer checkpoint (retclip_dist/launch/requeue.py). The config is checked once before srun
+# (retclip-train --check): a bad one ends the job with one line and status 2. PYTHON names the
+# interpreter of the environment (default: python on PATH). Preemption: Slurm sends SIGTERM to every
+# process, the trainer saves, and Slurm requeues the job (PreemptMode=REQUEUE).
 #SBATCH --job-name=retclip
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -93,7 +95,9 @@ trap 'forward_stop USR2' USR2
 trap 'forward_stop TERM' TERM
 
 # srun in the background so the traps run while it is going (bash defers traps during a foreground wait).
-srun --kill-on-bad-exit=0 "$here/node.sh" --config "$@" --checkpoint.resume auto &
+# --wait: once one node's task has ended, the others get 120 s; a frozen node (its ranks stopped, the
+# other nodes' ranks gave up on it after train.collective_timeout_s) must not hold the job to its limit.
+srun --kill-on-bad-exit=0 --wait=120 "$here/node.sh" --config "$@" --checkpoint.resume auto &
 step=$!
 wait "$step"
 status=$?
@@ -104,6 +108,12 @@ done
 echo "retclip: training exited with status ${status}"
 
 if [[ $stop_requested == 1 && -n ${SLURM_JOB_ID:-} ]]; then
+    echo "retclip: requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}"
+elif [[ $status != 0 && -n ${SLURM_JOB_ID:-} ]] &&
+    ${PYTHON:-python} -m retclip_dist.launch.requeue --config "$@" --checkpoint.resume auto; then
+    # A rank stalled or lost a peer (exit code 5 or 6 in its health record: torchrun's status is 1 for
+    # any failure); the line above says which, and how many such requeues in a row the run has had.
     echo "retclip: requeueing job ${SLURM_JOB_ID}"
     scontrol requeue "${SLURM_JOB_ID}"
 fi

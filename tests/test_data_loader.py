@@ -419,18 +419,24 @@ def test_missing_val_split_disables_validation(tmp_path: Path) -> None:
     assert build_val_data(_cfg(tmp_path, val_split=None), TOKENIZER, 0, 1) is None
 
 
+class _SignalledPids(torch.utils.data.IterableDataset):
+    """Each worker sends itself ``signals`` and yields its pid (module level: workers unpickle it)."""
+
+    def __init__(self, signals: tuple[int, ...]) -> None:
+        self.signals = signals
+
+    def __iter__(self):
+        for sig in self.signals:
+            os.kill(os.getpid(), sig)
+        yield os.getpid()
+
+
 @pytest.mark.parametrize("requeue", ["USR1", "USR2"])
 def test_loader_workers_ignore_stop_signals(tmp_path, monkeypatch, requeue):
     # Slurm signals every process of a job; workers must survive until the trainer has saved, whichever
-    # requeue signal the job was given (the forked workers see this environment).
+    # requeue signal the job was given (the trainer hands its stop signals to the workers it starts).
     monkeypatch.setenv("RETCLIP_REQUEUE_SIGNAL", requeue)
     requeue_signal = getattr(signal, f"SIG{requeue}")
-
-    class Pids(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), requeue_signal)
-            yield os.getpid()
-
-    pids = list(data_loader(Pids(), DataConfig(num_workers=1, pin_memory=False)))
+    dataset = _SignalledPids((signal.SIGTERM, requeue_signal))
+    pids = list(data_loader(dataset, DataConfig(num_workers=1, pin_memory=False)))
     assert len(pids) == 1 and pids[0] != os.getpid()

@@ -1,4 +1,5 @@
-"""Training faults: bad configs are one line and exit 2, worker errors end the run, one run per output_dir.
+"""Training faults: bad configs are one line and exit 2, worker errors end the run, one run per output_dir,
+a rank stuck in a read ends the job with its stacks (exit 5) and the requeued run finishes exactly.
 
 Unit tests call ``check_run_config`` and the run lock directly; the end-to-end ones start real processes
 (``accelerate launch`` on 2 CPU processes, the sbatch script without Slurm) with timeouts, so a hang
@@ -11,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,12 +25,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_synth_shards, free_port
+from safetensors.torch import load_file
 
 from retclip_dist.config import ConfigError, load_config
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.loader import LoaderError, build_train_data, data_loader, guarded
-from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_STOPPED
+from retclip_dist.data.plan import plan_epoch
+from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_PEER_LOST, EXIT_STALLED, EXIT_STOPPED
+from retclip_dist.launch.requeue import decide
 from retclip_dist.model.tokenizer import build_tokenizer
+from retclip_dist.runtime.health import read_records
+from retclip_dist.shardset import read_manifest
 from retclip_dist.train import runlock
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.metrics_log import read_metrics
@@ -213,18 +220,22 @@ _WORKER_ERROR = textwrap.dedent(
             yield 1
             raise ValueError("every shard is empty")
 
-    try:
-        list(guarded(data_loader(Broken(), DataConfig(num_workers=2, pin_memory=False)), "training data"))
-    except LoaderError as exc:
-        print(exc, len(multiprocessing.active_children()))
-        sys.exit(1)
+    if __name__ == "__main__":  # workers import this script to find Broken
+        try:
+            list(guarded(data_loader(Broken(), DataConfig(num_workers=2, pin_memory=False)), "training data"))
+        except LoaderError as exc:
+            print(exc, len(multiprocessing.active_children()))
+            sys.exit(1)
     """
 )
 
 
-def test_a_worker_error_is_one_line_and_the_process_exits():
+@pytest.mark.slow  # the subprocess imports torch and starts its loader's fork server
+def test_a_worker_error_is_one_line_and_the_process_exits(tmp_path):
     # Before: the workers ignore SIGTERM, so multiprocessing's exit handler waited for them forever.
-    done = _run([sys.executable, "-c", _WORKER_ERROR], timeout=60)
+    script = tmp_path / "worker_error.py"
+    script.write_text(_WORKER_ERROR)
+    done = _run([sys.executable, str(script)], timeout=60)
     assert done.returncode == 1, done.stderr
     assert done.stdout == "training data: ValueError: every shard is empty 0\n"
     assert "Traceback" not in done.stderr
@@ -391,17 +402,19 @@ def test_killing_the_launchers_process_group_ends_the_ranks_and_their_workers(sh
     while not (metrics.exists() and read_metrics(metrics, "train")):
         assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start training"
         time.sleep(0.2)
-    # Loader workers start anew with each epoch's iterator: wait until both ranks have theirs.
+    # Loader workers start anew with each epoch's iterator, from each rank's fork server (a child of the
+    # rank, beside multiprocessing's resource tracker): wait until both ranks have a worker.
     while True:
         ranks = _children(launcher.pid)
-        workers = [w for r in ranks for w in _children(r)]
+        helpers = [h for r in ranks for h in _children(r)]
+        workers = [w for h in helpers for w in _children(h)]
         if len(ranks) == 2 and len(workers) >= 2:
             break
-        assert launcher.poll() is None and time.monotonic() < deadline, (ranks, workers)
+        assert launcher.poll() is None and time.monotonic() < deadline, (ranks, helpers, workers)
         time.sleep(0.05)
     os.killpg(launcher.pid, signal.SIGKILL)  # what a scheduler or a closed terminal does
     launcher.wait()
-    _wait_gone(ranks + workers, timeout=10)
+    _wait_gone(ranks + helpers + workers, timeout=10)
     # The next run finds the lock stale (its holder is dead) and resumes.
     runlock.check(out)
 
@@ -573,3 +586,103 @@ def test_a_live_run_holds_its_output_dir_until_it_stops(shards, tmp_path):
     output, _ = first.communicate(timeout=120)
     assert first.returncode == EXIT_STOPPED, output[-3000:]
     assert not (out / runlock.LOCK_NAME).exists()
+
+
+# --- a stuck rank ends the job with the reason ----------------------------------------------------------
+
+STALL_S = 30  # train.stall_timeout_s of the stuck run: above the loader's fork server start on a busy machine
+
+
+def _late_shard_of_rank_1(shards: Path, per_rank_batch: int) -> str:
+    """A tar that only rank 1 reads in epoch 0 (2 ranks, 2 partitions, one worker each), and not first."""
+    train = read_manifest(str(shards)).split("train")
+    plan = plan_epoch(train, 2, 1, per_rank_batch, 0, 0)
+    of_rank_0 = {r.shard.url for r in plan.streams[0][0]}
+    late = [r.shard.url for r in plan.streams[1][0][2:] if r.shard.url not in of_rank_0]
+    assert late, plan.streams
+    return Path(late[0]).name
+
+
+def _run_logged(cmd: list[str], env: dict[str, str], log: Path, metrics: Path, timeout_s: float) -> float:
+    """``cmd`` with its output in ``log``; returns the seconds from its last training step to its end."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        steps, last = 0, time.monotonic()
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                pytest.fail(f"the run did not end within {timeout_s} s:\n{log.read_text()[-4000:]}")
+            now = len(read_metrics(metrics, "train")) if metrics.exists() else 0
+            if now != steps:
+                steps, last = now, time.monotonic()
+            time.sleep(0.2)
+    return time.monotonic() - last
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_hung_read_on_rank_1_ends_the_job_with_its_stack_and_the_requeued_run_finishes_exactly(
+    shards, tmp_path
+):
+    # A shard on a hung mount: reading it blocks forever (a FIFO nobody writes).
+    hung = tmp_path / "shards"
+    shutil.copytree(shards, hung)
+    stuck = _late_shard_of_rank_1(hung, 8)
+    (hung / stuck).unlink()
+    os.mkfifo(hung / stuck)
+    common = [
+        "--data.num_workers", "1",
+        "--data.shuffle_buffer", "2",  # reads only a little ahead: the hang comes mid-epoch
+        "--train.epochs", "2",
+        "--checkpoint.every_steps", "1",
+        "--val.every_epochs", "0",
+        "--train.stall_timeout_s", str(STALL_S),
+    ]  # fmt: skip
+    out = tmp_path / "run"
+    # As under Slurm (job 77, first run): the ranks' health records name the attempt the launchers ask about.
+    env = {**_env(), "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0"}
+    log = tmp_path / "stalled.log"
+    tail = _run_logged(_accelerate(*_args(hung, out, *common)), env, log, out / "metrics.jsonl", 420)
+    text = log.read_text()
+
+    # Rank 1 wrote its stacks and one line naming the stuck frame and the shard; the job ended well within
+    # the stall timeout plus a minute of its last step; the launchers requeue it.
+    assert tail < STALL_S + 60, (tail, text[-4000:])
+    lines = [
+        line for line in text.splitlines() if line.startswith("retclip-train: rank") and "no progress" in line
+    ]
+    assert len(lines) == 1 and lines[0].startswith("retclip-train: rank 1: no progress for "), text[-4000:]
+    assert "waiting for training data" in lines[0]
+    assert "in read_shard" in lines[0] and f"reading shard {hung / stuck}" in lines[0], lines[0]
+    assert "retclip-train: rank 1: loader worker pid" in text  # the worker's stacks are in the log
+    assert "retclip-train: rank 0: lost contact with another rank" in text
+    assert "(exited with code 5)" in text  # rank 0 names the rank it lost, from its health record
+    records = read_records(out)
+    assert {r: rec["exit"]["code"] for r, rec in records.items()} == {0: EXIT_PEER_LOST, 1: EXIT_STALLED}
+    decision = decide(out, "77.0", max_fault_requeues=3)  # what pretrain.sh and the submitit task ask
+    assert decision.requeue and decision.line.startswith(
+        "requeueing: rank 1 ended with exit code 5 (rank 1: no"
+    )
+    stopped_at = read_metrics(out / "metrics.jsonl", "train")[-1]["step"]
+
+    # The mount is back: the requeued job resumes and ends with the weights of a run never stuck.
+    (hung / stuck).unlink()
+    shutil.copy(shards / stuck, hung / stuck)
+    env["SLURM_RESTART_COUNT"] = "1"
+    log = tmp_path / "resumed.log"
+    resumed = _accelerate(*_args(hung, out, *common, "--checkpoint.resume", "auto"))
+    _run_logged(resumed, env, log, out / "metrics.jsonl", 300)
+    assert f"resuming at step {stopped_at}" in log.read_text(), log.read_text()[-3000:]
+    reference = tmp_path / "reference"
+    done = _run(_accelerate(*_args(shards, reference, *common)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    (last,) = read_metrics(reference / "metrics.jsonl", "end")
+    assert 0 < stopped_at < last["step"]
+    ends = read_metrics(out / "metrics.jsonl", "end")
+    assert [(r["step"], r["exit_code"]) for r in ends] == [(last["step"], 0)]
+    got = load_file(out / "model" / "model.safetensors")
+    want = load_file(reference / "model" / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []

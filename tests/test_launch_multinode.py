@@ -5,11 +5,14 @@ environment Slurm would: srun starts node.sh once per node with SLURM_NODEID/SLU
 nodes of two gloo processes rendezvous at 127.0.0.1 exactly as on a cluster, and must train like one node
 of four. The same stand-ins check the requeue path of the batch shell: the configured requeue signal,
 sent to the script as ``sbatch --signal=B:SIG@120`` would, reaches every training process, which save and
-exit 3, and the script requeues the job. Real Slurm runs of the same script are in tests/test_slurm.py.
+exit 3, and the script requeues the job; and when one "node" is killed, then frozen, the other node's
+ranks leave (exit code 6, naming the lost ranks) and the script requeues the job after each fault. Real
+Slurm runs of the same script are in tests/test_slurm.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -193,3 +196,152 @@ def test_configured_requeue_signal_makes_the_trainers_save_and_the_job_requeue(f
     assert end["exit_code"] == EXIT_STOPPED
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{end['step']:08d}"]
     assert not (out / "model").exists()
+
+
+# --- a dead node, a frozen node ------------------------------------------------------------------
+
+
+def node_processes(fake_slurm: Path, node: int) -> list[int]:
+    """Every process of one "node": the accelerate launcher srun started with SLURM_NODEID=node, its
+    ranks and their helpers (fork server, resource tracker)."""
+    srun = int((fake_slurm / "srun.pid").read_text())
+    tops = []
+    for pid in children(srun):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"SLURM_NODEID={node}".encode() in environ:
+            tops.append(pid)
+    out, todo = [], list(tops)
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children(pid)
+    return out
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def ranks_of(procs: list[int]) -> list[int]:
+    """The training processes among ``procs`` (``python -m retclip_dist.train``)."""
+    out = []
+    for pid in procs:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"retclip_dist.train" in cmd and b"launch" not in cmd:  # not the accelerate launcher
+            out.append(pid)
+    return out
+
+
+COLLECTIVE_S = 35  # train.collective_timeout_s of the node tests; above health.SILENT_S (30 s)
+
+
+def fault_node_1(
+    fake_slurm: Path, env: dict[str, str], args: list[str], out: Path, after_step: int, sig: int, log: Path
+) -> tuple[float, str]:
+    """Run pretrain.sh on 2 nodes; once training is past ``after_step``, send ``sig`` to every process of
+    node 1. Returns how long node 0's ranks took to exit after it, and the job log."""
+    metrics = out / "metrics.jsonl"
+    earlier = len(read_metrics(metrics, "train")) if metrics.exists() else 0
+
+    def past() -> bool:  # a step after ``after_step`` by this run (the file holds earlier runs' records)
+        rows = read_metrics(metrics, "train")[earlier:] if metrics.exists() else []
+        return bool(rows) and rows[-1]["step"] > after_step
+
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            ["bash", "launch/pretrain.sh", "configs/tiny.yaml", *args],
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while not past():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+            node0 = ranks_of(node_processes(fake_slurm, 0))
+            node1 = node_processes(fake_slurm, 1)
+            assert len(node0) == 2 and len(ranks_of(node1)) == 2, (node0, node1)
+            hit = time.monotonic()
+            for pid in node1:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            while any(alive(p) for p in node0):
+                assert time.monotonic() - hit < COLLECTIVE_S + 60, "node 0's ranks still wait"
+                time.sleep(0.2)
+            took = time.monotonic() - hit
+            # What Slurm does to a frozen node once srun's --wait is over (and to any job it requeues).
+            for pid in node1:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    return took, log.read_text()
+
+
+def test_a_killed_then_a_frozen_node_end_the_other_nodes_ranks_and_the_requeued_run_resumes_exactly(
+    fake_slurm, shards, tmp_path
+):
+    out = tmp_path / "run"
+    # 60 patients, 4 ranks x 4: 3 steps per epoch, 12 steps; a checkpoint every 3 steps.
+    args = overrides(shards, out, 4, "--train.epochs", "4", "--checkpoint.every_steps", "3")
+    args += ["--train.collective_timeout_s", str(COLLECTIVE_S)]
+    env = job_env(fake_slurm, 2, 2, SLURM_RESTART_COUNT="0")
+
+    # Node 1 dies (its processes killed) after step 4: node 0 sees the connections close at once.
+    took, text = fault_node_1(fake_slurm, env, args, out, 3, signal.SIGKILL, tmp_path / "killed.log")
+    assert took < 30, (took, text[-3000:])
+    for rank in (0, 1):
+        line = next(x for x in text.splitlines() if x.startswith(f"retclip-train: rank {rank}: lost contact"))
+        assert "rank 2 on" in line and "rank 3 on" in line and "(its process is gone)" in line, line
+    assert "retclip: requeueing: rank 0 ended with exit code 6" in text, text[-3000:]
+    first = read_metrics(out / "metrics.jsonl", "train")
+
+    # Requeued, it resumes from the checkpoint of step 3; node 1 then freezes (its processes stopped):
+    # node 0 gives up after the collective timeout and names the silent ranks from their health records.
+    env["SLURM_RESTART_COUNT"] = "1"
+    took, text = fault_node_1(fake_slurm, env, args, out, 7, signal.SIGSTOP, tmp_path / "frozen.log")
+    assert COLLECTIVE_S - 5 < took < COLLECTIVE_S + 60, (took, text[-3000:])
+    line = next(x for x in text.splitlines() if x.startswith("retclip-train: rank 0: lost contact with"))
+    assert "Timed out waiting" in line and "rank 2 on" in line and "rank 3 on" in line, line
+    assert "retclip: requeueing: rank 0 ended with exit code 6" in text, text[-3000:]
+    calls = (fake_slurm / "calls").read_text().splitlines()
+    assert calls == [f"scontrol requeue {JOB_ID}"] * 2
+
+    # The requeued run resumed exactly: the steps it ran again after the checkpoint (4 and on, up to
+    # where node 1 died) gave the losses of their first run.
+    second = read_metrics(out / "metrics.jsonl", "train")[len(first) :]
+    assert "resuming at step 3" in text, text[-3000:]
+    assert second[0]["step"] == 4 and second[-1]["step"] > 7
+    again = [row for row in second if row["step"] <= first[-1]["step"]]
+    assert again, (first, second)
+    for row in again:
+        before = next(r for r in first if r["step"] == row["step"])
+        for key in ("loss", "loss_patient", "loss_left", "loss_right"):
+            assert row[key] == before[key], (row["step"], key)

@@ -5,6 +5,7 @@ signal: USR2 by default, USR1 when asked), where the final weights must equal th
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import subprocess
@@ -33,6 +34,7 @@ from slurm_helpers import (
 )
 
 from retclip_dist.launch.submit import PretrainJob, main
+from retclip_dist.runtime.health import Health
 
 
 @pytest.fixture(autouse=True)
@@ -247,3 +249,27 @@ def test_submitit_requeues_on_its_signal_and_resumes_bit_exactly(
     assert SIGNAL_AFTER_STEP <= ends[0][0] < TOTAL_STEPS == ends[1][0]
     assert [r["step"] for r in metrics(out) if r["kind"] == "train"] == list(range(1, TOTAL_STEPS + 1))
     assert_same_weights(load_weights(out), want)
+
+
+@pytest.mark.parametrize(("codes", "requeued"), [({0: 6, 1: 5}, True), ({0: 6, 1: 1}, False)])
+def test_a_stalled_rank_requeues_the_job_and_a_failed_one_does_not(tmp_path, monkeypatch, codes, requeued):
+    # torchrun ends the task's command with 1 whatever the ranks' codes; their health records say more.
+    out = tmp_path / "run"
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    for rank, code in codes.items():
+        Health(out, rank).exit(code, f"rank {rank} said why")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >>{calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    job = PretrainJob("configs/tiny.yaml", ["--output_dir", str(out)], "acc.yaml", 2, 29500)
+    if requeued:
+        with pytest.raises(SystemExit):  # as submitit leaves after its own requeue: no result is written
+            job._requeue_after_a_fault("77")
+        assert calls.read_text() == "requeue 77\n"
+    else:
+        job._requeue_after_a_fault("77")
+        assert not calls.exists()

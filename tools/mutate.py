@@ -69,6 +69,8 @@ SAMPLES = "retclip_dist/data/samples.py"
 SUMMARY = "retclip_dist/train/run_summary.py"
 EXPORT_CLI = "retclip_dist/export/cli.py"
 API = "retclip_dist/api.py"
+DOG = "retclip_dist/runtime/watchdog.py"
+REQUEUE = "retclip_dist/launch/requeue.py"
 
 T_AUG = "tests/test_data_augment.py"
 T_AUG_PATHS = f"{T_AUG}::test_cpu_and_device_paths_agree_on_real_crops"
@@ -103,6 +105,9 @@ T_PREFLIGHT_MODEL = "tests/test_model_preflight.py::test_model_mistake_is_one_li
 T_DUP_TOKENS = (
     "tests/test_duplicates.py::test_reports_equal_in_their_first_context_length_tokens_are_duplicates"
 )
+T_FORK_STRESS = "tests/test_runtime_workers.py::test_hundreds_of_worker_starts_beside_thread_churn_never_hang"
+T_DOG = "tests/test_watchdog.py::test_a_rank_stuck_in_its_own_work_dumps_its_stacks_and_ends_with_exit_code_5"
+T_REQUEUE = "tests/test_watchdog.py::test_a_fault_is_requeued_until_it_repeats_without_a_newer_checkpoint"
 
 MUTANTS = [
     # --- augmentation
@@ -544,6 +549,30 @@ MUTANTS = [
         "heads = [eyes] * len(pixels) if isinstance(eyes, str) else list(eyes)",
         'heads = ["left"] * len(pixels)',
         ("tests/test_api.py::test_images_and_zero_shot_equal_retclip_eval",),
+    ),
+    # --- a job never stalls (issue 19)
+    Mutant(
+        "loader-workers-forked-from-the-rank",
+        LOADER,
+        '"multiprocessing_context": worker_context(),',
+        '"multiprocessing_context": __import__("multiprocessing").get_context("fork"),',
+        (T_FORK_STRESS,),
+        slow=True,
+    ),
+    Mutant(
+        "watchdog-gives-waiting-ranks-no-more-time",
+        DOG,
+        "return self.stall_s + self.collective_s + WAIT_MARGIN_S",
+        "return self.stall_s",
+        (T_DOG,),
+        slow=True,
+    ),
+    Mutant(
+        "requeue-budget-counts-faults-across-checkpoints",
+        REQUEUE,
+        '        if entry.get("checkpoint") != newest:\n            break\n',
+        '        if entry.get("checkpoint") is None:\n            break\n',
+        (T_REQUEUE,),
     ),
 ]
 

@@ -10,7 +10,6 @@ Data flow per logical worker w of W, for each partition p this rank serves:
 from __future__ import annotations
 
 import logging
-import signal
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -27,9 +26,9 @@ from retclip_dist.data.reshape import Segment, replan
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import stream_samples
-from retclip_dist.launch.lifetime import exit_with_parent
 from retclip_dist.launch.stop_signals import stop_signals
 from retclip_dist.model.config import ImageInput
+from retclip_dist.runtime.workers import WorkerSetup, worker_context
 from retclip_dist.shardset import Manifest, read_manifest
 
 log = logging.getLogger("retclip_dist.data")
@@ -45,20 +44,18 @@ class LoaderError(RuntimeError):
 
 # Slurm signals every process of a job on preemption or before a time limit (the stop signals, defined in
 # retclip_dist.launch.stop_signals). The trainer answers by saving a checkpoint, which needs its loader
-# workers alive until then; they stop when it exits.
-
-
-def _worker_init(worker_id: int) -> None:
-    stops = stop_signals()
-    for sig in stops:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # blocked since the fork: see _start
-    # Ignoring SIGTERM also means multiprocessing cannot terminate them: they must go with the trainer.
-    exit_with_parent()
+# workers alive until then; they ignore the signals and stop when it exits (runtime/workers.py).
 
 
 def data_loader(dataset: IterableDataset, cfg: DataConfig) -> DataLoader:
-    """A DataLoader that passes worker-made batches through untouched."""
+    """A DataLoader that passes worker-made batches through untouched; its workers come from the fork
+    server (``runtime/workers.py``), never from a fork of this multi-threaded process."""
+    workers = {}
+    if cfg.num_workers:
+        workers = {
+            "multiprocessing_context": worker_context(),
+            "worker_init_fn": WorkerSetup.of_this_process(stop_signals()),
+        }
     return DataLoader(
         dataset,
         batch_size=None,
@@ -69,7 +66,7 @@ def data_loader(dataset: IterableDataset, cfg: DataConfig) -> DataLoader:
         # Each new iterator draws a base seed; from its own generator it leaves the global RNG (dropout,
         # init) untouched, so a resumed run and an uninterrupted one consume the same random numbers.
         generator=torch.Generator().manual_seed(0),
-        worker_init_fn=_worker_init if cfg.num_workers else None,
+        **workers,
     )
 
 
@@ -80,20 +77,6 @@ def _last_line(exc: BaseException) -> str:
     if len(lines) > 1:
         return lines[-1]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
-
-
-def _start(loader: Iterable[Any]) -> Iterator[Any]:
-    """``iter(loader)``, which forks the workers, with the stop signals held back meanwhile.
-
-    A worker runs torch's own SIGTERM handler (exit) until ``_worker_init`` ignores the signal; a stop
-    signal in that window killed it and failed the run instead of saving. Blocked across the fork, the
-    signals reach the trainer when the call returns, and the workers never see them.
-    """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _kill_workers(it: Iterator[Any]) -> None:
@@ -114,11 +97,11 @@ def _kill_workers(it: Iterator[Any]) -> None:
 def guarded(loader: Iterable[Any], what: str) -> Iterator[Any]:
     """Iterate a DataLoader; an error that is not a counted skip ends its workers and becomes one line.
 
-    The workers ignore SIGTERM (see ``_worker_init``), so neither the DataLoader's own shutdown nor
+    The workers ignore SIGTERM (see ``WorkerSetup``), so neither the DataLoader's own shutdown nor
     multiprocessing's exit handler could stop them: the rank would hang after the error. They are
     killed here, at once.
     """
-    it = _start(loader)
+    it = iter(loader)
     try:
         yield from it
     except Exception as exc:

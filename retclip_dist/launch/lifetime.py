@@ -3,7 +3,9 @@
 torchrun starts each rank in its own session, so killing ``accelerate launch`` (``kill -9`` of its
 process group, as a scheduler or a closed terminal does) reaches none of them, and loader workers ignore
 the stop signals so that a preempted trainer can still save. Both ask the kernel to kill them when their
-parent goes (Linux ``PR_SET_PDEATHSIG``); elsewhere a thread watches the parent pid.
+parent goes (Linux ``PR_SET_PDEATHSIG``); elsewhere a thread watches the parent pid. Loader workers,
+started by a fork server (retclip_dist/runtime/workers.py), watch their rank as well: their parent is
+the server, which outlives the rank for as long as any of its children holds its pipe open.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import sys
 import threading
@@ -38,6 +41,35 @@ def _watch_parent(parent: int, sig: int) -> None:
         os.kill(os.getpid(), sig)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def exit_with_process(pid: int, sig: int = signal.SIGKILL) -> None:
+    """Have this process receive ``sig`` as soon as process ``pid`` (any process, not only the parent)
+    exits. A daemon thread waits on a pidfd (Linux 5.3+) and wakes the moment it goes; elsewhere it
+    polls every second."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os.kill(os.getpid(), sig)  # already gone
+        return
+    except (AttributeError, OSError):
+        fd = None
+
+    def watch() -> None:
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has exited
+        else:
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                time.sleep(_POLL_S)
+        os.kill(os.getpid(), sig)
+
+    threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()
 
 
 def exit_with_parent(sig: int = signal.SIGKILL) -> None:

@@ -6,7 +6,9 @@
 The job is a ``submitit.helpers.Checkpointable``. When Slurm warns of the time limit or preempts the job,
 it signals every process of the step: the training processes save a checkpoint and exit, submitit calls
 ``checkpoint()`` in the task, which waits for that save, and the job is requeued with
-``--checkpoint.resume auto``. ``--local`` runs the same job with submitit's local executor (no Slurm).
+``--checkpoint.resume auto``. A rank that stalled or lost a peer (exit code 5 or 6) requeues the job too,
+up to ``train.max_fault_requeues`` times in a row without a newer checkpoint (``launch/requeue.py``).
+``--local`` runs the same job with submitit's local executor (no Slurm).
 ``--cpu`` asks Slurm for no GPUs (tests, CPU clusters); the trainer runs each process on the CPU itself.
 
 The warning signal is the requeue signal of ``retclip_dist.launch.stop_signals`` (USR2, submitit's own
@@ -30,7 +32,10 @@ from unittest import mock
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from retclip_dist.config import load_config
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
+from retclip_dist.launch.env import slurm_job
+from retclip_dist.launch.requeue import decide
 from retclip_dist.launch.stop_signals import (
     DEFAULT_REQUEUE_SIGNAL,
     LAUNCHER_IGNORES,
@@ -38,6 +43,7 @@ from retclip_dist.launch.stop_signals import (
     requeue_signal,
     short_name,
 )
+from retclip_dist.train.config import RunConfig
 
 # submitit's handler in the task listens for the signal this variable names (USR2 if unset), read once
 # when submitit is imported (submitit 1.5: JobEnvironment.USR_SIG).
@@ -111,11 +117,27 @@ class PretrainJob(Checkpointable):
         self._proc = subprocess.Popen(cmd, env=child_env, preexec_fn=ignore)
         code = self._proc.wait()
         if code != EXIT_OK:
+            self._requeue_after_a_fault(env.job_id)
             raise RuntimeError(
                 f"training exited with status {code} ({EXIT_STOPPED}: it saved a checkpoint and stopped on a signal; "
                 "resubmit to resume); see the log above"
             )
         return code
+
+    def _requeue_after_a_fault(self, job_id: str) -> None:
+        """Requeue the job (and leave without a result, as submitit does on its own requeue) when a rank
+        stalled or lost a peer (exit code 5 or 6), within train.max_fault_requeues (launch/requeue.py).
+        torchrun's status is 1 whatever the ranks' codes; their health records hold the codes."""
+        attempt = slurm_job()
+        if attempt is None:
+            return  # submitit's local executor: there is no queue to go back to
+        cfg = load_config(RunConfig, self.config, [*self.overrides, "--checkpoint.resume", "auto"])
+        decision = decide(cfg.output_dir, attempt, cfg.train.max_fault_requeues)
+        print(f"retclip submit: {decision.line}", flush=True)
+        if decision.requeue:
+            # Another node's task may have requeued the job already; either way this attempt is over.
+            subprocess.run(["scontrol", "requeue", job_id], timeout=60, check=False)
+            sys.exit(-1)
 
     def checkpoint(self, *args: object, **kwargs: object) -> DelayedSubmission:
         # Slurm signalled the trainer along with us: let it finish its checkpoint before requeueing.

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +24,7 @@ from retclip_dist.io import files
 from retclip_dist.io.errors import ImageReadError, ImageRootError
 from retclip_dist.io.files import OutputDir
 from retclip_dist.io.roots import ImageStore, open_image_root
+from retclip_dist.runtime.workers import process_pool
 from retclip_dist.shards.audit import Hit, Identifiers, audit
 from retclip_dist.shards.dicom import DicomOptions, image_bytes, read_dicom_export
 from retclip_dist.shards.images import ImageOptions, process_image
@@ -236,7 +236,8 @@ def ordered_map(
         yield from (process_record(store, opts, rec) for rec in records)
         return
     chunk = max(1, min(16, len(records) // (workers * 8)))
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(store, opts)) as pool:
+    # From the fork server: this process runs tqdm's monitor thread (runtime/workers.py says why).
+    with process_pool(workers, _init_worker, (store, opts)) as pool:
         yield from pool.imap(_work, records, chunksize=chunk)
 
 

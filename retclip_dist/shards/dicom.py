@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import multiprocessing
 import os
 import re
 import warnings
@@ -34,6 +33,7 @@ from retclip_dist.io import files
 from retclip_dist.io.errors import ImageReadError, ImageRootError
 from retclip_dist.io.files import OutputDir
 from retclip_dist.io.roots import ImageStore, open_image_root
+from retclip_dist.runtime.workers import process_pool
 from retclip_dist.shards.plan import hash_unit
 from retclip_dist.shards.records import PatientRecord, Reject, RejectError, ShardInputError, read_reject
 from retclip_dist.shards.sources import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, table_rows
@@ -384,7 +384,7 @@ def scan_export(store: ImageStore, workers: int, progress: bool) -> Iterator[Pho
                 yield result
             return
         chunk = max(1, min(64, len(items) // (workers * 8)))
-        with multiprocessing.Pool(workers, initializer=_init_scan, initargs=(store,)) as pool:
+        with process_pool(workers, _init_scan, (store,)) as pool:  # never a fork of this threaded process
             for result in pool.imap(_scan, items, chunksize=chunk):
                 bar.update(1)
                 yield result

@@ -11,12 +11,14 @@ rank must run the same number of them (``same_forwards``).
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from retclip_dist.config import ConfigError
 from retclip_dist.launch.env import accelerator_placement, world_info_from_env
@@ -41,11 +43,20 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
     project = ProjectConfiguration(
         project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_DIR)
     )
+    placement = accelerator_placement(cuda)
+    # The process group's timeout (gloo's default is 30 minutes, NCCL's watchdog 10): a collective waiting
+    # for a dead or frozen node fails after train.collective_timeout_s (cli.py turns that into exit 6).
+    timeout = datetime.timedelta(seconds=cfg.train.collective_timeout_s)
+    handlers = placement.pop("kwargs_handlers", [])
+    groups = [h for h in handlers if isinstance(h, InitProcessGroupKwargs)] or [InitProcessGroupKwargs()]
+    groups[0].timeout = timeout
+    handlers = [*(h for h in handlers if h is not groups[0]), groups[0]]
     return Accelerator(
         mixed_precision=precision,
         log_with=trackers or None,  # an empty list makes Accelerate warn that nothing is installed
         project_config=project,
-        **accelerator_placement(cuda),
+        kwargs_handlers=handlers,
+        **placement,
     )
 
 
@@ -162,14 +173,21 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def save_final_model(
-    acc: Accelerator, model: torch.nn.Module, directory: Path, summary: TrainingSummary | None = None
+    acc: Accelerator,
+    model: torch.nn.Module,
+    directory: Path,
+    summary: TrainingSummary | None = None,
+    wait: Callable[[], None] | None = None,
 ) -> None:
     """``save_pretrained`` from the main process, with full weights gathered first under ZeRO-3; ``summary``
-    goes into the model card."""
+    goes into the model card.
+
+    ``wait``: the barrier the other ranks wait at while the main process writes (default
+    ``acc.wait_for_everyone``; the trainer's ``LongWait``, which a slow write cannot time out)."""
     if zero_stage(acc) == 3:
         state = acc.get_state_dict(model)  # a collective: the whole state on the main process
         if acc.is_main_process:
             acc.unwrap_model(model).save_pretrained(directory, summary, state_dict=state)
     elif acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(directory, summary)
-    acc.wait_for_everyone()
+    (wait or acc.wait_for_everyone)()

@@ -19,6 +19,7 @@ import logging
 import math
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{8})$")
 STATE_NAME = "train_state.json"
+CHECKPOINTS_DIR = "checkpoints"  # under output_dir
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -80,11 +82,24 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint directory named by ``checkpoint_name``."""
+    return int(_NAME.match(path.name).group(1))
+
+
 class Checkpointer:
     def __init__(
-        self, accelerator: Accelerator, root: str | Path, keep_last: int, keep_best: str | None = None
+        self,
+        accelerator: Accelerator,
+        root: str | Path,
+        keep_last: int,
+        keep_best: str | None = None,
+        wait: Callable[[], None] | None = None,
     ) -> None:
         self.accelerator = accelerator
+        # The barrier where ranks wait for the main process's writes and deletions (default
+        # accelerator.wait_for_everyone; the trainer's LongWait, which a slow disk cannot time out).
+        self.wait = wait or accelerator.wait_for_everyone
         self.root = Path(root)
         self.keep_last = max(1, keep_last)
         self.keep_best = keep_best
@@ -95,7 +110,7 @@ class Checkpointer:
             for stale in self.root.glob("step_*.tmp"):
                 log.warning("removing incomplete checkpoint %s (a run died while saving it)", stale)
                 shutil.rmtree(stale)
-        accelerator.wait_for_everyone()
+        self.wait()
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
@@ -112,11 +127,11 @@ class Checkpointer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
+        self.wait()
         acc.save_state(str(tmp))
         data_file = data_state_files(tmp, acc.num_processes)[acc.process_index]
         data_file.write_text(json.dumps(data_state, sort_keys=True))
-        acc.wait_for_everyone()
+        self.wait()
         if acc.is_main_process:
             state = {"step": step, "epoch": epoch, "world_size": acc.num_processes, "config": config}
             if self.best is not None:
@@ -129,7 +144,7 @@ class Checkpointer:
             for old in self.complete()[: -self.keep_last]:
                 if old.name != kept:
                     shutil.rmtree(old)
-        acc.wait_for_everyone()
+        self.wait()
         return final
 
     def offer(self, metric: str, value: float, step: int) -> bool:

@@ -21,8 +21,17 @@ import yaml
 
 from retclip_dist.config import ConfigError, load_config, to_dict
 from retclip_dist.data.loader import LoaderError
-from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_FAILED, EXIT_NONFINITE, EXIT_OK
+from retclip_dist.exit_codes import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_NONFINITE,
+    EXIT_OK,
+    EXIT_PEER_LOST,
+    EXIT_STOPPED,
+)
 from retclip_dist.launch.env import world_info_from_env
+from retclip_dist.runtime.health import Health, describe_peers
+from retclip_dist.runtime.stop import adopt, catch_early
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.loop import NonFiniteLoss, train
 from retclip_dist.train.preflight import check_run_config
@@ -37,13 +46,17 @@ def _say(rank: int, message: str) -> None:
         print(f"retclip-train: {message}", file=sys.stderr, flush=True)
 
 
+# How gloo words a collective that lost a peer (a plain RuntimeError naming its transport): the peer's
+# process ended (its socket closed), or nothing came within train.collective_timeout_s (a frozen node).
+_GLOO_LOST = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting")
+
+
 def _lost_peer(exc: RuntimeError) -> bool:
-    """Whether ``exc`` is a collective that failed because another rank went away."""
+    """Whether ``exc`` is a collective that failed because another rank went away or fell silent."""
     if isinstance(exc, torch.distributed.DistError):
         return True
-    # gloo reports a dead peer as a plain RuntimeError naming its transport.
     text = str(exc)
-    return "gloo" in text and ("Connection reset by peer" in text or "Connection closed by peer" in text)
+    return "gloo" in text and any(words in text for words in _GLOO_LOST)
 
 
 def _end_children() -> None:
@@ -107,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--main_process_port", type=int, help="with --launch: rendezvous port")
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parser.parse_known_args(argv)
+    if not (args.check or args.print_config or args.launch is not None):
+        catch_early()  # a run records the stop signals from here on (``python -m`` did so even earlier)
     world = world_info_from_env()
     preflight = args.check or args.launch is not None
     try:
@@ -129,27 +144,38 @@ def main(argv: list[str] | None = None) -> int:
         cmd = _launch_command(args, argv)
         os.execv(cmd[0], cmd)  # the launcher takes this process's place: signals and exit code are its
     lock = RunLock(cfg.output_dir) if world.rank == 0 else None
+    health = Health(cfg.output_dir, world.rank)
+    code, reason = EXIT_FAILED, "an unexpected error (traceback above)"
     try:
         if lock is not None:
             lock.acquire()
-        return train(cfg, args.config)
+        code = train(cfg, args.config, adopt(), lock.release if lock is not None else None)
+        reason = {EXIT_OK: "done", EXIT_STOPPED: "stopped by a signal"}.get(code, "")
+        return code
     except (ConfigError, RunLocked) as exc:
         _say(world.rank, str(exc))
-        return EXIT_CONFIG
+        code, reason = EXIT_CONFIG, str(exc)
+        return code
     except NonFiniteLoss as exc:
         log.error("%s", exc)
-        return EXIT_NONFINITE
+        code, reason = EXIT_NONFINITE, str(exc)
+        return code
     except LoaderError as exc:
         print(f"retclip-train: rank {world.rank}: {exc}", file=sys.stderr, flush=True)
-        return EXIT_FAILED
+        code, reason = EXIT_FAILED, str(exc)
+        return code
     except RuntimeError as exc:
         if not _lost_peer(exc):
             raise
-        # Another rank died (its own line says why); this one was waiting for it in a collective.
+        # Another rank died (its own line says why) or went silent; this one waited for it in a collective.
         first = str(exc).strip().splitlines()[0]
-        print(f"retclip-train: rank {world.rank}: lost contact with another rank ({first})", file=sys.stderr)
-        return EXIT_FAILED
+        peers = describe_peers(cfg.output_dir, world.world_size, world.rank)
+        reason = f"lost contact with another rank ({first}); {peers}"
+        print(f"retclip-train: rank {world.rank}: {reason}", file=sys.stderr, flush=True)
+        code = EXIT_PEER_LOST
+        return code
     finally:
+        health.exit(code, reason)
         _end_children()
         if lock is not None:
             lock.release()

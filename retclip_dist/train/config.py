@@ -40,6 +40,17 @@ class TrainSection:
     # Layer-wise lr decay inside each tower (BEiT/RETFound, e.g. 0.65): block i of d gets decay^(d - i)
     # times the top's lr, the embeddings decay^(d + 1); 1.0 = off. Heads are not decayed.
     layer_decay: float = 1.0
+    # A rank with no progress for this long in its own work (waiting for its next batch, validation, the
+    # probe, writing a checkpoint, setting up) writes every thread's stack, its loader workers' too, and
+    # ends with exit code 5, which the launchers requeue; a rank waiting for other ranks (a step, a
+    # barrier) gets collective_timeout_s and a minute on top. 0: no stall check (runtime/watchdog.py)
+    stall_timeout_s: float = 180.0
+    # How long a collective waits for the other ranks (the process group's timeout): a dead or frozen node
+    # ends the others with exit code 6, naming the silent ranks from their health records
+    collective_timeout_s: float = 300.0
+    # Times the launchers requeue a run that ended with exit code 5 or 6 without having saved a newer
+    # checkpoint since the previous such end (launch/requeue.py); a stop signal's requeue is not counted
+    max_fault_requeues: int = 3
 
 
 @dataclass

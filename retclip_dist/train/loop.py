@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,16 @@ from retclip_dist.data.loader import TrainLoader, build_train_data
 from retclip_dist.data.samples import REPORT_HASH
 from retclip_dist.data.validation import build_val_data
 from retclip_dist.exit_codes import EXIT_OK, EXIT_STOPPED
+from retclip_dist.launch.env import world_info_from_env
 from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.config import ModelConfigError
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.weights import weights_record
+from retclip_dist.runtime.health import Health
+from retclip_dist.runtime.stop import StoppedInSetup
+from retclip_dist.runtime.watchdog import WAIT, WORK, Limits, Watchdog
+from retclip_dist.runtime.workers import worker_context
 from retclip_dist.train.backend import (
     build_accelerator,
     clamp_scales,
@@ -45,14 +51,14 @@ from retclip_dist.train.backend import (
     weights_finite,
     zero_stage,
 )
-from retclip_dist.train.checkpoint import Checkpointer, Restored
+from retclip_dist.train.checkpoint import CHECKPOINTS_DIR, Checkpointer, Restored
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.fp8 import convert_fp8_
 from retclip_dist.train.metrics_log import MetricsLog, tracker_config
 from retclip_dist.train.optim import build_optimizer, freeze_, lr_at, set_lr
 from retclip_dist.train.probe import build_probe, run_probe
 from retclip_dist.train.run_summary import run_summary
-from retclip_dist.train.signals import StopRequest, any_rank, sum_over_ranks
+from retclip_dist.train.signals import LongWait, StopRequest, any_rank, sum_over_ranks
 from retclip_dist.train.step import LossFn, forward_backward, output_loss
 from retclip_dist.train.telemetry import StepClock, step_timing, wait_share
 from retclip_dist.train.validate import total_skipped, validate
@@ -108,10 +114,49 @@ def prepare_training(
     return wrapped, optimizer, output_loss(tripartite)
 
 
-def train(cfg: RunConfig, preset: str | None = None) -> int:
-    """Run (or resume) pretraining as configured; returns the process exit code. ``preset`` is the YAML
-    file the config started from (``--config``): the model card lists the run's changes to it."""
+def train(
+    cfg: RunConfig,
+    preset: str | None = None,
+    stop: StopRequest | None = None,
+    before_exit: Callable[[], None] | None = None,
+) -> int:
+    """Run (or resume) pretraining as configured; returns the process exit code.
+
+    ``preset``: the YAML file the config started from (``--config``): the model card lists the run's
+    changes to it.
+    ``stop``: the process's stop request (``runtime/stop.py``), installed by the command line before
+    anything else (a new one if None). ``before_exit``: what the watchdog runs before it ends a stalled
+    rank from its own thread (the command line's run-lock release).
+    """
+    stop = stop if stop is not None else StopRequest()
+    here = world_info_from_env()
+    limits = Limits(cfg.train.stall_timeout_s, cfg.train.collective_timeout_s)
+    watchdog = Watchdog(limits, here.rank, here.world_size, Health(cfg.output_dir, here.rank), before_exit)
+    watchdog.start()
+    try:
+        return _train(cfg, preset, stop, watchdog)
+    except StoppedInSetup as exc:
+        # Nothing was trained yet: the checkpoint a resume starts from (if any) is as it was.
+        log.warning("stopped by %s during %s: nothing to save yet, exiting for requeue", exc.name, exc.stage)
+        return EXIT_STOPPED
+    finally:
+        stop.stage = None
+        watchdog.stop()
+
+
+def _setup_stage(stop: StopRequest, stage: str) -> None:
+    """The setup stage starting now: a stop signal ends it at once (``runtime/stop.py``)."""
+    stop.stage = stage
+    log.info("setting up: %s", stage)
+
+
+def _train(cfg: RunConfig, preset: str | None, stop: StopRequest, watchdog: Watchdog) -> int:
+    stop.enter_setup("the start of the process group")
+    if cfg.data.num_workers:
+        worker_context()  # the loader workers' fork server imports the data stack meanwhile
+    watchdog.set_phase("starting the process group", WAIT)
     acc = build_accelerator(cfg)
+    watchdog.set_phase("setting up", WORK)
     out_dir = Path(cfg.output_dir)
     logging.basicConfig(
         level=logging.INFO if acc.is_main_process else logging.WARNING,
@@ -125,6 +170,7 @@ def train(cfg: RunConfig, preset: str | None = None) -> int:
     # Same seed everywhere: every rank must start from identical weights.
     set_seed(cfg.train.seed)
 
+    _setup_stage(stop, "the model build")
     try:
         model = RetClip(cfg.model)
     except ModelConfigError as exc:  # pre-flight found it already, unless a file changed since
@@ -133,6 +179,7 @@ def train(cfg: RunConfig, preset: str | None = None) -> int:
     tokenizer = build_tokenizer(cfg.model)
     image = model.image_input  # both augmentation paths resize and normalise as the model states
     rank, world = acc.process_index, acc.num_processes
+    _setup_stage(stop, "the data setup")
     try:
         data = build_train_data(cfg.data, tokenizer, rank, world, cfg.train.seed, image)
     except ValueError as exc:  # a split too small for one step, a layout the plan refuses
@@ -143,16 +190,27 @@ def train(cfg: RunConfig, preset: str | None = None) -> int:
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
+    _setup_stage(stop, "the model's preparation")
     model, optimizer, loss_fn = prepare_training(acc, model, cfg)
 
+    # Ranks wait here while the main process alone writes or probes: no collective timeout applies.
+    solo_wait = LongWait(acc, watchdog.limits.long_wait_s)
     # check_run_config() refused a fresh run over existing checkpoints, before any rank started.
+    _setup_stage(stop, "the checkpoint load")
     checkpointer = Checkpointer(
-        acc, out_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_best
+        acc, out_dir / CHECKPOINTS_DIR, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, solo_wait
     )
     restored = checkpointer.load(cfg.checkpoint.resume)
     step, epoch = (restored.step, restored.epoch) if restored else (0, 0)
     if restored:
         restore_data(data, restored, cfg.checkpoint.reset_data)
+
+    stop.end_setup()
+    if any_rank(acc, stop.received is not None)[0]:  # a signal on another rank, or after setup here
+        log.warning(
+            "stop requested by signal before the first step: nothing to save yet, exiting for requeue"
+        )
+        return EXIT_STOPPED
 
     config_dict = to_dict(cfg)
     acc.init_trackers(cfg.log.project, config=tracker_config(config_dict))  # main process only
@@ -170,7 +228,13 @@ def train(cfg: RunConfig, preset: str | None = None) -> int:
             f", resuming at step {step}" if restored else "",
         )
     last_validated = -1
-    stop = StopRequest()
+
+    def stopping() -> bool:
+        """Progress and a look at the stop flag, between validation and probe batches."""
+        watchdog.beat()
+        return stop.received is not None
+
+    alone = WORK if acc.is_main_process else WAIT  # rank 0 writes and probes, the others wait for it
     bar = tqdm(total=total_steps, initial=step, disable=not (acc.is_main_process and cfg.log.progress))
     window_start, window_steps = time.perf_counter(), 0
     clock = StepClock()
@@ -178,7 +242,9 @@ def train(cfg: RunConfig, preset: str | None = None) -> int:
     exit_code = EXIT_OK
 
     while step < total_steps and exit_code == EXIT_OK:
+        watchdog.set_phase(f"waiting for training data (epoch {epoch}, step {step + 1})", WORK)
         for batch in clock.batches(data):
+            watchdog.set_phase(f"training step {step + 1}", WAIT)
             lr = lr_at(step, total_steps, cfg.train)
             loss, parts = train_step(model, optimizer, batch, device_augment, loss_fn, acc, cfg.train, lr)
             step += 1
@@ -214,40 +280,80 @@ def train(cfg: RunConfig, preset: str | None = None) -> int:
                 window_start, window_steps = time.perf_counter(), 0
             every = cfg.checkpoint.every_steps
             if signalled or (every and step % every == 0 and step < total_steps):
-                save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
+                with watchdog.phase(f"saving the checkpoint of step {step}", alone):
+                    save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
             if signalled:
                 log.warning("stop requested by signal; saved step %d, exiting for requeue", step)
                 exit_code = EXIT_STOPPED
                 break
             if step >= total_steps:
                 break
+            watchdog.set_phase(f"waiting for training data (epoch {epoch}, step {step + 1})", WORK)
         # A run stopped on an epoch's last step leaves the epoch's record and validation to the resumed
         # run, whose checkpoint is at that same point: written here too, they would appear twice.
         if exit_code == EXIT_OK and data.epoch_done():
+            watchdog.set_phase(f"the end of epoch {epoch}", WAIT)
             log_epoch(acc, metrics, data, epoch, step)
             epoch += 1
             data.set_epoch(epoch)
             if cfg.val.every_epochs and epoch % cfg.val.every_epochs == 0:
-                validate(model, val_data, acc, device_augment, cfg.val.max_samples, metrics, step, epoch)
+                with watchdog.phase(f"validation after epoch {epoch}", WORK):
+                    validate(
+                        model,
+                        val_data,
+                        acc,
+                        device_augment,
+                        cfg.val.max_samples,
+                        metrics,
+                        step,
+                        epoch,
+                        stopping,
+                    )
                 last_validated = step
             # A new best is saved now, unless this is the last step, whose checkpoint follows the loop.
-            best = (
-                probe is not None
-                and probe.due(epoch)
-                and run_probe(probe, model, acc, metrics, checkpointer, step, epoch)
-            )
-            if best and step < total_steps:
-                save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
+            with watchdog.phase(f"the probe after epoch {epoch}", alone):
+                best = (
+                    probe is not None
+                    and probe.due(epoch)
+                    and run_probe(probe, model, acc, metrics, checkpointer, step, epoch, stopping, solo_wait)
+                )
+            # A stop signal during validation or the probe: save now rather than after another step.
+            stopped = step < total_steps and any_rank(acc, stop.received is not None)[0]
+            if (best or stopped) and step < total_steps:
+                with watchdog.phase(f"saving the checkpoint of step {step}", alone):
+                    save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
+            if stopped:
+                log.warning("stop requested by signal; saved step %d, exiting for requeue", step)
+                exit_code = EXIT_STOPPED
     bar.close()
 
     if exit_code == EXIT_OK:
         if probe is not None and probe.last_step != step:
-            run_probe(probe, model, acc, metrics, checkpointer, step, epoch)  # a new best: the save below
-        save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
-        if cfg.val.every_epochs and last_validated != step:
-            validate(model, val_data, acc, device_augment, cfg.val.max_samples, metrics, step, epoch)
-        summary = run_summary(cfg, preset, out_dir, acc.num_processes, step) if acc.is_main_process else None
-        save_final_model(acc, model, out_dir / "model", summary)
+            # A new best: the save below.
+            with watchdog.phase("the final probe", alone):
+                run_probe(probe, model, acc, metrics, checkpointer, step, epoch, stopping, solo_wait)
+        with watchdog.phase(f"saving the checkpoint of step {step}", alone):
+            save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
+        # A stop signal from here on leaves the final validation and model to the resumed run, which
+        # starts from the checkpoint just saved and does only them.
+        if any_rank(acc, stop.received is not None)[0]:
+            log.warning("stop requested by signal; saved step %d, exiting for requeue", step)
+            exit_code = EXIT_STOPPED
+        elif cfg.val.every_epochs and last_validated != step:
+            with watchdog.phase("the final validation", WORK):
+                completed = validate(
+                    model, val_data, acc, device_augment, cfg.val.max_samples, metrics, step, epoch, stopping
+                )
+            if not completed:
+                log.warning("stop requested by signal; saved step %d, exiting for requeue", step)
+                exit_code = EXIT_STOPPED
+    if exit_code == EXIT_OK:
+        with watchdog.phase("writing the final model", alone):
+            summary = (
+                run_summary(cfg, preset, out_dir, acc.num_processes, step) if acc.is_main_process else None
+            )
+            save_final_model(acc, model, out_dir / "model", summary, solo_wait)
+    watchdog.set_phase("finishing", WAIT)
     skipped = total_skipped(acc, data.skipped)
     share = wait_share(acc, clock)
     if metrics is not None:

@@ -37,7 +37,7 @@ from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import image_input, text_model_config, vision_input_size
 from retclip_dist.shardset import Manifest, read_manifest
 from retclip_dist.train import runlock
-from retclip_dist.train.checkpoint import data_state_files, read_train_state, resume_path
+from retclip_dist.train.checkpoint import CHECKPOINTS_DIR, data_state_files, read_train_state, resume_path
 from retclip_dist.train.config import RunConfig, TrainSection
 from retclip_dist.train.fp8 import fp8_unavailable_reason
 from retclip_dist.train.optim import TOWERS
@@ -86,6 +86,9 @@ def _ranges(cfg: RunConfig) -> None:
         ("log.every_steps", cfg.log.every_steps, _AT_LEAST_1),
         ("val.every_epochs", cfg.val.every_epochs, _AT_LEAST_0),
         ("val.probe.every_epochs", cfg.val.probe.every_epochs, _AT_LEAST_1),
+        ("train.stall_timeout_s", cfg.train.stall_timeout_s, _NON_NEGATIVE),
+        ("train.collective_timeout_s", cfg.train.collective_timeout_s, _POSITIVE),
+        ("train.max_fault_requeues", cfg.train.max_fault_requeues, _AT_LEAST_0),
     ]
     optional = [
         ("train.max_steps", cfg.train.max_steps, _AT_LEAST_1),
@@ -113,6 +116,15 @@ def _ranges(cfg: RunConfig) -> None:
     betas = cfg.train.betas
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
         raise _fail("train.betas", betas, "must be two numbers in [0, 1)")
+    stall, collective = cfg.train.stall_timeout_s, cfg.train.collective_timeout_s
+    if 0 < collective <= stall:
+        # Not an error: every rank still ends, but the stuck one's stacks never reach the log.
+        log.warning(
+            "train.stall_timeout_s=%g is not below train.collective_timeout_s=%g: ranks waiting for a stuck "
+            "rank give up (exit code 6, naming it) before it writes its stacks; raise collective_timeout_s",
+            stall,
+            collective,
+        )
     _logit_scale_range(cfg.model)
 
 
@@ -303,7 +315,7 @@ def _same_param_groups(cfg: RunConfig, path: Path, saved: dict[str, Any]) -> Non
 
 
 def _resume(cfg: RunConfig, world_size: int, manifest: Manifest) -> None:
-    root = Path(cfg.output_dir) / "checkpoints"
+    root = Path(cfg.output_dir) / CHECKPOINTS_DIR
     path = resume_path(root, cfg.checkpoint.resume)
     if path is None:
         latest = resume_path(root, "auto")

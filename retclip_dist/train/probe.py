@@ -16,9 +16,11 @@ column is a hash of the row ids), eval mode, float32 features, lbfgs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +146,30 @@ def build_probe(cfg_probe: ProbeSection, acc: Accelerator, zero_stage: int) -> T
     return TrainProbe(cfg_probe, every_rank=zero_stage == 3)
 
 
+class ProbeStopped(Exception):
+    """A stop signal arrived while the probe was embedding; the run saves and leaves without its value."""
+
+
+@contextlib.contextmanager
+def _between_batches(model: RetClip, stopping: Callable[[], bool] | None) -> Iterator[None]:
+    # The probe embeds through the vision tower batch by batch (eval/features.py): before each batch,
+    # report progress and look for a stop signal. Hooked only while the probe runs, so that a compiled
+    # training step never sees the hook.
+    if stopping is None:
+        yield
+        return
+
+    def check(module: torch.nn.Module, args: Any) -> None:
+        if stopping():
+            raise ProbeStopped
+
+    handle = model.visual.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def run_probe(
     probe: TrainProbe,
     model: torch.nn.Module,
@@ -152,6 +178,8 @@ def run_probe(
     checkpointer: Checkpointer,
     step: int,
     epoch: int,
+    stopping: Callable[[], bool] | None = None,
+    wait: Callable[[], None] | None = None,
 ) -> bool:
     """Probe on the main process and write its record; every rank must call it (one collective).
 
@@ -159,11 +187,22 @@ def run_probe(
     A probe that fails (an image that cannot be read, a table changed since the check, a GPU out of memory
     beside the training state) is logged with its reason and gives no value; training goes on. Whatever
     the error, rank 0 must still join the collective below, or the other ranks would wait in it forever.
+    ``stopping`` is asked before each batch the probe embeds (progress beat, stop signal): a stop ends the
+    probe without a value or record. ``wait``: the barrier the other ranks wait at meanwhile (the
+    trainer's ``LongWait``: a probe of minutes must not time out their collective).
     """
     value, record = math.nan, None
     if acc.is_main_process or probe.every_rank:
+        inner = acc.unwrap_model(model)
+        if probe.every_rank and stopping is not None:
+            # ZeRO-3: every rank embeds in lockstep, so none may stop alone; a stop waits for the probe's end.
+            beat = stopping
+            stopping = lambda: beat() and False  # noqa: E731
         try:
-            record = probe.score(acc.unwrap_model(model))
+            with _between_batches(inner, stopping):
+                record = probe.score(inner)
+        except ProbeStopped:
+            log.warning("probe at step %d stopped by a signal; not recorded", step)
         except (ValueError, OSError) as exc:  # bad input (LabelError is a ValueError): its one line says why
             log.error("probe at step %d failed, training goes on: %s", step, exc)
             record = {"auroc": None, "error": str(exc)}
@@ -172,9 +211,11 @@ def run_probe(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # what the probe held, back for training
             record = {"auroc": None, "error": f"{type(exc).__name__}: {exc}"}
-        if record["auroc"] is not None:
+        if record is not None and record["auroc"] is not None:
             value = float(record["auroc"])
-    # The other ranks wait here while rank 0 probes, then all hold rank 0's value.
+    if wait is not None:
+        wait()  # the other ranks wait here while rank 0 probes
+    # Then all hold rank 0's value.
     mine = torch.tensor([value if acc.is_main_process else 0.0], dtype=torch.float64, device=acc.device)
     record = record if acc.is_main_process else None
     value = float(sum_over_ranks(acc, mine).item())

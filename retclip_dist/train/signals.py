@@ -1,30 +1,23 @@
-"""Turn the stop signals into a flag the loop checks between steps; agree on flags across ranks.
+"""Agree on flags across ranks: a stop signal, a non-finite loss, a long wait for one rank's work.
 
 The stop signals are SIGTERM (preemption) and the requeue signal the launchers send ahead of a time limit
 (SIGUSR2, or SIGUSR1 under ``RETCLIP_REQUEUE_SIGNAL``); ``retclip_dist.launch.stop_signals`` is their one
-home. Both mean "save and leave". Acting inside the handler would interrupt a collective half-way, so the
-handler only records the request and every rank stops after the same step.
+home. Both mean "save and leave". Acting inside the handler would interrupt a collective half-way, so
+outside setup the handler (``runtime/stop.py``) only records the request and every rank stops after the
+same step.
 """
 
 from __future__ import annotations
 
-import signal
-import types
+import datetime
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 
-from retclip_dist.launch.stop_signals import stop_signals
+from retclip_dist.runtime.stop import StopRequest
 
-
-class StopRequest:
-    def __init__(self, signals: tuple[int, ...] | None = None) -> None:
-        self.received: int | None = None
-        for sig in stop_signals() if signals is None else signals:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
-        self.received = signum
+__all__ = ["LongWait", "StopRequest", "any_rank", "sum_over_ranks"]
 
 
 def any_rank(accelerator: Accelerator, *flags: bool) -> list[bool]:
@@ -41,3 +34,20 @@ def sum_over_ranks(accelerator: Accelerator, values: torch.Tensor) -> torch.Tens
     if accelerator.num_processes > 1:
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
     return out
+
+
+class LongWait:
+    """A barrier for ranks that wait while one rank works alone: rank 0 probing, writing a checkpoint or
+    the final model. Its own gloo group waits ``timeout_s`` (stall plus collective timeout, as the
+    watchdog of a waiting rank does), so such a wait never runs into the process group's shorter
+    ``train.collective_timeout_s``; the working rank's own watchdog bounds the work itself."""
+
+    def __init__(self, accelerator: Accelerator, timeout_s: float) -> None:
+        self.group = None
+        if accelerator.num_processes > 1:
+            timeout = datetime.timedelta(seconds=timeout_s)
+            self.group = dist.new_group(backend="gloo", timeout=timeout)
+
+    def __call__(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)

@@ -84,19 +84,33 @@ def retrieval_scores(
     acc: Accelerator,
     prepare: Callable[[dict[str, Any]], dict[str, Any]],
     max_samples: int | None,
-) -> dict[str, float]:
-    """Recall@1/5/10 both ways at patient, left and right level over the held-out split (a collective)."""
+    stopping: Callable[[], bool] | None = None,
+) -> dict[str, float] | None:
+    """Recall@1/5/10 both ways at patient, left and right level over the held-out split (a collective).
+
+    ``stopping`` is asked before each batch (the trainer's progress beat and stop signal): once it says
+    yes on any rank, every rank stops and the result is None, not scores of part of the split.
+    """
     inner = acc.unwrap_model(model)
     was_training = inner.training
     inner.eval()
     rows: list[dict[str, Any]] = []
     per_rank = None if max_samples is None else -(-max_samples // acc.num_processes)
     lockstep = same_forwards(acc)
+    stopped = False
     batches = iter(loader)
     while True:
-        batch = next(batches, None) if per_rank is None or len(rows) < per_rank else None
-        # Under ZeRO-3 one small collective per batch: every rank runs a forward while any has a batch.
-        more = any_rank(acc, batch is not None)[0] if lockstep else batch is not None
+        if stopping is not None and stopping():
+            stopped = True
+        batch = None if stopped else next(batches, None) if per_rank is None or len(rows) < per_rank else None
+        if lockstep:
+            # Under ZeRO-3 one small collective per batch: every rank runs a forward while any has a batch,
+            # and all stop together (a rank leaving alone would hang the others in their forward).
+            more, stop_any = any_rank(acc, batch is not None, stopped)
+            stopped = stopped or stop_any
+            more = more and not stopped
+        else:
+            more = batch is not None
         if not more:
             break
         if batch is None:  # this rank's share is done, another's is not
@@ -116,6 +130,8 @@ def retrieval_scores(
                 }
             )
     inner.train(was_training)
+    if any_rank(acc, stopped)[0]:  # every rank gets here, however many batches it had
+        return None
     gathered = gather_object(rows) if acc.num_processes > 1 else rows
     # A fixed order (by patient key) makes the numbers independent of the world size.
     gathered = sorted(gathered, key=lambda r: r["key"])
@@ -143,15 +159,23 @@ def validate(
     metrics: MetricsLog | None,
     step: int,
     epoch: int,
-) -> None:
-    """Score the held-out split and write one ``val`` record; every rank must call it (collectives)."""
+    stopping: Callable[[], bool] | None = None,
+) -> bool:
+    """Score the held-out split and write one ``val`` record; every rank must call it (collectives).
+
+    False when ``stopping`` (see ``retrieval_scores``) ended it early: nothing is recorded.
+    """
     if loader is None:
-        return
-    scores = retrieval_scores(model, loader, acc, prepare, max_samples)
+        return True
+    scores = retrieval_scores(model, loader, acc, prepare, max_samples, stopping)
+    if scores is None:
+        log.warning("validation at step %d (epoch %d) stopped by a signal; not recorded", step, epoch)
+        return False
     skipped = total_skipped(acc, loader.skipped)  # every rank joins; each read its own shards
     if metrics is not None and scores:
         metrics.write("val", step, {"epoch": epoch, "skipped_samples": skipped, **scores})
         log.info("validation at step %d (epoch %d): %s", step, epoch, _summary(scores))
+    return True
 
 
 def _summary(scores: dict[str, float]) -> str:
