@@ -24,6 +24,7 @@ from retclip_dist.config import load_config
 from retclip_dist.exit_codes import EXIT_CONFIG
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.towers import build_vision_tower
+from retclip_dist.model.weights import random_towers
 from retclip_dist.train.cli import main
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.metrics_log import read_metrics
@@ -225,3 +226,21 @@ def test_a_run_refuses_the_prefixed_file_and_records_what_a_fitting_one_loaded(f
         "text_tensors": 0,
     }
     assert f"vision tower <- {files['timm']}: {tower} tensors loaded" in done.stderr
+    # The text tower had no file: said once, by the main process; the loaded vision tower is not named.
+    assert done.stderr.count("model.text_path is not set: the text tower starts from random weights") == 1
+    assert "the vision tower starts from random weights" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("record", "init_from", "named"),
+    [
+        ({"vision_tensors": 0, "text_tensors": 0}, None, ["model.vision_weights", "model.text_path"]),
+        ({"vision_tensors": 5, "text_tensors": 0}, None, ["model.text_path"]),
+        ({"vision_tensors": 0, "text_tensors": 7}, None, ["model.vision_weights"]),
+        ({"vision_tensors": 0, "text_tensors": 0}, "/runs/a/model", []),  # init_from fills both
+    ],
+)
+def test_random_towers_names_each_tower_that_loaded_nothing(record, init_from, named):
+    cfg = _tiny_model_config()
+    cfg.init_from = init_from
+    assert [field for field, _ in random_towers(cfg, record)] == named

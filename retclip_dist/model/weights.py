@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from retclip_dist.model.config import ModelConfigError
+from retclip_dist.model.config import ModelConfig, ModelConfigError
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,15 @@ def weights_record(reports: dict[str, LoadReport]) -> dict[str, int]:
     for report in reports.values():
         record.update(report.record())
     return record
+
+
+def random_towers(cfg: ModelConfig, record: dict[str, int]) -> list[tuple[str, str]]:
+    """(the config field, the tower) for each tower a fresh run starts from random weights: nothing loaded
+    from a file and no ``model.init_from``."""
+    if cfg.init_from is not None:
+        return []
+    fields = {"vision": "model.vision_weights", "text": "model.text_path"}
+    return [(fields[tower], tower) for tower in fields if record[f"{tower}_tensors"] == 0]
 
 
 def _numpy_scalar_globals() -> list:

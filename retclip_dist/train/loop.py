@@ -34,7 +34,7 @@ from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.config import ModelConfigError
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
-from retclip_dist.model.weights import weights_record
+from retclip_dist.model.weights import random_towers, weights_record
 from retclip_dist.runtime.health import Health
 from retclip_dist.runtime.stop import StoppedInSetup
 from retclip_dist.runtime.watchdog import WAIT, WORK, Limits, Watchdog
@@ -217,6 +217,10 @@ def _train(cfg: RunConfig, preset: str | None, stop: StopRequest, watchdog: Watc
     metrics = MetricsLog(out_dir, acc.log) if acc.is_main_process else None
     if metrics is not None and not restored:  # a resume's weights come from its checkpoint
         metrics.write("weights", step, loaded)
+        for field, tower in random_towers(cfg.model, loaded):
+            # Legitimate for a from-scratch run, but the paper and the release start both towers from
+            # pretrained weights: a preset whose path was left null would otherwise train a random tower.
+            log.warning("%s is not set: the %s tower starts from random weights", field, tower)
     if acc.is_main_process:
         (out_dir / "config.json").write_text(json.dumps(config_dict, indent=1, sort_keys=True))
         log.info(
