@@ -50,15 +50,15 @@ def _export(model_dir: Path, fmt: str, out: Path, *flags: str) -> int:
 
 
 def _readme_block(heading: str) -> str:
-    """The first Python block under ``heading`` in README.md, unindented."""
-    section = (ROOT / "README.md").read_text(encoding="utf-8").split(heading, 1)[1]
+    """The first Python block under ``heading`` in docs/evaluation.md, unindented."""
+    section = (ROOT / "docs" / "evaluation.md").read_text(encoding="utf-8").split(heading, 1)[1]
     block = re.search(r"^( *)```python\n(.*?)^\1```", section, re.S | re.M)
     return textwrap.dedent(block.group(2))
 
 
 @pytest.mark.parametrize("head", ["none", "projection"])
 def test_timm_export_gives_the_models_features_through_timm(model_dir, tmp_path, head):
-    """Loaded by the README's timm block as written, from export/timm under the working directory."""
+    """Loaded by the timm block of docs/evaluation.md as written, from export/timm under the working dir."""
     out = tmp_path / "export" / "timm"
     assert _export(model_dir, "timm", out, "--head", head) == EXIT_OK
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -68,7 +68,10 @@ def test_timm_export_gives_the_models_features_through_timm(model_dir, tmp_path,
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        exec(compile(_readme_block("### Exporting: `retclip-eval export`"), "README.md", "exec"), namespace)
+        exec(
+            compile(_readme_block("### Exporting: `retclip-eval export`"), "docs/evaluation.md", "exec"),
+            namespace,
+        )
     finally:
         os.chdir(cwd)
     tower, transform = namespace["tower"].eval(), namespace["transform"]
