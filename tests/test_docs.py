@@ -18,12 +18,17 @@ from pathlib import Path
 import pytest
 
 from retclip_dist import synth
+from retclip_dist.config import load_config
+from retclip_dist.eval.benchmark.layouts import READERS, layout_options
+from retclip_dist.eval.benchmark.suite import load_suite
 from retclip_dist.eval.cli import main as eval_main
+from retclip_dist.eval.models.registry import ADAPTERS
 from retclip_dist.exit_codes import EXIT_OK
 from retclip_dist.launch.submit import parse_args as submit_args
 from retclip_dist.shards.cli import main as shards_main
 from retclip_dist.shardset import PSEUDONYMISED_FIELD
 from retclip_dist.train.cli import main as train_main
+from retclip_dist.train.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -380,3 +385,39 @@ def test_shard_commands_run_as_written(tmp_path, monkeypatch, capsys):
     assert {s: v["samples"] for s, v in plain["splits"].items()} == {
         s: v["samples"] for s, v in ext["splits"].items()
     }
+
+
+# --- YAML blocks ------------------------------------------------------------------------------------------
+
+
+def _yaml_blocks(page: str) -> list[str]:
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    return ["\n".join(body) + "\n" for lang, _, body in fenced_blocks(text) if lang == "yaml"]
+
+
+def test_yaml_blocks_are_all_checked_below():
+    found = {p.name: len(_yaml_blocks(p.name)) for p in PAGES[1:] if _yaml_blocks(p.name)}
+    assert found == {"training.md": 1, "evaluation.md": 1}  # a new block: add its check here
+
+
+def test_training_yaml_block_is_a_run_config(tmp_path, capsys):
+    """The val.probe example read as a preset: every key exists and has its type, the probe is on."""
+    (block,) = _yaml_blocks("training.md")
+    (tmp_path / "probe.yaml").write_text(block)
+    cfg = load_config(RunConfig, tmp_path / "probe.yaml")
+    assert cfg.val.probe.labels == ["DR", "ARMD", "MH"] and cfg.checkpoint.keep_best == "probe/auroc"
+
+
+def test_suite_yaml_block_is_a_suite(tmp_path):
+    """The benchmark's example suite loads (every key, type and rule of a suite file), names only model
+    kinds and layouts that exist, with options those layouts take, and prompt packs in configs/."""
+    (block,) = _yaml_blocks("evaluation.md")
+    (tmp_path / "suite.yaml").write_text(block)
+    suite = load_suite(tmp_path / "suite.yaml")
+    assert {m.kind for m in suite.models} <= set(ADAPTERS)
+    assert {d.layout for d in suite.datasets} <= set(READERS)
+    for ds in suite.datasets:
+        layout_options(ds)
+    shipped = [d.prompts for d in suite.datasets if d.prompts and "configs/prompts/" in d.prompts]
+    # Relative to the suite file, which the docs keep at the repository's root.
+    assert shipped and all((ROOT / Path(p).relative_to(tmp_path)).is_file() for p in shipped)
