@@ -268,6 +268,8 @@ def check_parses(argv: list[str], monkeypatch) -> None:
     elif argv[:3] == ["python", "-m", "retclip_dist.launch.submit"]:
         parsed = submit_args(argv[3:])
         _trainer_accepts(["--config", parsed.config, *parsed.overrides])
+    elif program == "sudo":
+        assert (ROOT / args[0]).is_file(), args[0]
     elif program in ("openssl", "mkdir"):
         pass  # system tools: run (openssl) or listed in NOT_RUN
     else:
@@ -302,6 +304,10 @@ NOT_RUN = {
     "accelerate launch": "needs 8 GPUs and " + _WEIGHTS,
     "retclip-train --launch": "needs 8 GPUs and " + _WEIGHTS,
     "mkdir -p logs": "creates the folder sbatch writes its log to; nothing to check",
+    "sudo launch/local_slurm.sh start": "installs Slurm from Debian packages as root; .ci/run runs it before "
+    "the suite",
+    "GPUS_PER_NODE=2 ACCELERATE_CONFIG=configs/accelerate/cpu_2proc.yaml sbatch": "needs the local Slurm and "
+    "make demo's shards; tests/test_slurm.py runs this sbatch on the local cluster with a tiny shard set",
     "make-shards build --manifest patients.csv --images images.zip --output_dir shards/cohort-v1 --workers 8": (
         "the README's build with 8 workers; the same build runs here (tests/test_shards_build.py: the output "
         "does not depend on --workers)"
