@@ -427,3 +427,43 @@ def test_suite_yaml_block_is_a_suite(tmp_path):
     shipped = [d.prompts for d in suite.datasets if d.prompts and "configs/prompts/" in d.prompts]
     # Relative to the suite file, which the docs keep at the repository's root.
     assert shipped and all((ROOT / Path(p).relative_to(tmp_path)).is_file() for p in shipped)
+
+
+# --- headings people link to ------------------------------------------------------------------------------
+
+# Every heading of the README before it became a front page, and the page that holds it now: links from
+# outside (wikis, issues, bookmarks) find the section by the same heading, on its new page.
+MOVED = {
+    "Start here": "README.md",
+    "Building shards from your archive: `make-shards`": "docs/shards.md",
+    "DICOM exports: `--dicom`": "docs/shards.md",
+    "Taking shards off site": "docs/shards.md",
+    "Training: `retclip-train`": "docs/training.md",
+    "A downstream check while pretraining: `val.probe`": "docs/training.md",
+    "Continuing from a model, locking towers, identical reports": "docs/training.md",
+    "Model and loss": "docs/training.md",
+    "Speed switches (issue 16)": "docs/performance.md",
+    "Finding the slow rank": "docs/performance.md",
+    "Training data path": "docs/training.md",
+    "A job never stalls": "docs/training.md",
+    "Running on a cluster": "docs/cluster.md",
+    "Docker": "docs/install.md",
+    "Evaluating a model: `retclip-eval`": "docs/evaluation.md",
+    "The downstream table: `retclip-eval benchmark`": "docs/evaluation.md",
+    "The model card": "docs/evaluation.md",
+    "Exporting: `retclip-eval export`": "docs/evaluation.md",
+    "In Python: `retclip_dist.load`": "docs/evaluation.md",
+    "What happens when": "docs/training.md",
+    "Layout": "docs/layout.md",
+    "Benchmarks": "docs/performance.md",
+    "Tests": "docs/layout.md",
+}
+
+
+def test_the_old_readme_headings_are_kept_on_their_new_pages():
+    missing = [
+        f"{page}#{slug(heading)}"
+        for heading, page in MOVED.items()
+        if slug(heading) not in anchors((ROOT / page).read_text(encoding="utf-8"))
+    ]
+    assert missing == []
