@@ -329,6 +329,14 @@ def _not_run_reason(command: str) -> str | None:
 COMMANDS = shell_commands()
 
 
+def test_make_demo_is_what_the_demo_test_runs():
+    """``make demo`` is not run here: tests/test_demo.py runs the module its Makefile recipe runs."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^demo:.*\n\t(.*)$", makefile, re.M).group(1)
+    assert recipe.endswith("-m retclip_dist.demo --output_dir demo")
+    assert '"-m", "retclip_dist.demo", "--output_dir"' in (ROOT / "tests" / "test_demo.py").read_text()
+
+
 def test_every_command_is_run_or_has_a_reason():
     assert len(COMMANDS) > 20  # the blocks were found
     assert [(w, c) for w, c in COMMANDS if c not in RUN_HERE and _not_run_reason(c) is None] == []
