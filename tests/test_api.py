@@ -1,5 +1,5 @@
-"""retclip_dist.load: the notebook API gives retclip-eval's numbers, from paths or PIL images, and the README
-example runs as written."""
+"""retclip_dist.load: the notebook API gives retclip-eval's numbers, from paths or PIL images, and the docs'
+example (docs/evaluation.md) runs as written."""
 
 from __future__ import annotations
 
@@ -142,13 +142,13 @@ def test_bad_input_is_one_clear_error(setup, tmp_path):
 
 
 def _readme_example() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "evaluation.md").read_text(encoding="utf-8")
     section = text.split("### In Python: `retclip_dist.load`", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_readme_example_runs_as_written(setup, tmp_path):
-    """The README's Python block, unchanged, in a folder laid out as it assumes."""
+    """The docs' Python block, unchanged, in a folder laid out as it assumes."""
     root, _ = setup
     shutil.copytree(root / "model", tmp_path / "runs/retclip_vitb16/model")
     (tmp_path / "photos").mkdir()
@@ -158,7 +158,7 @@ def test_readme_example_runs_as_written(setup, tmp_path):
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        exec(compile(_readme_example(), "README.md", "exec"), namespace)
+        exec(compile(_readme_example(), "docs/evaluation.md", "exec"), namespace)
     finally:
         os.chdir(cwd)
     assert namespace["features"].shape == (2, 16)

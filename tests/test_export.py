@@ -49,16 +49,19 @@ def _export(model_dir: Path, fmt: str, out: Path, *flags: str) -> int:
     return main(["export", "--model", str(model_dir), "--format", fmt, "--output_dir", str(out), *flags])
 
 
-def _readme_block(heading: str) -> str:
-    """The first Python block under ``heading`` in README.md, unindented."""
-    section = (ROOT / "README.md").read_text(encoding="utf-8").split(heading, 1)[1]
-    block = re.search(r"^( *)```python\n(.*?)^\1```", section, re.S | re.M)
-    return textwrap.dedent(block.group(2))
+EXPORT_HEADING = "### Exporting: `retclip-eval export`"
+
+
+def _readme_block(heading: str, index: int = 0) -> str:
+    """The ``index``-th Python block under ``heading`` in docs/evaluation.md, unindented."""
+    section = (ROOT / "docs" / "evaluation.md").read_text(encoding="utf-8").split(heading, 1)[1]
+    blocks = re.findall(r"^( *)```python\n(.*?)^\1```", section, re.S | re.M)
+    return textwrap.dedent(blocks[index][1])
 
 
 @pytest.mark.parametrize("head", ["none", "projection"])
 def test_timm_export_gives_the_models_features_through_timm(model_dir, tmp_path, head):
-    """Loaded by the README's timm block as written, from export/timm under the working directory."""
+    """Loaded by the timm block of docs/evaluation.md as written, from export/timm under the working dir."""
     out = tmp_path / "export" / "timm"
     assert _export(model_dir, "timm", out, "--head", head) == EXIT_OK
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -68,7 +71,10 @@ def test_timm_export_gives_the_models_features_through_timm(model_dir, tmp_path,
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        exec(compile(_readme_block("### Exporting: `retclip-eval export`"), "README.md", "exec"), namespace)
+        exec(
+            compile(_readme_block(EXPORT_HEADING), "docs/evaluation.md", "exec"),
+            namespace,
+        )
     finally:
         os.chdir(cwd)
     tower, transform = namespace["tower"].eval(), namespace["transform"]
@@ -269,6 +275,38 @@ def test_open_clip_export_gives_each_eye_levels_features_through_open_clip(model
     readme = (out / "right" / "README.md").read_text()
     assert readme.startswith("---\nlicense: other\nlibrary_name: open_clip\n")
     assert "import retclip_open_clip" in readme and "open_clip.add_model_config" in readme
+
+
+# What the docs' open_clip block leaves (model, preprocess, tokenizer) applied to photos and texts, saved.
+_AFTER_DOCS_BLOCK = """
+import json, torch
+from PIL import Image
+photos, texts, result = sys.argv[1:-2], json.loads(sys.argv[-2]), sys.argv[-1]
+model.eval()
+with torch.no_grad():
+    image = model.encode_image(torch.stack([preprocess(Image.open(p)) for p in photos]), normalize=True)
+    text = model.encode_text(tokenizer(texts), normalize=True)
+torch.save({"image": image, "text": text}, result)
+"""
+
+
+@pytest.mark.slow
+def test_docs_open_clip_block_runs_as_written(model_dir, photo_files, tmp_path):
+    """The open_clip block of docs/evaluation.md, unchanged, on export/open_clip under the working directory:
+    the left eye level's features."""
+    assert _export(model_dir, "open_clip", tmp_path / "export" / "open_clip") == EXIT_OK
+    code = _readme_block(EXPORT_HEADING, 1) + _AFTER_DOCS_BLOCK
+    assert "local-dir:export/open_clip/left" in code
+    out = tmp_path / "got.pt"
+    cmd = [sys.executable, "-c", code, *map(str, photo_files), json.dumps(TEXTS), str(out)]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=dict(os.environ)
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    got = torch.load(out, weights_only=True)
+    expected = _expected(model_dir, photo_files, "left")
+    for key in ("image", "text"):
+        torch.testing.assert_close(got[key], expected[key], **TOL, msg=key)
 
 
 @pytest.mark.slow

@@ -166,7 +166,7 @@ _READS_ONE_PATIENT_TWICE = textwrap.dedent(
 
 @pytest.mark.slow
 def test_a_loader_that_reads_a_patient_twice_is_caught_by_the_epoch_record(shards, tmp_path):
-    # Caught = counted in the record and an error line in the log; the run itself goes on (see README).
+    # Caught = counted in the record and an error line in the log; the run itself goes on (see docs/training.md).
     done = _ok(_run(shards, tmp_path / "run", "--train.epochs", "1", code=_READS_ONE_PATIENT_TWICE))
     record = _epochs(tmp_path / "run")[0]
     assert (record["patients_read_twice"], record["patients_used"], record["patients_unused"]) == (

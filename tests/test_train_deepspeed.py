@@ -1,4 +1,4 @@
-"""DeepSpeed as the README offers it (configs/accelerate/zero2.yaml, zero3.yaml), on 2 gloo CPU processes.
+"""DeepSpeed as docs/training.md offers it (configs/accelerate/zero2.yaml, zero3.yaml), on 2 gloo CPU processes.
 
 A few steps of the tiny config, its towers widened to 192 so that their large matrices (ViT qkv and MLP,
 BERT intermediate: over DeepSpeed's 1e5-element persistence threshold) are really sharded under ZeRO-3, as
@@ -67,7 +67,7 @@ def data(tmp_path_factory) -> list[str]:
 def _train(
     data: list[str], out: Path, *extra: str, zero: int | Path | None = None, ok: bool = True
 ) -> subprocess.CompletedProcess:
-    """A run: one process, or 2 under ``zero`` (a stage's README config, or an Accelerate config file)."""
+    """A run: one process, or 2 under ``zero`` (a stage's documented config, or an Accelerate config file)."""
     args = [*ARGS, *data, "--output_dir", str(out), *extra]
     if zero is None:  # one process with both partitions: the global batch of the two ZeRO ranks
         cmd = [sys.executable, "-m", "retclip_dist.train", *args, "--data.batch_size", "16"]

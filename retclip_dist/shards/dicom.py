@@ -7,7 +7,7 @@ and each visit becomes a PatientRecord exactly like a row of ``--manifest``: pla
 packing are the manifest path's. The derived table can be written (``--write-manifest``) and built later
 with ``--manifest``, because the image step decodes DICOM files wherever they come from (image_bytes).
 
-What is read from which tag is in the README ("DICOM exports"); no tag value is written into a sample
+What is read from which tag is in docs/shards.md ("DICOM exports"); no tag value is written into a sample
 except the patient id, which --pseudonymise replaces like any id. pydicom is imported only when a DICOM
 file is met, so the rest of make-shards works without the ``dicom`` extra.
 """
