@@ -235,7 +235,8 @@ def test_a_worker_error_is_one_line_and_the_process_exits(tmp_path):
     # Before: the workers ignore SIGTERM, so multiprocessing's exit handler waited for them forever.
     script = tmp_path / "worker_error.py"
     script.write_text(_WORKER_ERROR)
-    done = _run([sys.executable, str(script)], timeout=60)
+    # 8 s of CPU; the bound is for a hang (before the fix: forever), with room for a loaded 2-core machine.
+    done = _run([sys.executable, str(script)], timeout=240)
     assert done.returncode == 1, done.stderr
     assert done.stdout == "training data: ValueError: every shard is empty 0\n"
     assert "Traceback" not in done.stderr
