@@ -60,7 +60,7 @@ from retclip_dist.train.probe import build_probe, run_probe
 from retclip_dist.train.run_summary import run_summary
 from retclip_dist.train.signals import LongWait, StopRequest, any_rank, sum_over_ranks
 from retclip_dist.train.step import LossFn, forward_backward, output_loss
-from retclip_dist.train.telemetry import StepClock, step_timing, wait_share
+from retclip_dist.train.telemetry import StepClock, process_age_s, slowest, step_timing, wait_share
 from retclip_dist.train.validate import total_skipped, validate
 
 log = logging.getLogger("retclip_dist.train")
@@ -240,11 +240,17 @@ def _train(cfg: RunConfig, preset: str | None, stop: StopRequest, watchdog: Watc
     clock = StepClock()
     model.train()
     exit_code = EXIT_OK
+    # A resume's cost, what every GPU of a requeued job idles through: from the process's start to the
+    # first batch in hand, the slowest rank's; the first step's train record carries it.
+    resume_s: float | None = None
 
     while step < total_steps and exit_code == EXIT_OK:
         watchdog.set_phase(f"waiting for training data (epoch {epoch}, step {step + 1})", WORK)
         for batch in clock.batches(data):
             watchdog.set_phase(f"training step {step + 1}", WAIT)
+            first_after_resume = bool(restored) and resume_s is None
+            if first_after_resume:
+                resume_s = process_age_s()
             lr = lr_at(step, total_steps, cfg.train)
             loss, parts = train_step(model, optimizer, batch, device_augment, loss_fn, acc, cfg.train, lr)
             step += 1
@@ -260,8 +266,11 @@ def _train(cfg: RunConfig, preset: str | None, stop: StopRequest, watchdog: Watc
                     f"loss became {loss.item()} at step {step} (lr {lr:.3g}); the last complete checkpoint "
                     f"under {checkpointer.root} is the last good state: resume from it with a lower lr"
                 )
-            if step % cfg.log.every_steps == 0 or step == total_steps:
+            if step % cfg.log.every_steps == 0 or step == total_steps or first_after_resume:
                 elapsed = time.perf_counter() - window_start
+                timing = step_timing(acc, clock)
+                if first_after_resume:
+                    timing["resume_s"] = slowest(acc, resume_s)
                 mean_loss = log_train_step(
                     acc,
                     metrics,
@@ -274,7 +283,7 @@ def _train(cfg: RunConfig, preset: str | None, stop: StopRequest, watchdog: Watc
                     lr,
                     window_steps / elapsed,
                     cfg,
-                    step_timing(acc, clock),
+                    timing,
                 )
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 window_start, window_steps = time.perf_counter(), 0
