@@ -584,7 +584,9 @@ def count_syncs(tree: Path, steps: tuple[int, int]) -> dict[str, float]:
     difference between runs of ``steps[1]`` and ``steps[0]`` steps, so that setup and the last step's
     record cancel out (one epoch, no checkpoint or validation inside)."""
     work = Path(tempfile.mkdtemp(prefix="bench-syncs-"))
-    shards = build_synth_shards(work / "shards", 130, seed=3, raw_size=64, size=48, max_count=16)
+    shards = build_synth_shards(
+        work / "shards", 130, seed=3, raw_size=64, size=48, max_count=16, val_fraction=0.2
+    )
     script = work / "counting_trainer.py"
     script.write_text(COUNTING_TRAINER)
     totals = []
