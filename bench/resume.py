@@ -62,7 +62,7 @@ with counting_shard_reads() as counts:
 def _child(tree: Path, cfg: dict, state: dict | None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
     args = [sys.executable, "-c", CHILD, str(tree), str(ROOT / "tests"), json.dumps(cfg), json.dumps(state)]
-    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, cwd=tree)
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--buffer", type=int, default=100, help="data.shuffle_buffer")
     ap.add_argument("--baseline", type=Path, help="the source tree of another version to measure too")
     ap.add_argument("--no-s3", action="store_true", help="local files only")
+    ap.add_argument("--baseline-only", action="store_true", help="with --baseline: measure only that tree")
     args = ap.parse_args()
 
     from conftest import fake_patients, write_shard_set
@@ -151,6 +152,8 @@ def main() -> None:
         server, options, url = _s3(root)
         stores.append(("s3", url, options))
     trees = [("this tree", ROOT)] + ([("baseline", args.baseline)] if args.baseline else [])
+    if args.baseline and args.baseline_only:
+        trees = trees[1:]
     print(f"{'tree':<10} {'storage':<7} {'resume at':<9} {'seconds':>8} {'x 10%':>6} {'load s':>7} "
           f"{'x 10%':>6} {'MB read':>8} {'MB beyond fresh':>16} {'within bound':>12}")  # fmt: skip
     try:
