@@ -547,8 +547,9 @@ def print_loader_table(args: argparse.Namespace, per_core: dict[str, float], con
 
 
 # The trainer with counters around every torch.distributed collective the loop can call from Python and
-# every .item()/.tolist() (a host read: on a GPU, a sync that stops the CPU queueing kernels), written per
-# rank at exit. Installed before the trainer is imported, so that modules binding a collective at import
+# every .item()/.tolist() (a host read: on a GPU, a sync that stops the CPU queueing kernels), with the
+# retclip_dist function that made it, written per rank at exit. The loader runs in a worker process
+# (data.num_workers 1), whose CPU-side reads are not the step's and are not counted. Installed before the trainer is imported, so that modules binding a collective at import
 # (loss.py's single-tensor gather) bind the counted one. DDP's gradient all-reduce runs in C++ and is not
 # seen: it is one bucketed all-reduce per step either way.
 COUNTING_TRAINER = """
@@ -556,7 +557,15 @@ import atexit, json, os, sys
 import torch
 import torch.distributed as dist
 
-counts = {"collectives": 0, "host_syncs": 0}
+counts = {"collectives": 0, "host_syncs": 0, "where": {}}
+
+def caller(name):
+    frame = sys._getframe(2)
+    while frame is not None and "retclip_dist" not in frame.f_code.co_filename:
+        frame = frame.f_back
+    if frame is None:
+        return name + " (outside retclip_dist)"
+    return name + " in " + os.path.basename(frame.f_code.co_filename) + ":" + frame.f_code.co_name
 
 def counted(owner, name, key):
     real = getattr(owner, name, None)
@@ -564,6 +573,8 @@ def counted(owner, name, key):
         return
     def wrapper(*args, **kwargs):
         counts[key] += 1
+        where = caller(name)
+        counts["where"][where] = counts["where"].get(where, 0) + 1
         return real(*args, **kwargs)
     setattr(owner, name, wrapper)
 
@@ -599,7 +610,7 @@ def count_syncs(tree: Path, steps: tuple[int, int]) -> dict[str, float]:
             "--config", str(ROOT / "configs/tiny.yaml"),
             "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
             "--data.shards", str(shards), "--output_dir", str(out),
-            "--data.batch_size", "2", "--data.num_workers", "0", "--train.epochs", "1",
+            "--data.batch_size", "2", "--data.num_workers", "1", "--train.epochs", "1",
             "--train.max_steps", str(n), "--log.every_steps", "1000", "--log.progress", "false",
             "--checkpoint.every_steps", "0", "--val.every_epochs", "0",
         ]  # fmt: skip
@@ -609,7 +620,9 @@ def count_syncs(tree: Path, steps: tuple[int, int]) -> dict[str, float]:
             raise RuntimeError(done.stderr[-3000:])
         totals.append(json.loads(Path(f"{out}.0").read_text()))
     span = steps[1] - steps[0]
-    return {key: (totals[1][key] - totals[0][key]) / span for key in totals[0]}
+    where = {k: (n - totals[0]["where"].get(k, 0)) / span for k, n in totals[1]["where"].items()}
+    per_step = {key: (totals[1][key] - totals[0][key]) / span for key in ("collectives", "host_syncs")}
+    return {**per_step, "where": {k: v for k, v in sorted(where.items()) if v}}
 
 
 def print_sync_table(trees: list[tuple[str, Path]], steps: tuple[int, int]) -> None:
@@ -618,6 +631,8 @@ def print_sync_table(trees: list[tuple[str, Path]], steps: tuple[int, int]) -> N
     for name, tree in trees:
         got = count_syncs(tree, steps)
         print(f"{name:<12} {got['collectives']:>12.2f} {got['host_syncs']:>11.2f}")
+        for where, n in got["where"].items():
+            print(f"    {n:5.2f} {where}")
 
 
 def main() -> None:
