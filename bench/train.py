@@ -557,7 +557,6 @@ import atexit, json, os, sys
 import torch
 import torch.distributed as dist
 
-counts = {"collectives": 0, "host_syncs": 0, "where": {}}
 
 def caller(name):
     frame = sys._getframe(2)
@@ -567,7 +566,8 @@ def caller(name):
         return name + " (outside retclip_dist)"
     return name + " in " + os.path.basename(frame.f_code.co_filename) + ":" + frame.f_code.co_name
 
-def counted(owner, name, key):
+
+def counted(counts, owner, name, key):
     real = getattr(owner, name, None)
     if real is None:
         return
@@ -578,15 +578,19 @@ def counted(owner, name, key):
         return real(*args, **kwargs)
     setattr(owner, name, wrapper)
 
-for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
-             "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "all_gather_object", "barrier"):
-    counted(dist, name, "collectives")
-for name in ("item", "tolist"):
-    counted(torch.Tensor, name, "host_syncs")
-out = os.environ["RETCLIP_COUNT_TO"] + "." + os.environ.get("RANK", "0")
-atexit.register(lambda: open(out, "w").write(json.dumps(counts)))
-from retclip_dist.train.cli import main
-sys.exit(main(sys.argv[1:]))
+
+# Loader workers import this file as __mp_main__: only the trainer's own process counts and trains.
+if __name__ == "__main__":
+    counts = {"collectives": 0, "host_syncs": 0, "where": {}}
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+                 "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "all_gather_object", "barrier"):
+        counted(counts, dist, name, "collectives")
+    for name in ("item", "tolist"):
+        counted(counts, torch.Tensor, name, "host_syncs")
+    out = os.environ["RETCLIP_COUNT_TO"] + "." + os.environ.get("RANK", "0")
+    atexit.register(lambda: open(out, "w").write(json.dumps(counts)))
+    from retclip_dist.train.cli import main
+    sys.exit(main(sys.argv[1:]))
 """
 
 
