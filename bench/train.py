@@ -558,13 +558,21 @@ import torch
 import torch.distributed as dist
 
 
+def where(frame):
+    return os.path.basename(frame.f_code.co_filename) + ":" + frame.f_code.co_name
+
+
 def caller(name):
-    frame = sys._getframe(2)
+    # The library function that made the call (e.g. torch.optim reading its CPU step counters), and the
+    # retclip_dist function it was made under.
+    frame = first = sys._getframe(2)
     while frame is not None and "retclip_dist" not in frame.f_code.co_filename:
         frame = frame.f_back
     if frame is None:
-        return name + " (outside retclip_dist)"
-    return name + " in " + os.path.basename(frame.f_code.co_filename) + ":" + frame.f_code.co_name
+        return name + " in " + where(first) + " (outside retclip_dist)"
+    if frame is first:
+        return name + " in " + where(frame)
+    return name + " in " + where(first) + " under " + where(frame)
 
 
 def counted(counts, owner, name, key):
