@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import multiprocessing as mp
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,8 +67,16 @@ from retclip_dist.train.signals import any_rank
 
 # The fake patients and shard sets are the tests' (tests/conftest.py), not part of the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import FakePatient, fake_patients, tiny_tokenizer, write_shard_set
+from conftest import (
+    FakePatient,
+    build_synth_shards,
+    fake_patients,
+    free_port,
+    tiny_tokenizer,
+    write_shard_set,
+)
 
+ROOT = Path(__file__).resolve().parent.parent
 Variant = Literal["bare", "bare-compiled", "ours-memory", "ours-loader"]
 VARIANT_NAMES: dict[Variant, str] = {
     "bare": "bare towers, tensors in memory",
@@ -255,8 +265,11 @@ def _run_ours(case: Case) -> float:
     def step(i: int, batch: dict[str, Any]) -> None:
         lr = lr_at(i, total, cfg.train)
         loss, _ = train_step(model, optimizer, batch, device_augment, loss_fn, acc, cfg.train, lr)
-        # The loop's per-step agreement on stopping (a collective and a device sync) is part of the cost.
-        any_rank(acc, not math.isfinite(loss.item()))
+        # The loop's agreement on stopping (a collective and a device sync) every train.check_every_steps
+        # steps is part of the cost; in between, the finiteness flag stays on the device.
+        bad = ~torch.isfinite(loss.detach())
+        if (i + 1) % cfg.train.check_every_steps == 0:
+            any_rank(acc, bool(bad.item()))
 
     if case.variant == "ours-loader":
         batches: Iterator[Any] = iter(data)
@@ -396,6 +409,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{key.replace('_', '-')}", type=kind, help=f"{text} (GPU {gpu}, CPU {cpu})")
     parser.add_argument("--context", type=int, default=100, help="report tokens per patient")
     parser.add_argument(
+        "--count-syncs",
+        action="store_true",
+        help="only count collectives and host reads per step of the trainer on 2 CPU processes",
+    )
+    parser.add_argument("--baseline", type=Path, help="with --count-syncs: another source tree to count too")
+    parser.add_argument(
         "--compile", action="store_true", help="torch.compile ours (the bare towers: variants)"
     )
     parser.add_argument(
@@ -527,8 +546,113 @@ def print_loader_table(args: argparse.Namespace, per_core: dict[str, float], con
         print(f"{path + ' path':<34} {rate:>18.1f} {need:>15.1f} {args.workers * rate / consumed:>18.2f}")
 
 
+# The trainer with counters around every torch.distributed collective the loop can call from Python and
+# every .item()/.tolist() (a host read: on a GPU, a sync that stops the CPU queueing kernels), with the
+# retclip_dist function that made it, written per rank at exit. The loader runs in a worker process
+# (data.num_workers 1), whose CPU-side reads are not the step's and are not counted. Installed before the trainer is imported, so that modules binding a collective at import
+# (loss.py's single-tensor gather) bind the counted one. DDP's gradient all-reduce runs in C++ and is not
+# seen: it is one bucketed all-reduce per step either way.
+COUNTING_TRAINER = """
+import atexit, json, os, sys
+import torch
+import torch.distributed as dist
+
+
+def where(frame):
+    return os.path.basename(frame.f_code.co_filename) + ":" + frame.f_code.co_name
+
+
+def caller(name):
+    # The library function that made the call (e.g. torch.optim reading its CPU step counters), and the
+    # retclip_dist function it was made under.
+    frame = first = sys._getframe(2)
+    while frame is not None and "retclip_dist" not in frame.f_code.co_filename:
+        frame = frame.f_back
+    if frame is None:
+        return name + " in " + where(first) + " (outside retclip_dist)"
+    if frame is first:
+        return name + " in " + where(frame)
+    return name + " in " + where(first) + " under " + where(frame)
+
+
+def counted(counts, owner, name, key):
+    real = getattr(owner, name, None)
+    if real is None:
+        return
+    def wrapper(*args, **kwargs):
+        counts[key] += 1
+        where = caller(name)
+        counts["where"][where] = counts["where"].get(where, 0) + 1
+        return real(*args, **kwargs)
+    setattr(owner, name, wrapper)
+
+
+# Loader workers import this file as __mp_main__: only the trainer's own process counts and trains.
+if __name__ == "__main__":
+    counts = {"collectives": 0, "host_syncs": 0, "where": {}}
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
+                 "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "all_gather_object", "barrier"):
+        counted(counts, dist, name, "collectives")
+    for name in ("item", "tolist"):
+        counted(counts, torch.Tensor, name, "host_syncs")
+    out = os.environ["RETCLIP_COUNT_TO"] + "." + os.environ.get("RANK", "0")
+    atexit.register(lambda: open(out, "w").write(json.dumps(counts)))
+    from retclip_dist.train.cli import main
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def count_syncs(tree: Path, steps: tuple[int, int]) -> dict[str, float]:
+    """Collectives and host reads per training step of ``tree``'s trainer on 2 gloo processes: the
+    difference between runs of ``steps[1]`` and ``steps[0]`` steps, so that setup and the last step's
+    record cancel out (one epoch, no checkpoint or validation inside)."""
+    work = Path(tempfile.mkdtemp(prefix="bench-syncs-"))
+    shards = build_synth_shards(
+        work / "shards", 130, seed=3, raw_size=64, size=48, max_count=16, val_fraction=0.2
+    )
+    script = work / "counting_trainer.py"
+    script.write_text(COUNTING_TRAINER)
+    totals = []
+    for n in steps:
+        out = work / f"run{n}"
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+            "--main_process_port", str(free_port()), str(script),
+            "--config", str(ROOT / "configs/tiny.yaml"),
+            "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
+            "--data.shards", str(shards), "--output_dir", str(out),
+            "--data.batch_size", "2", "--data.num_workers", "1", "--train.epochs", "1",
+            "--train.max_steps", str(n), "--log.every_steps", "1000", "--log.progress", "false",
+            "--checkpoint.every_steps", "0", "--val.every_epochs", "0",
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree), "RETCLIP_COUNT_TO": str(out)}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tree)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        totals.append(json.loads(Path(f"{out}.0").read_text()))
+    span = steps[1] - steps[0]
+    where = {k: (n - totals[0]["where"].get(k, 0)) / span for k, n in totals[1]["where"].items()}
+    per_step = {key: (totals[1][key] - totals[0][key]) / span for key in ("collectives", "host_syncs")}
+    return {**per_step, "where": {k: v for k, v in sorted(where.items()) if v}}
+
+
+def print_sync_table(trees: list[tuple[str, Path]], steps: tuple[int, int]) -> None:
+    print(f"per training step, rank 0 of 2 gloo processes (steps {steps[0]}..{steps[1]}):")
+    print(f"{'tree':<12} {'collectives':>12} {'host reads':>11}")
+    for name, tree in trees:
+        got = count_syncs(tree, steps)
+        print(f"{name:<12} {got['collectives']:>12.2f} {got['host_syncs']:>11.2f}")
+        for where, n in got["where"].items():
+            print(f"    {n:5.2f} {where}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.count_syncs:
+        trees = [("this tree", ROOT)] + ([("baseline", args.baseline)] if args.baseline else [])
+        print_sync_table(trees, (8, 24))
+        return
     # glibc otherwise keeps freed large blocks in its heap, so peak RSS would count fragmentation, not
     # tensors; a fixed mmap threshold returns every big tensor to the OS on free. Children inherit it.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")

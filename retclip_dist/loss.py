@@ -84,15 +84,18 @@ class _AllGather(torch.autograd.Function):
         return local, None, None
 
 
-def gather_features(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+def gather_features(x: Tensor, group: dist.ProcessGroup | None = None, check_rows: bool = True) -> Tensor:
     """Rank-ordered concatenation of ``x`` from every rank, differentiable back to each rank's ``x``.
 
-    Without an initialised process group (or with one rank) ``x`` is returned unchanged.
+    Without an initialised process group (or with one rank) ``x`` is returned unchanged. ``check_rows``
+    first compares every rank's row count (a small all-gather and a host read); a caller that knows the
+    counts are as checked before passes False, and every rank must pass the same.
     """
     _, world = _world(group)
     if world == 1:
         return x
-    _check_equal_rows(x, group, world)
+    if check_rows:
+        _check_equal_rows(x, group, world)
     return _AllGather.apply(x, group, world)
 
 
@@ -203,8 +206,11 @@ def sigmoid_loss(
 class TripartiteLoss(nn.Module):
     """L = L_patient + L_left + L_right, each with its own scale (and bias for the sigmoid kind).
 
-    All levels travel in one all-gather (features stacked on a level axis), so a step costs one size
-    check and one gather instead of six of each.
+    All levels travel in one all-gather (features stacked on a level axis), so a step costs one gather
+    instead of six. The rows of every rank are compared (a collective and a host read) at the first call
+    and whenever this rank's row count changes, not at every step: every rank runs the same batch size
+    and chunking, so they change together (a process that resumes or reshapes is a new process, and
+    checks again at its first step).
     """
 
     def __init__(
@@ -228,6 +234,7 @@ class TripartiteLoss(nn.Module):
         # The trainer passes loss.duplicates (default "mask"); "keep" here keeps this module's plain maths
         # usable without hashes.
         self.duplicates = duplicates
+        self._rows_checked: int | None = None  # local row count the ranks last agreed on
 
     def forward(
         self,
@@ -254,7 +261,12 @@ class TripartiteLoss(nn.Module):
             )
         # Towers may run in bf16 under autocast; logits over the global batch need float32's mantissa.
         image, text = [_at_least_fp32(x) for x in image], [_at_least_fp32(x) for x in text]
-        gather = partial(gather_features, group=self.group) if self.gather else (lambda x: x)
+        rows = image[0].shape[0]
+        check = rows != self._rows_checked
+        self._rows_checked = rows
+        gather = (
+            partial(gather_features, group=self.group, check_rows=check) if self.gather else (lambda x: x)
+        )
         offset = _row_offset(image[0].shape[0], self.group) if self.gather else 0
         if self.kind == "infonce":
             stacked = gather(torch.stack([*image, *text], dim=1))

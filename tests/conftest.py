@@ -8,6 +8,7 @@ make-shards' own writer, the one tiny vocabulary as a tokenizer, and a free TCP 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import io
@@ -16,7 +17,8 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +212,58 @@ def write_shard_set(
     text = manifest_json({"per_shard": sizes}, entries, {}, pseudonymised=False)
     out.write_text(MANIFEST_NAME, text)
     return json.loads(text)
+
+
+class _CountedFile:
+    """A local file whose reads are counted (what a seek passes over is not read, so not counted)."""
+
+    def __init__(self, f: Any, counts: dict[str, int]) -> None:
+        self._f, self._counts = f, counts
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._counts["bytes"] += len(data)
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+@contextlib.contextmanager
+def counting_shard_reads() -> Iterator[dict[str, int]]:
+    """Count the bytes the training reader fetches from storage, and the tars it opens, in this process.
+
+    Local files count what is read; object storage (fsspec's buffered files, e.g. S3) counts what its
+    cache fetches, read-ahead included.
+    """
+    from retclip_dist.data import streams
+
+    counts = {"bytes": 0, "opens": 0}
+    real = streams.fsspec
+
+    @contextlib.contextmanager
+    def counted_open(url: str, mode: str = "rb", **options: Any) -> Iterator[Any]:
+        counts["opens"] += 1
+        with real.open(url, mode, **options) as f:
+            cache = getattr(f, "cache", None)
+            if cache is None or not hasattr(cache, "fetcher"):
+                yield _CountedFile(f, counts)
+                return
+            fetch = cache.fetcher
+
+            def fetched(start: int, end: int) -> bytes:
+                data = fetch(start, end)
+                counts["bytes"] += len(data)
+                return data
+
+            cache.fetcher = fetched
+            yield f
+
+    streams.fsspec = types.SimpleNamespace(open=counted_open)
+    try:
+        yield counts
+    finally:
+        streams.fsspec = real
 
 
 def build_argv(manifest: str | Path, images: str | Path, output_dir: str | Path, *extra: str) -> list[str]:

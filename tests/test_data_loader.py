@@ -20,7 +20,7 @@ from conftest import fake_patients, free_port, tiny_tokenizer, write_shard_set
 from retclip_dist.data.config import DataConfig
 from retclip_dist.data.loader import build_train_data, data_loader
 from retclip_dist.data.skips import SkipCounter
-from retclip_dist.data.streams import read_shard
+from retclip_dist.data.streams import read_range
 from retclip_dist.data.validation import build_val_data
 from retclip_dist.shardset import read_manifest
 
@@ -300,7 +300,7 @@ def test_damaged_samples_and_shards_are_skipped_and_counted(tmp_path: Path) -> N
 
 def _read(shard, start: int, stop: int | None) -> tuple[list[str], int]:
     counter = SkipCounter()
-    keys = [raw["__key__"] for raw in read_shard(shard, {}, counter, start, stop)]
+    keys = [raw["__key__"] for raw in read_range(shard, {}, counter, start, stop)]
     return keys, counter.counts["shard_error"]
 
 

@@ -150,6 +150,32 @@ def _check_unequal_rows_rejected(rank: int) -> None:
         gather_features(torch.zeros(3 if rank == 0 else 2, DIM))
 
 
+def _check_rows_compared_where_they_change(rank: int) -> None:
+    # The loss compares the ranks' row counts at its first call and when the count changes, not per step.
+    import retclip_dist.loss as loss_module
+
+    real, calls = loss_module._check_equal_rows, []
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        real(*args)
+
+    loss_module._check_equal_rows = counted
+    try:
+        loss_fn = TripartiteLoss("infonce")
+        scales = [torch.tensor(10.0, dtype=torch.float64)] * 3
+        for rows in (4, 4, 4, 2, 2):
+            feats = [_randn(rows, DIM, seed=rank * 10 + i) for i in range(6)]
+            loss_fn(feats[:3], feats[3:], scales)
+        assert calls == [4, 2], calls
+        with pytest.raises(ValueError, match=r"local batch sizes differ across ranks"):
+            rows = 3 if rank == 0 else 1
+            feats = [_randn(rows, DIM, seed=i) for i in range(6)]
+            loss_fn(feats[:3], feats[3:], scales)
+    finally:
+        loss_module._check_equal_rows = real
+
+
 def _worker(rank: int, world: int, port: int, vocab: str | None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -161,6 +187,7 @@ def _worker(rank: int, world: int, port: int, vocab: str | None) -> None:
         if vocab is not None:
             _check_retclip(rank, world, vocab, solo)
         _check_unequal_rows_rejected(rank)
+        _check_rows_compared_where_they_change(rank)
     finally:
         dist.destroy_process_group()
 

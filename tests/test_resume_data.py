@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,17 @@ def test_a_loader_that_reads_a_patient_twice_is_caught_by_the_epoch_record(shard
     assert record["patients_reused"] == record["skipped_samples"] == 0
     errors = [line for line in done.stderr.splitlines() if "patients_read_twice" in line]
     assert len(errors) == 1 and "epoch 0: 1 rows repeated a patient already trained on" in errors[0], errors
+
+
+@pytest.mark.slow
+def test_the_first_step_after_a_resume_records_how_long_the_resume_took(stopped, shards, tmp_path):
+    out = _copy(stopped, tmp_path)
+    assert not any("resume_s" in r for r in read_metrics(out / "metrics.jsonl", "train"))  # a fresh start
+    began = time.monotonic()
+    _ok(_run(shards, out, "--checkpoint.resume", "auto", "--log.every_steps", "5"))
+    took = time.monotonic() - began
+    after = [r for r in read_metrics(out / "metrics.jsonl", "train") if r["step"] > 6]
+    # Step 7 is written although log.every_steps says 10 and 12 (the last): it carries the resume's cost.
+    assert [r["step"] for r in after] == [7, 10, 12]
+    assert [("resume_s" in r) for r in after] == [True, False, False]
+    assert 0 < after[0]["resume_s"] < took

@@ -366,8 +366,8 @@ MUTANTS = [
     Mutant(
         "gather-removed",
         LOSS,
-        "    if world == 1:\n        return x\n    _check_equal_rows",
-        "    if world >= 1:\n        return x\n    _check_equal_rows",
+        "    if world == 1:\n        return x\n    if check_rows:",
+        "    if world >= 1:\n        return x\n    if check_rows:",
         (T_GATHER,),
     ),
     Mutant(

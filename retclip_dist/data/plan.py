@@ -130,22 +130,31 @@ def round_robin(caps: list[int] | tuple[int, ...]) -> list[int]:
     return order
 
 
-def cut_ranges(shards: list[ShardInfo], lengths: list[int]) -> list[tuple[ShardRange, ...]]:
-    """Consecutive pieces of ``lengths`` samples from the shards laid end to end, in order."""
+def cut_ranges(
+    shards: list[ShardInfo], lengths: list[int], left: list[list[int]] | None = None
+) -> list[tuple[ShardRange, ...]]:
+    """Consecutive pieces of ``lengths`` samples from the shards laid end to end, in order.
+
+    ``left[i]``: the sample numbers of ``shards[i]`` still to read, increasing (None: all of every
+    shard); a piece passes over the others inside its span as holes (the rest of a reshaped epoch).
+    """
     pieces: list[tuple[ShardRange, ...]] = []
-    i, offset = 0, 0  # the next unread sample: shard i, sample offset
+    i, j = 0, 0  # the next unread sample: shard i, its j-th sample still to read
     for length in lengths:
         piece: list[ShardRange] = []
         while length:
             if i == len(shards):
                 raise ValueError(f"the shards hold fewer samples than the {sum(lengths)} planned")
-            take = min(length, shards[i].count - offset)
+            numbers = range(shards[i].count) if left is None else left[i]
+            take = numbers[j : j + length]
             if take:
-                piece.append(ShardRange(shards[i], offset, offset + take))
-            offset += take
-            length -= take
-            if offset == shards[i].count:
-                i, offset = i + 1, 0
+                span = range(take[0], take[-1] + 1)
+                holes = frozenset() if left is None else frozenset(span) - frozenset(take)
+                piece.append(ShardRange(shards[i], span.start, span.stop, holes))
+            j += len(take)
+            length -= len(take)
+            if j == len(numbers):
+                i, j = i + 1, 0
         pieces.append(tuple(piece))
     return pieces
 

@@ -18,20 +18,19 @@ such a tar may then be used twice or not at all in that epoch; the loss itself w
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any
 
 from retclip_dist.data.plan import (
     EpochPlan,
-    ShardRange,
+    cut_ranges,
     epoch_shards,
     plan_epoch,
     round_robin,
     stream_seed,
     worker_caps,
 )
-from retclip_dist.data.streams import shuffled
+from retclip_dist.data.streams import emission_order
 from retclip_dist.shardset import ShardInfo
 
 Sample = tuple[str, int]  # (shard URL, sample number in the tar)
@@ -69,12 +68,8 @@ def used_by(plan: EpochPlan, segment: Segment, seed: int, epoch: int, generation
             if not position:
                 continue
             items = [(r.shard.url, i) for r in ranges for i in r.indices()]
-            rng = random.Random(stream_seed(seed, epoch, p, w, generation))
-            order = shuffled(items, segment.buffer, rng)
-            for k, item in enumerate(order):
-                if k == position:
-                    break
-                used.add(item)
+            order = emission_order(len(items), segment.buffer, stream_seed(seed, epoch, p, w, generation))
+            used.update(items[j] for j in order[:position])
     return used
 
 
@@ -87,27 +82,11 @@ def plan_rest(
     micro: int,
 ) -> EpochPlan:
     """Plan the samples of ``order`` (the epoch's shard order) not in ``used`` for a layout."""
-    left = [(s, [i for i in range(s.count) if (s.url, i) not in used]) for s in order]
-    remaining = sum(len(ix) for _, ix in left)
+    left = [[i for i in range(s.count) if (s.url, i) not in used] for s in order]
+    remaining = sum(len(ix) for ix in left)
     steps = remaining // (micro * partitions)
     caps = worker_caps(steps, workers)
-    lengths = [caps[w] * micro for _ in range(partitions) for w in range(workers)]
-    pieces: list[tuple[ShardRange, ...]] = []
-    k, j = 0, 0  # next unread: shard k of ``left``, its j-th remaining sample
-    for length in lengths:
-        piece: list[ShardRange] = []
-        while length:
-            shard, ix = left[k]
-            take = ix[j : j + length]
-            if take:
-                span = range(take[0], take[-1] + 1)
-                holes = frozenset(span) - frozenset(take)
-                piece.append(ShardRange(shard, span.start, span.stop, holes))
-            j += len(take)
-            length -= len(take)
-            if j == len(ix):
-                k, j = k + 1, 0
-        pieces.append(tuple(piece))
+    pieces = cut_ranges(order, [caps[w] * micro for _ in range(partitions) for w in range(workers)], left)
     return EpochPlan(
         streams=tuple(tuple(pieces[p * workers : (p + 1) * workers]) for p in range(partitions)),
         caps=caps,

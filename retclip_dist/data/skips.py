@@ -23,11 +23,13 @@ class SkipCounter:
         self.counts: Counter[str] = Counter()
         self.muted = False
 
-    def add(self, reason: str, n: int, detail: str) -> None:
+    def add(self, reason: str, n: int, detail: str | None = None) -> None:
+        """Count ``n`` samples lost for ``reason``; ``detail`` says where (logged), None when said already."""
         if self.muted or n <= 0:
             return
         self.counts[reason] += n
-        log.warning("skipped %d sample(s), %s: %s", n, reason, detail)
+        if detail is not None:
+            log.warning("skipped %d sample(s), %s: %s", n, reason, detail)
 
     def take(self) -> dict[str, int]:
         """Counts since the last call; they travel to the main process with the next batch."""

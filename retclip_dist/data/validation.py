@@ -16,7 +16,7 @@ from retclip_dist.data.config import DataConfig
 from retclip_dist.data.loader import data_loader, guarded
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
-from retclip_dist.data.streams import read_shard
+from retclip_dist.data.streams import read_range
 from retclip_dist.model.config import ImageInput
 from retclip_dist.shardset import EYES, IMAGE_MEMBER, REPORT_MEMBER, ShardInfo, read_manifest
 
@@ -42,7 +42,7 @@ class ValStream(IterableDataset):
         decode = SampleDecoder(self.cfg, self.image, seed=0, epoch=0, train=False, counter=counter)
         patients = []
         for shard in mine:
-            for raw in read_shard(shard, self.cfg.storage_options, counter):
+            for raw in read_range(shard, self.cfg.storage_options, counter):
                 patient = decode(raw)
                 if patient is not None:
                     patients.append(patient)

@@ -51,6 +51,10 @@ class TrainSection:
     # Times the launchers requeue a run that ended with exit code 5 or 6 without having saved a newer
     # checkpoint since the previous such end (launch/requeue.py); a stop signal's requeue is not counted
     max_fault_requeues: int = 3
+    # Steps between the ranks' agreement on a stop signal and a non-finite loss (one all-reduce and one
+    # host sync that stalls the GPU's queue); logged, checkpoint and last steps always agree, so a stop
+    # is honoured within this many steps and a non-finite loss never reaches a checkpoint
+    check_every_steps: int = 8
 
 
 @dataclass

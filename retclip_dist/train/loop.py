@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from functools import partial
@@ -60,7 +59,7 @@ from retclip_dist.train.probe import build_probe, run_probe
 from retclip_dist.train.run_summary import run_summary
 from retclip_dist.train.signals import LongWait, StopRequest, any_rank, sum_over_ranks
 from retclip_dist.train.step import LossFn, forward_backward, output_loss
-from retclip_dist.train.telemetry import StepClock, step_timing, wait_share
+from retclip_dist.train.telemetry import StepClock, process_age_s, slowest, step_timing, wait_share
 from retclip_dist.train.validate import total_skipped, validate
 
 log = logging.getLogger("retclip_dist.train")
@@ -244,28 +243,48 @@ def _train(cfg: RunConfig, preset: str | None, stop: StopRequest, watchdog: Watc
     clock = StepClock()
     model.train()
     exit_code = EXIT_OK
+    # A resume's cost, what every GPU of a requeued job idles through: from the process's start to the
+    # first batch in hand, the slowest rank's; the first step's train record carries it.
+    resume_s: float | None = None
+    bad_since: torch.Tensor | None = None  # a non-finite loss since the ranks last agreed, on the device
 
     while step < total_steps and exit_code == EXIT_OK:
         watchdog.set_phase(f"waiting for training data (epoch {epoch}, step {step + 1})", WORK)
         for batch in clock.batches(data):
             watchdog.set_phase(f"training step {step + 1}", WAIT)
+            first_after_resume = bool(restored) and resume_s is None
+            if first_after_resume:
+                resume_s = process_age_s()
             lr = lr_at(step, total_steps, cfg.train)
             loss, parts = train_step(model, optimizer, batch, device_augment, loss_fn, acc, cfg.train, lr)
             step += 1
             window_steps += 1
             bar.update(1)
 
-            # One small collective per step: every rank must agree to stop, or one would wait forever
-            # in the next all-gather. It also syncs the GPU once per step, which costs well under 1%.
-            nonfinite, signalled = any_rank(acc, not math.isfinite(loss.item()), stop.received is not None)
+            # Every rank must agree to stop, or one would wait forever in the next all-gather; the agreement
+            # (a collective and a host sync) runs every train.check_every_steps steps and wherever a
+            # step logs or saves. In between, a non-finite loss is remembered on the device, unsynced.
+            bad = ~torch.isfinite(loss.detach())
+            bad_since = bad if bad_since is None else bad_since | bad
+            every = cfg.checkpoint.every_steps
+            logs = step % cfg.log.every_steps == 0 or step == total_steps or first_after_resume
+            saves = bool(every) and step % every == 0 and step < total_steps
+            signalled = False
+            if logs or saves or step % max(cfg.train.check_every_steps, 1) == 0 or step == total_steps:
+                nonfinite, signalled = any_rank(acc, bool(bad_since.item()), stop.received is not None)
+                bad_since = None
+                if nonfinite:
+                    raise NonFiniteLoss(
+                        f"loss became non-finite by step {step} (last {loss.item()}, lr {lr:.3g}); the last "
+                        f"complete checkpoint under {checkpointer.root} is the last good state: resume from "
+                        "it with a lower lr"
+                    )
             clock.step_done()
-            if nonfinite:
-                raise NonFiniteLoss(
-                    f"loss became {loss.item()} at step {step} (lr {lr:.3g}); the last complete checkpoint "
-                    f"under {checkpointer.root} is the last good state: resume from it with a lower lr"
-                )
-            if step % cfg.log.every_steps == 0 or step == total_steps:
+            if logs:
                 elapsed = time.perf_counter() - window_start
+                timing = step_timing(acc, clock)
+                if first_after_resume:
+                    timing["resume_s"] = slowest(acc, resume_s)
                 mean_loss = log_train_step(
                     acc,
                     metrics,
@@ -278,12 +297,11 @@ def _train(cfg: RunConfig, preset: str | None, stop: StopRequest, watchdog: Watc
                     lr,
                     window_steps / elapsed,
                     cfg,
-                    step_timing(acc, clock),
+                    timing,
                 )
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 window_start, window_steps = time.perf_counter(), 0
-            every = cfg.checkpoint.every_steps
-            if signalled or (every and step % every == 0 and step < total_steps):
+            if signalled or saves:
                 with watchdog.phase(f"saving the checkpoint of step {step}", alone):
                     save_checkpoint(acc, model, checkpointer, step, epoch, config_dict, data)
             if signalled:

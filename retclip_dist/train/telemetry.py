@@ -11,6 +11,7 @@ per logged step; every rank must call it at the same steps.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -19,6 +20,25 @@ import torch
 from accelerate import Accelerator
 
 T = TypeVar("T")
+_IMPORTED = time.monotonic()  # where the process's own start time cannot be read
+
+
+def process_age_s() -> float:
+    """Seconds since this process started: Linux's own count (interpreter start and imports included),
+    elsewhere since this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            # Fields after the command name (which may hold spaces); starttime is field 22 of the whole.
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
+def slowest(acc: Accelerator, seconds: float) -> float:
+    """The largest of every rank's ``seconds`` (an all-gather: every rank must call it)."""
+    return float(gather_rows(acc, [seconds]).max())
 
 
 class StepClock:
