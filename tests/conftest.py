@@ -227,10 +227,12 @@ def build_synth_shards(
     max_count: int,
     val_fraction: float,
     layout: synth.Layout = "dir",
+    eye_reports: bool = False,
 ) -> Path:
-    """synth's raw export (JPEGs + patients.csv) through make-shards into ``root/shards``; every patient
-    is kept (synthetic eyes are never rejected, so a reject means a broken fixture)."""
-    manifest, images = synth.write_raw_archive(root / "raw", patients, seed, raw_size, layout)
+    """synth's raw export (JPEGs + patients.csv, with per-eye reports if ``eye_reports``) through
+    make-shards into ``root/shards``; every patient is kept (synthetic eyes are never rejected, so a reject
+    means a broken fixture)."""
+    manifest, images = synth.write_raw_archive(root / "raw", patients, seed, raw_size, layout, eye_reports)
     out = root / "shards"
     result = build_shards(
         BuildOptions(
