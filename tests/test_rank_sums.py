@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 DAMAGED_TRAIN = (1, 3)  # damaged training samples on rank 0, rank 1
 DAMAGED_VAL = (1, 2)  # damaged validation samples on rank 0, rank 1
-SLOW_RANK, SLOW_S = 0, 0.5  # this rank's loader sleeps before handing over each batch
+SLOW_RANK, SLOW_S = 0, 0.8  # this rank's loader sleeps before handing over each batch
 
 # The trainer as `-m retclip_dist.train` runs it, with the damage and the slow loader planted per rank.
 DAMAGE = """\

@@ -108,10 +108,13 @@ def duplicates_run(shards, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def patient_reports_run(shards, tmp_path_factory) -> Path:
-    """The patient report at the eye levels too; text padded to context_length; 2 chunks per step."""
+    """The patient report at the eye levels too, duplicates kept (as in duplicates_run, which this run is
+    compared with: the mask would change the eye levels on its own); text padded to context_length; 2
+    chunks per step."""
     return _run(
         tmp_path_factory, shards, "patient-reports",
         "--data.eye_reports", "false",
+        "--loss.duplicates", "keep",
         "--data.text_padding", "max",
         "--train.accum_steps", "2",
         "--train.max_steps", "1",
@@ -177,13 +180,13 @@ def test_kept_duplicates_raise_the_first_loss_where_reports_repeat(baseline, dup
     assert kept["loss_patient"] >= base["loss_patient"] - 1e-6
 
 
-def test_patient_reports_at_the_eye_levels_change_only_the_eye_levels(baseline, patient_reports_run):
-    # Same images, same patient texts: the patient level is the baseline's; the eye levels read other
-    # texts. Padding to context_length and two chunks per step must not change any number.
-    base, plain = _first(baseline), _first(patient_reports_run)
+def test_patient_reports_at_the_eye_levels_change_only_the_eye_levels(duplicates_run, patient_reports_run):
+    # Both keep duplicates; same images, same patient texts: the patient level is the same; the eye levels
+    # read other texts. Padding to context_length and two chunks per step must not change any number.
+    base, plain = _first(duplicates_run), _first(patient_reports_run)
     assert plain["loss_patient"] == pytest.approx(base["loss_patient"], abs=1e-5)
     for level in ("left", "right"):
-        assert abs(plain[f"loss_{level}"] - base[f"loss_{level}"]) > 1e-3, level
+        assert abs(plain[f"loss_{level}"] - base[f"loss_{level}"]) > 1e-2, level
 
 
 # -- the optimiser ----------------------------------------------------------------------------------
