@@ -281,10 +281,12 @@ def build_synth_shards(
     max_count: int,
     val_fraction: float,
     layout: synth.Layout = "dir",
+    eye_reports: bool = False,
 ) -> Path:
-    """synth's raw export (JPEGs + patients.csv) through make-shards into ``root/shards``; every patient
-    is kept (synthetic eyes are never rejected, so a reject means a broken fixture)."""
-    manifest, images = synth.write_raw_archive(root / "raw", patients, seed, raw_size, layout)
+    """synth's raw export (JPEGs + patients.csv, with per-eye reports if ``eye_reports``) through
+    make-shards into ``root/shards``; every patient is kept (synthetic eyes are never rejected, so a reject
+    means a broken fixture)."""
+    manifest, images = synth.write_raw_archive(root / "raw", patients, seed, raw_size, layout, eye_reports)
     out = root / "shards"
     result = build_shards(
         BuildOptions(
@@ -546,3 +548,43 @@ def write_dicom_export(root: Path, size: tuple[int, int] = (96, 80), seed: int =
         writer.writerow(["AccessionNumber", "report"])
         writer.writerows(reports.items())
     return DicomExport(export, table, files, visits, identifiers)
+
+
+# --- retclip-train end to end: the tiny config on 2 gloo ranks under `accelerate launch` ---
+
+# Quick and small: the tiny config's 128 px eyes from 64 px shards, 8 patients per rank, every step logged,
+# no TensorBoard, no progress bar, checkpoints only at the end.
+TINY_TRAIN_ARGS = [
+    "--config", str(ROOT / "configs/tiny.yaml"),
+    "--model.tokenizer_path", str(TINY_VOCAB),
+    "--data.batch_size", "8",
+    "--data.num_workers", "0",
+    "--data.partitions", "2",
+    "--train.warmup_steps", "1",
+    "--log.every_steps", "1",
+    "--log.tensorboard", "false",
+    "--log.progress", "false",
+    "--checkpoint.every_steps", "0",
+]  # fmt: skip
+
+
+def train_two_ranks(
+    shards: Path, out: Path, *extra: str, script: Path | None = None, env: dict[str, str] | None = None
+) -> str:
+    """``retclip-train`` (``-m retclip_dist.train``, or ``script``, which ends in ``cli.main()``) on 2 gloo
+    ranks with TINY_TRAIN_ARGS, then ``extra``; asserts exit 0 and returns stderr."""
+    import subprocess
+    import sys
+
+    entry = [str(script)] if script is not None else ["-m", "retclip_dist.train"]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"), "launch",
+        "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
+        "--num_processes", "2",
+        "--main_process_port", str(free_port()),
+        *entry, *TINY_TRAIN_ARGS, "--data.shards", str(shards), "--output_dir", str(out), *extra,
+    ]  # fmt: skip
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done.stderr

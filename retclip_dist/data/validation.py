@@ -71,7 +71,7 @@ class ValLoader:
         self.cfg = cfg
         self.shards = shards[rank::world_size]
         self.dataset = ValStream(cfg, image, tokenizer, self.shards)
-        self.skip_counts: Counter[str] = Counter()
+        self.skip_counts: Counter[str] = Counter()  # skips of the latest pass, by reason
         self._blank = (cfg, image, tokenizer)
 
     @property
@@ -93,6 +93,9 @@ class ValLoader:
         return collate([patient], tokenizer, cfg, with_texts=True)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Each pass counts its own skips: a val record's skipped_samples is that validation's, beside its
+        # samples, not a total over every validation so far.
+        self.skip_counts.clear()
         for batch, skips in guarded(
             data_loader(self.dataset, self.cfg), f"validation data ({self.cfg.val_split})"
         ):
