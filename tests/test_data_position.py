@@ -21,7 +21,7 @@ from retclip_dist.data.loader import build_train_data
 from retclip_dist.data.position import PositionError, patient_id
 from retclip_dist.train.checkpoint import STATE_NAME, Restored, checkpoint_name
 from retclip_dist.train.config import RunConfig
-from retclip_dist.train.loop import restore_data
+from retclip_dist.train.loop import read_twice_count, restore_data
 from retclip_dist.train.preflight import check_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,3 +253,17 @@ def test_reset_data_restarts_only_a_position_that_cannot_be_continued(shard_set,
         ConfigError, match=r"ck has no data position .data_rank\*.json.: pass --checkpoint.reset_data"
     ):
         restore_data(build_train_data(_cfg(shard_set), TOKENIZER, 0, 1, 3), _restored(None, 3), False)
+
+
+@pytest.mark.parametrize(
+    ("rows", "reused", "twice"),
+    [
+        (["a", "b", "c"], 0, 0),
+        (["a", "b", "a"], 1, 0),  # a short stream's refill read a again
+        (["a", "b", "a", "b"], 0, 2),  # the order went wrong: two repeats no refill explains
+        (["a", "b", "a", "b"], 1, 1),
+        (["a", "b", "c"], 1, 0),  # c failed once, then its refill read it: no repeat, never -1
+    ],
+)
+def test_read_twice_counts_repeats_no_refill_explains(rows, reused, twice):
+    assert read_twice_count(rows, reused) == twice

@@ -473,6 +473,14 @@ def log_train_step(
     return losses["total"]
 
 
+def read_twice_count(rows: list[str], reused: int) -> int:
+    """Rows beyond each patient's first that no short stream's refill accounts for: 0 unless the data order
+    itself went wrong (a position that re-reads patients also leaves others out). A refill can also read a
+    sample that a transient error lost in the first pass (counted reused, yet its patient's first row):
+    refills never make the count negative."""
+    return max(0, len(rows) - len(set(rows)) - reused)
+
+
 def log_epoch(acc: Accelerator, metrics: MetricsLog | None, data: TrainLoader, epoch: int, step: int) -> None:
     """Account for every patient of the split in the finished epoch, counted from the batches every rank
     trained on: used once, unused (past the last whole global batch, or damaged), or read twice."""
@@ -481,9 +489,7 @@ def log_epoch(acc: Accelerator, metrics: MetricsLog | None, data: TrainLoader, e
     skipped, reused = sum_over_ranks(acc, torch.tensor(local, dtype=torch.int64, device=acc.device)).tolist()
     rows = gather_object(data.epoch_patients) if acc.num_processes > 1 else data.epoch_patients
     used = len(set(rows))
-    # Rows beyond each patient's first that no short stream's refill accounts for: 0 unless the data order
-    # itself went wrong (a position that re-reads patients also leaves others out).
-    read_twice = len(rows) - used - reused
+    read_twice = read_twice_count(rows, reused)
     unused = data.samples_per_epoch - used
     if metrics is None:
         return
