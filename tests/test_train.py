@@ -298,6 +298,25 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_nonfinite_loss_between_agreements_ends_the_run_before_the_epochs_end_uses_it(shards, tmp_path):
+    # No step of the first epoch logs, saves or checks: the epoch's end is the first agreement.
+    quiet = (
+        "--log.every_steps",
+        "100",
+        "--checkpoint.every_steps",
+        "100",
+        "--train.check_every_steps",
+        "100",
+    )
+    done = train(shards, tmp_path, "--train.lr", "1e30", *quiet, expect=4)
+    assert "loss became non-finite by step" in done.stderr
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    # Neither the epoch's record nor its validation saw the broken weights, and nothing was saved.
+    assert [r["kind"] for r in rows] == ["weights"]
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+@pytest.mark.slow
 def test_the_models_card_counts_the_data_and_names_nothing(shards, reference):
     """The card of a real run: the manifest's counts, its steps, the last validation record and its
     changes to its preset, and none of the shard set's patient ids, reports or image paths, nor a path of

@@ -274,11 +274,7 @@ def _train(cfg: RunConfig, preset: str | None, stop: StopRequest, watchdog: Watc
                 nonfinite, signalled = any_rank(acc, bool(bad_since.item()), stop.received is not None)
                 bad_since = None
                 if nonfinite:
-                    raise NonFiniteLoss(
-                        f"loss became non-finite by step {step} (last {loss.item()}, lr {lr:.3g}); the last "
-                        f"complete checkpoint under {checkpointer.root} is the last good state: resume from "
-                        "it with a lower lr"
-                    )
+                    raise nonfinite_loss(step, loss, lr, checkpointer.root)
             clock.step_done()
             if logs:
                 elapsed = time.perf_counter() - window_start
@@ -311,6 +307,12 @@ def _train(cfg: RunConfig, preset: str | None, stop: StopRequest, watchdog: Watc
             if step >= total_steps:
                 break
             watchdog.set_phase(f"waiting for training data (epoch {epoch}, step {step + 1})", WORK)
+        if exit_code == EXIT_OK and bad_since is not None:
+            # The epoch's last steps since the ranks last agreed (every rank ran the same steps, so all
+            # get here together): checked before the epoch's validation, probe and save can use them.
+            if any_rank(acc, bool(bad_since.item()))[0]:
+                raise nonfinite_loss(step, loss, lr, checkpointer.root)
+            bad_since = None
         # A run stopped on an epoch's last step leaves the epoch's record and validation to the resumed
         # run, whose checkpoint is at that same point: written here too, they would appear twice.
         if exit_code == EXIT_OK and data.epoch_done():
@@ -471,6 +473,14 @@ def log_train_step(
         patients_per_s = steps_per_s * cfg.data.batch_size * world
         metrics.train_step(step, epoch, lr, losses, scales, patients_per_s, int(summed[-1]), timing)
     return losses["total"]
+
+
+def nonfinite_loss(step: int, loss: torch.Tensor, lr: float, root: Path) -> NonFiniteLoss:
+    """The error that ends a run whose loss became NaN or inf at or before ``step`` (exit code 4)."""
+    return NonFiniteLoss(
+        f"loss became non-finite by step {step} (last {loss.item()}, lr {lr:.3g}); the last complete "
+        f"checkpoint under {root} is the last good state: resume from it with a lower lr"
+    )
 
 
 def read_twice_count(rows: list[str], reused: int) -> int:
