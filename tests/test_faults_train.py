@@ -334,7 +334,7 @@ def test_lock_from_an_earlier_run_of_the_same_slurm_job_is_stale(tmp_path, monke
 _LAUNCHER = textwrap.dedent(
     """
     import subprocess, sys, time
-    child = "from retclip_dist.launch.lifetime import exit_with_parent; import time; exit_with_parent(); print('ready', flush=True); time.sleep(120)"
+    child = "from retclip_dist.runtime.lifetime import exit_with_parent; import time; exit_with_parent(); print('ready', flush=True); time.sleep(120)"
     # Its own session, as torchrun starts ranks: killing our process group does not reach it.
     proc = subprocess.Popen([sys.executable, "-c", child], start_new_session=True, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "ready\\n"

@@ -26,8 +26,8 @@ from retclip_dist.data.reshape import Segment, replan
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import stream_samples
-from retclip_dist.launch.stop_signals import stop_signals
 from retclip_dist.model.config import ImageInput
+from retclip_dist.runtime.stop_signals import stop_signals
 from retclip_dist.runtime.workers import WorkerSetup, worker_context
 from retclip_dist.shardset import Manifest, read_manifest
 
@@ -43,7 +43,7 @@ class LoaderError(RuntimeError):
 
 
 # Slurm signals every process of a job on preemption or before a time limit (the stop signals, defined in
-# retclip_dist.launch.stop_signals). The trainer answers by saving a checkpoint, which needs its loader
+# retclip_dist.runtime.stop_signals). The trainer answers by saving a checkpoint, which needs its loader
 # workers alive until then; they ignore the signals and stop when it exits (runtime/workers.py).
 
 

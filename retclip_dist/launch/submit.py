@@ -11,7 +11,7 @@ up to ``train.max_fault_requeues`` times in a row without a newer checkpoint (``
 ``--local`` runs the same job with submitit's local executor (no Slurm).
 ``--cpu`` asks Slurm for no GPUs (tests, CPU clusters); the trainer runs each process on the CPU itself.
 
-The warning signal is the requeue signal of ``retclip_dist.launch.stop_signals`` (USR2, submitit's own
+The warning signal is the requeue signal of ``retclip_dist.runtime.stop_signals`` (USR2, submitit's own
 default; ``--requeue-signal USR1`` or ``RETCLIP_REQUEUE_SIGNAL=USR1`` to change it). It is one setting
 for three listeners: the ``#SBATCH --signal`` line, submitit's handler in the task (which reads
 ``SUBMITIT_PREEMPT_SIGNAL`` when it is imported, so the script exports it before ``srun``) and the
@@ -34,9 +34,9 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from retclip_dist.config import load_config
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
-from retclip_dist.launch.env import slurm_job
 from retclip_dist.launch.requeue import decide
-from retclip_dist.launch.stop_signals import (
+from retclip_dist.runtime.env import slurm_job
+from retclip_dist.runtime.stop_signals import (
     DEFAULT_REQUEUE_SIGNAL,
     LAUNCHER_IGNORES,
     REQUEUE_SIGNAL_ENV,

@@ -21,9 +21,9 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from retclip_dist.config import ConfigError
-from retclip_dist.launch.env import accelerator_placement, world_info_from_env
-from retclip_dist.launch.lifetime import exit_with_parent
 from retclip_dist.model.card import TrainingSummary
+from retclip_dist.runtime.env import accelerator_placement, world_info_from_env
+from retclip_dist.runtime.lifetime import exit_with_parent
 from retclip_dist.train.config import RunConfig
 
 TRACKER_DIR = "tensorboard"  # under output_dir: the files of the trackers that write locally

@@ -30,11 +30,11 @@ from retclip_dist.config import ConfigError
 from retclip_dist.data import position
 from retclip_dist.data.plan import Layout
 from retclip_dist.io import files
-from retclip_dist.launch.stop_signals import stop_signals
 from retclip_dist.model.config import ModelConfig, ModelConfigError
 from retclip_dist.model.retclip import WEIGHTS_FILE, RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import image_input, text_model_config, vision_input_size
+from retclip_dist.runtime.stop_signals import stop_signals
 from retclip_dist.shardset import Manifest, read_manifest
 from retclip_dist.train import runlock
 from retclip_dist.train.checkpoint import CHECKPOINTS_DIR, data_state_files, read_train_state, resume_path
