@@ -149,13 +149,13 @@ def test_layout_serves_partitions_round_robin_and_splits_the_batch() -> None:
     [
         (
             {"rank": 0, "world_size": 2, "partitions": 3, "batch_size": 4},
-            "not a multiple of the world size 2",
+            "data.partitions=3: must be a multiple of the world size 2",
         ),
         (
             {"rank": 0, "world_size": 1, "partitions": 3, "batch_size": 4},
-            "does not split over the 3 partitions",
+            "data.batch_size=4: must split evenly over the 3 partitions",
         ),
-        ({"rank": 2, "world_size": 2, "partitions": 2, "batch_size": 4}, "rank 2 is outside world size 2"),
+        ({"rank": 2, "world_size": 2, "partitions": 2, "batch_size": 4}, "rank=2: outside world size 2"),
     ],
 )
 def test_layout_rejects_inconsistent_settings(kwargs: dict, message: str) -> None:

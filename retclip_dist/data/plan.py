@@ -33,6 +33,16 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+class LayoutError(ValueError):
+    """A layout that cannot serve the batch: ``field=value: reason`` (the config key it comes from)."""
+
+    def __init__(self, field: str, value: int, reason: str) -> None:
+        super().__init__(f"{field}={value!r}: {reason}")
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Layout:
     rank: int  # this process's rank
@@ -41,16 +51,20 @@ class Layout:
     batch_size: int  # patients per rank per step
 
     def __post_init__(self) -> None:
+        """The one check of a layout: the loader builds one per rank, preflight one for the whole run."""
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+            raise LayoutError("rank", self.rank, f"outside world size {self.world_size}")
         if self.partitions % self.world_size:
-            raise ValueError(
-                f"data.partitions={self.partitions} is not a multiple of the world size {self.world_size}"
+            raise LayoutError(
+                "data.partitions", self.partitions, f"must be a multiple of the world size {self.world_size}"
             )
         per_rank = self.partitions // self.world_size
         if self.batch_size % per_rank:
-            raise ValueError(
-                f"data.batch_size={self.batch_size} does not split over the {per_rank} partitions of each rank"
+            raise LayoutError(
+                "data.batch_size",
+                self.batch_size,
+                f"must split evenly over the {per_rank} partitions of each rank "
+                f"(data.partitions={self.partitions}, {self.world_size} processes)",
             )
 
     @property

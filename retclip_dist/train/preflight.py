@@ -28,7 +28,7 @@ from accelerate.utils import LoggerType
 
 from retclip_dist.config import ConfigError
 from retclip_dist.data import position
-from retclip_dist.data.plan import Layout
+from retclip_dist.data.plan import Layout, LayoutError
 from retclip_dist.io import files
 from retclip_dist.model.config import ModelConfig, ModelConfigError
 from retclip_dist.model.retclip import WEIGHTS_FILE, RetClip
@@ -165,18 +165,12 @@ def _trackers(cfg: RunConfig) -> None:
             )
 
 
-def _layout(cfg: RunConfig, world_size: int) -> None:
-    partitions = cfg.data.partitions or world_size
-    if partitions % world_size:
-        raise _fail("data.partitions", partitions, f"must be a multiple of the world size {world_size}")
-    per_rank = partitions // world_size
-    if cfg.data.batch_size % per_rank:
-        raise _fail(
-            "data.batch_size",
-            cfg.data.batch_size,
-            f"must split evenly over the {per_rank} partitions of each rank (data.partitions={partitions}, "
-            f"{world_size} processes)",
-        )
+def _layout(cfg: RunConfig, world_size: int) -> Layout:
+    """The run's data layout, checked by ``Layout`` itself (the loader's check, seen before launch)."""
+    try:
+        layout = Layout(0, world_size, cfg.data.partitions or world_size, cfg.data.batch_size)
+    except LayoutError as exc:
+        raise _fail(exc.field, exc.value, exc.reason) from None
     if cfg.data.batch_size % cfg.train.accum_steps:
         raise _fail(
             "train.accum_steps",
@@ -184,6 +178,7 @@ def _layout(cfg: RunConfig, world_size: int) -> None:
             f"must divide data.batch_size={cfg.data.batch_size} "
             "(each rank's batch is split into equal chunks)",
         )
+    return layout
 
 
 def _model_fit(cfg: RunConfig) -> None:
@@ -407,8 +402,7 @@ def _same_data_position(
         first = json.loads(saved[0].read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"checkpoint.resume: cannot read {saved[0]}: {exc}") from exc
-    _layout(cfg, world_size)
-    layout = Layout(0, world_size, cfg.data.partitions or world_size, cfg.data.batch_size)
+    layout = _layout(cfg, world_size)
     shards = manifest.split(cfg.data.train_split)
     now = position.layout_record(cfg.data, shards, layout, max(cfg.data.num_workers, 1), cfg.train.seed)
     reason = position.refusal(first, now)
