@@ -15,22 +15,16 @@ the whole plan from the manifest, so all ranks agree on the step count without t
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
+from retclip_dist.seeds import derive_seed
 from retclip_dist.shardset import ShardInfo
 
 # Recorded with a loader's position: a checkpoint's stream positions only mean something under the plan
 # that wrote them. The shard-per-stream plan before this one wrote no record.
 PLAN_FORMAT = "ranges/1"
 LEGACY_PLAN_FORMAT = "shards/1"
-
-
-def derive_seed(*parts: int) -> int:
-    """A stable 64-bit seed from integers (Python's hash() of a tuple changes between processes)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
 
 
 class LayoutError(ValueError):
