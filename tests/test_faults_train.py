@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_synth_shards, free_port
+from conftest import build_synth_shards, free_port, model_image
 from safetensors.torch import load_file
 
 from retclip_dist.config import ConfigError, load_config
@@ -152,6 +152,21 @@ def test_preflight_names_the_field_and_the_reason(shards, tmp_path, overrides, w
     assert "\n" not in text
 
 
+def test_data_image_size_follows_the_model_and_a_different_one_is_refused(shards, tmp_path):
+    cfg = _cfg(shards, tmp_path / "run")
+    assert cfg.data.image_size is None  # configs/tiny.yaml states the side once: model.vision_kwargs.img_size
+    check_run_config(cfg, 1)
+    image = model_image(cfg.model)
+    loader = build_train_data(cfg.data, build_tokenizer(cfg.model), 0, 1, cfg.train.seed, image)
+    assert image.size == cfg.model.vision_kwargs["img_size"] == 128
+    assert loader.cfg.image_size == 128
+    assert loader.state_dict()["layout"]["image_size"] == 128  # what a resume compares
+    with pytest.raises(ValueError, match=r"data\.image_size=64: the model takes 128 px"):
+        build_train_data(
+            dataclasses.replace(cfg.data, image_size=64), build_tokenizer(cfg.model), 0, 1, 0, image
+        )
+
+
 def test_preflight_accepts_the_tiny_config(shards, tmp_path):
     check_run_config(_cfg(shards, tmp_path / "run"), 2, check_lock=True)
     assert (tmp_path / "run").is_dir() and not list((tmp_path / "run").iterdir())
@@ -166,7 +181,8 @@ def _fake_checkpoint(out: Path, world_size: int, shards: Path | None = None, **d
         cfg = _cfg(shards, out)
         layout = dataclasses.replace(cfg.data, **data)
         for rank in range(world_size):
-            loader = build_train_data(layout, build_tokenizer(cfg.model), rank, world_size, cfg.train.seed)
+            tokenizer, image = build_tokenizer(cfg.model), model_image(cfg.model)
+            loader = build_train_data(layout, tokenizer, rank, world_size, cfg.train.seed, image)
             (path / f"data_rank{rank}.json").write_text(json.dumps(loader.state_dict()))
     return path
 

@@ -9,6 +9,7 @@ train/preflight.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from retclip_dist.config import ConfigError, to_dict
 from retclip_dist.data.augment import DeviceAugment
+from retclip_dist.data.config import sized_for
 from retclip_dist.data.loader import TrainLoader, build_train_data
 from retclip_dist.data.samples import REPORT_HASH
 from retclip_dist.data.validation import build_val_data
@@ -178,6 +180,8 @@ def _train(cfg: RunConfig, preset: str | None, stop: StopRequest, watchdog: Watc
     loaded = weights_record(model.load_reports)
     tokenizer = build_tokenizer(cfg.model)
     image = model.image_input  # both augmentation paths resize and normalise as the model states
+    # data.image_size follows the model; config.json and the data position record the side it took.
+    cfg = dataclasses.replace(cfg, data=sized_for(cfg.data, image.size))
     rank, world = acc.process_index, acc.num_processes
     _setup_stage(stop, "the data setup")
     try:

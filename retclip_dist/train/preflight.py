@@ -28,6 +28,7 @@ from accelerate.utils import LoggerType
 
 from retclip_dist.config import ConfigError
 from retclip_dist.data import position
+from retclip_dist.data.config import sized_for
 from retclip_dist.data.plan import Layout, LayoutError
 from retclip_dist.io import files
 from retclip_dist.model.config import ModelConfig, ModelConfigError
@@ -73,7 +74,6 @@ def _ranges(cfg: RunConfig) -> None:
         ("data.prefetch_factor", cfg.data.prefetch_factor, _AT_LEAST_1),
         ("data.shuffle_buffer", cfg.data.shuffle_buffer, _AT_LEAST_1),
         ("data.context_length", cfg.data.context_length, _TOKENS),
-        ("data.image_size", cfg.data.image_size, _AT_LEAST_1),
         ("data.decode_size", cfg.data.decode_size, _AT_LEAST_1),
         ("data.jitter", cfg.data.jitter, _UNIT_OPEN),
         ("data.erase_prob", cfg.data.erase_prob, _PROBABILITY),
@@ -94,6 +94,7 @@ def _ranges(cfg: RunConfig) -> None:
         ("train.max_steps", cfg.train.max_steps, _AT_LEAST_1),
         ("train.grad_clip", cfg.train.grad_clip, _POSITIVE),
         ("data.partitions", cfg.data.partitions, _AT_LEAST_1),
+        ("data.image_size", cfg.data.image_size, _AT_LEAST_1),
         ("val.max_samples", cfg.val.max_samples, _AT_LEAST_1),
     ]
     rules += [rule for rule in optional if rule[1] is not None]
@@ -181,7 +182,8 @@ def _layout(cfg: RunConfig, world_size: int) -> Layout:
     return layout
 
 
-def _model_fit(cfg: RunConfig) -> None:
+def _model_fit(cfg: RunConfig) -> int:
+    """The model's input side, once every model setting is checked."""
     if cfg.model.init_from is not None:
         if not (Path(cfg.model.init_from) / WEIGHTS_FILE).is_file():
             raise _fail(
@@ -223,12 +225,12 @@ def _model_fit(cfg: RunConfig) -> None:
         image_input(cfg.model, side)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    if side != cfg.data.image_size:
+    if cfg.data.image_size is not None and side != cfg.data.image_size:
         raise _fail(
             "data.image_size",
             cfg.data.image_size,
             f"the vision tower {cfg.model.vision_name!r} takes {side} px images "
-            "(set model.vision_kwargs.img_size or data.image_size to match)",
+            "(set model.vision_kwargs.img_size to change it, and leave data.image_size null: it follows the model)",
         )
     for name in ("image_mean", "image_std"):
         value = getattr(cfg.model, name)
@@ -237,6 +239,7 @@ def _model_fit(cfg: RunConfig) -> None:
     if min(cfg.model.image_std) <= 0:
         raise _fail("model.image_std", cfg.model.image_std, "must be above 0 in every channel")
     _model_builds(cfg.model)
+    return side
 
 
 def _model_builds(cfg: ModelConfig) -> None:
@@ -309,7 +312,7 @@ def _same_param_groups(cfg: RunConfig, path: Path, saved: dict[str, Any]) -> Non
             )
 
 
-def _resume(cfg: RunConfig, world_size: int, manifest: Manifest) -> None:
+def _resume(cfg: RunConfig, world_size: int, manifest: Manifest, side: int) -> None:
     root = Path(cfg.output_dir) / CHECKPOINTS_DIR
     path = resume_path(root, cfg.checkpoint.resume)
     if path is None:
@@ -324,7 +327,7 @@ def _resume(cfg: RunConfig, world_size: int, manifest: Manifest) -> None:
     state = read_train_state(path)
     _same_param_groups(cfg, path, state.get("config", {}).get("train", {}))
     _same_global_batch(cfg, world_size, path, state)
-    _same_data_position(cfg, world_size, path, state, manifest)
+    _same_data_position(cfg, world_size, path, state, manifest, side)
 
 
 def _same_global_batch(cfg: RunConfig, world_size: int, path: Path, state: dict[str, Any]) -> None:
@@ -380,7 +383,7 @@ def _same_global_batch(cfg: RunConfig, world_size: int, path: Path, state: dict[
 
 
 def _same_data_position(
-    cfg: RunConfig, world_size: int, path: Path, state: dict[str, Any], manifest: Manifest
+    cfg: RunConfig, world_size: int, path: Path, state: dict[str, Any], manifest: Manifest, side: int
 ) -> None:
     """The checkpoint's data position continues on this run (data/position.py), or the user allows its epoch
     to start again where it cannot (``checkpoint.reset_data``); every rank's loader checks again."""
@@ -404,7 +407,8 @@ def _same_data_position(
         raise ConfigError(f"checkpoint.resume: cannot read {saved[0]}: {exc}") from exc
     layout = _layout(cfg, world_size)
     shards = manifest.split(cfg.data.train_split)
-    now = position.layout_record(cfg.data, shards, layout, max(cfg.data.num_workers, 1), cfg.train.seed)
+    data = sized_for(cfg.data, side)  # what the loader records: the model's side
+    now = position.layout_record(data, shards, layout, max(cfg.data.num_workers, 1), cfg.train.seed)
     reason = position.refusal(first, now)
     if reason is not None:
         raise ConfigError(f"checkpoint.resume: {path}: {reason}; {position.way_out(state['epoch'])}")
@@ -440,7 +444,7 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
     _trackers(cfg)
     if cfg.checkpoint.resume is None:
         _layout(cfg, world_size)  # else after _resume, which may set the batch for a new world size
-    _model_fit(cfg)
+    side = _model_fit(cfg)
     _fp8(cfg)
     manifest = _shards(cfg)
     _probe(cfg)
@@ -450,5 +454,5 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
             runlock.check(cfg.output_dir)
         except runlock.RunLocked as exc:
             raise ConfigError(str(exc)) from exc
-    _resume(cfg, world_size, manifest)
+    _resume(cfg, world_size, manifest, side)
     _layout(cfg, world_size)
