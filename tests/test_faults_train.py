@@ -52,7 +52,7 @@ TINY = [
     "--train.epochs", "1",
     "--train.warmup_steps", "1",
     "--log.every_steps", "1",
-    "--log.tensorboard", "false",
+    "--log.trackers", "[]",
     "--log.progress", "false",
     "--checkpoint.every_steps", "0",
 ]  # fmt: skip

@@ -41,7 +41,7 @@ BASE = [
     "--train.warmup_steps", "2",
     "--log.every_steps", "1",
     "--val.every_epochs", "1",
-    "--log.tensorboard", "false",
+    "--log.trackers", "[]",
     "--log.progress", "false",
     "--checkpoint.every_steps", "2",
     "--checkpoint.keep_last", "2",

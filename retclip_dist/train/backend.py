@@ -39,7 +39,7 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
     precision = cfg.train.precision if cuda or cfg.train.precision != "fp16" else "no"
     # Trackers that keep files (TensorBoard, Aim) keep them under output_dir/tensorboard, where TensorBoard's
     # event files always were; check_run_config() refused names this Accelerate cannot start.
-    trackers = cfg.log.active_trackers()
+    trackers = cfg.log.trackers
     project = ProjectConfiguration(
         project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_DIR)
     )

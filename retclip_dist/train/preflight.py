@@ -152,7 +152,7 @@ def _trackers(cfg: RunConfig) -> None:
     # without the lab's tracker and nobody would notice until looking for the curves.
     known = [t.value for t in LoggerType if t.value != "all"]
     installed = {LoggerType(t).value for t in accelerate.tracking.get_available_trackers()}
-    for name in cfg.log.active_trackers():
+    for name in cfg.log.trackers:
         if name not in known:
             raise _fail(
                 "log.trackers", cfg.log.trackers, f"unknown tracker {name!r}; Accelerate knows {known}"
