@@ -116,7 +116,7 @@ def test_equal_shards_give_known_steps_and_unused() -> None:
     assert plan.caps == (3, 3)
     assert plan.order == (0, 1, 0, 1, 0, 1)
     assert plan.steps == 6
-    assert plan.unused == 4 and plan.planned == 36
+    assert plan.unused == 4 and plan.samples == 40
     assert [sum(r.count for r in s) for part in plan.streams for s in part] == [9, 9, 9, 9]
 
 

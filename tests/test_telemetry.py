@@ -204,7 +204,6 @@ SLOW_LOADER = """\
 import os, sys, time
 from retclip_dist.data.loader import TrainLoader
 from retclip_dist.train.cli import main
-from retclip_dist.train.config import LogSection
 
 if int(os.environ["RANK"]) == int(os.environ["SLOW_RANK"]):
     plain = TrainLoader.__iter__

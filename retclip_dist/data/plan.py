@@ -99,11 +99,6 @@ class EpochPlan:
     def steps(self) -> int:
         return len(self.order)
 
-    @property
-    def planned(self) -> int:
-        """Samples the streams read this epoch (each exactly once unless damaged)."""
-        return self.samples - self.unused
-
 
 def stream_seed(seed: int, epoch: int, p: int, w: int, generation: int = 0) -> int:
     """Seed of stream (p, w)'s shuffle buffer; ``generation`` counts the reshapes within the epoch."""
