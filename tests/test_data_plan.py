@@ -7,8 +7,17 @@ import random
 
 import pytest
 
-from retclip_dist.data.plan import EpochPlan, Layout, ShardRange, cut_ranges, plan_epoch, round_robin
+from retclip_dist.data.plan import (
+    EpochPlan,
+    Layout,
+    ShardRange,
+    cut_ranges,
+    plan_epoch,
+    round_robin,
+    stream_seed,
+)
 from retclip_dist.data.reshape import Segment, replan, used_by
+from retclip_dist.data.streams import shuffled
 from retclip_dist.shardset import ShardInfo
 
 
@@ -167,6 +176,20 @@ def _stream_samples(plan: EpochPlan) -> list[list[tuple[str, int]]]:
     return [[(r.shard.url, i) for r in ranges for i in r.indices()] for row in plan.streams for ranges in row]
 
 
+def _emitted(
+    plan: EpochPlan, segment: Segment, seed: int, epoch: int, generation: int
+) -> set[tuple[str, int]]:
+    """What the loader's streams emitted up to ``segment``'s positions, as data/streams.stream_samples reads
+    them (its buffered shuffle over the stream's samples, seeded per stream), not through used_by."""
+    out = set()
+    for p in range(segment.partitions):
+        for w in range(segment.workers):
+            items = _stream_samples(plan)[p * segment.workers + w]
+            order = shuffled(items, segment.buffer, random.Random(stream_seed(seed, epoch, p, w, generation)))
+            out |= set(itertools.islice(order, segment.positions[p][w]))
+    return out
+
+
 def test_reshaped_tails_read_every_unused_sample_once() -> None:
     # Random layouts stopped at random steps, re-planned for other layouts (twice): what the segments
     # used plus what the last plan reads is the split, each sample once, but fewer than a global batch.
@@ -197,7 +220,8 @@ def test_reshaped_tails_read_every_unused_sample_once() -> None:
             # Each segment read with its own shuffle buffer size: a new size is a new layout too.
             buffer = rng.randrange(1, 20)
             segment = Segment(partitions, workers, micro, tuple(tuple(r) for r in positions), buffer)
-            used_now = used_by(plan, segment, seed, epoch, generation)
+            used_now = _emitted(plan, segment, seed, epoch, generation)
+            assert used_by(plan, segment, seed, epoch, generation) == used_now  # what replan will subtract
             assert len(used_now) == stop * global_batch
             used += sorted(used_now)
             history.append(segment)
