@@ -71,3 +71,15 @@ def test_runtime_imports_nothing_above_it():
 
 def test_launch_keeps_only_what_starts_a_run():
     assert sorted(p.name for p in (PKG / "launch").glob("*.py")) == ["__init__.py", "requeue.py", "submit.py"]
+
+
+def test_product_code_imports_no_test_machinery():
+    found = {}
+    for path in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        bad = [m for m in names if m.split(".")[0] in ("unittest", "pytest", "conftest")]
+        if bad:
+            found[str(path.relative_to(ROOT))] = bad
+    assert found == {}
