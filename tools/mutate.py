@@ -653,10 +653,10 @@ MUTANTS = [
         (T_DUP_RANKS,),
     ),
     Mutant(
-        "logit-scale-clamp-without-the-cap",
+        "logit-scale-clamp-above-the-cap",
         RETCLIP,
         "scale.clamp_(min=self.config.min_logit_scale, max=self.config.max_logit_scale)",
-        "scale.clamp_(min=self.config.min_logit_scale)",
+        "scale.clamp_(min=self.config.min_logit_scale, max=self.config.max_logit_scale + 1.0)",
         (T_CLAMP_STEP, "tests/test_model.py::test_clamp_logit_scales"),
     ),
     Mutant(
