@@ -16,7 +16,7 @@
 #
 # Time limit: Slurm signals this script (B:USR2) 120 s ahead; it sends the requeue signal to the training
 # processes, which save and exit, and the job requeues itself. The requeue signal is USR2 unless
-# RETCLIP_REQUEUE_SIGNAL=USR1 (retclip_dist/launch/stop_signals.py says why USR2: NCCL 2.12 took USR1,
+# RETCLIP_REQUEUE_SIGNAL=USR1 (retclip_dist/runtime/stop_signals.py says why USR2: NCCL 2.12 took USR1,
 # submitit uses USR2, torchrun takes TERM/INT/HUP/QUIT). #SBATCH lines cannot read variables, so to
 # change it, change both:
 #   RETCLIP_REQUEUE_SIGNAL=USR1 sbatch --signal=B:USR1@120 launch/pretrain.sh CONFIG.yaml ...
@@ -66,8 +66,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # The requeue signal, checked (USR1 or USR2, not one NCCL_PROXY_DUMP_SIGNAL takes) and exported for
-# node.sh and the trainer; its one home is retclip_dist/launch/stop_signals.py.
-RETCLIP_REQUEUE_SIGNAL=$(${PYTHON:-python} -m retclip_dist.launch.stop_signals) || exit $?
+# node.sh and the trainer; its one home is retclip_dist/runtime/stop_signals.py.
+RETCLIP_REQUEUE_SIGNAL=$(${PYTHON:-python} -m retclip_dist.runtime.stop_signals) || exit $?
 export RETCLIP_REQUEUE_SIGNAL
 
 # Check the config, paths and output_dir once, here, before any node starts: a bad field is one line in

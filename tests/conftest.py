@@ -33,8 +33,9 @@ from transformers import BertTokenizerFast
 
 from retclip_dist import synth
 from retclip_dist.io.files import OutputDir
-from retclip_dist.model.config import ModelConfig
+from retclip_dist.model.config import ImageInput, ModelConfig
 from retclip_dist.model.tokenizer import wordpiece_tokenizer
+from retclip_dist.model.towers import image_input, vision_input_size
 from retclip_dist.model.vocab import read_vocab
 from retclip_dist.shards.build import BuildOptions, build_shards
 from retclip_dist.shards.images import ImageOptions
@@ -122,6 +123,12 @@ def tiny_model_config(vocab_path: str | Path, image_size: int = 32, embed_dim: i
         tokenizer_path=str(vocab_path),
         embed_dim=embed_dim,
     )
+
+
+def model_image(cfg: ModelConfig) -> ImageInput:
+    """The input the model of ``cfg`` states (``RetClip.image_input``) without building its weights: what
+    the trainer hands the loaders, for tests that build loaders as a run does."""
+    return image_input(cfg, vision_input_size(cfg))
 
 
 def tiny_tokenizer() -> BertTokenizerFast:

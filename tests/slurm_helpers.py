@@ -105,7 +105,7 @@ def run_overrides(shards: Path, out_dir: Path) -> list[str]:
         "--log.every_steps", "1",
         "--val.every_epochs", "1",
         "--log.progress", "false",
-        "--log.tensorboard", "false",
+        "--log.trackers", "[]",
     ]  # fmt: skip
 
 

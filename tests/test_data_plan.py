@@ -7,8 +7,17 @@ import random
 
 import pytest
 
-from retclip_dist.data.plan import EpochPlan, Layout, ShardRange, cut_ranges, plan_epoch, round_robin
+from retclip_dist.data.plan import (
+    EpochPlan,
+    Layout,
+    ShardRange,
+    cut_ranges,
+    plan_epoch,
+    round_robin,
+    stream_seed,
+)
 from retclip_dist.data.reshape import Segment, replan, used_by
+from retclip_dist.data.streams import shuffled
 from retclip_dist.shardset import ShardInfo
 
 
@@ -116,7 +125,7 @@ def test_equal_shards_give_known_steps_and_unused() -> None:
     assert plan.caps == (3, 3)
     assert plan.order == (0, 1, 0, 1, 0, 1)
     assert plan.steps == 6
-    assert plan.unused == 4 and plan.planned == 36
+    assert plan.unused == 4 and plan.samples == 40
     assert [sum(r.count for r in s) for part in plan.streams for s in part] == [9, 9, 9, 9]
 
 
@@ -149,13 +158,13 @@ def test_layout_serves_partitions_round_robin_and_splits_the_batch() -> None:
     [
         (
             {"rank": 0, "world_size": 2, "partitions": 3, "batch_size": 4},
-            "not a multiple of the world size 2",
+            "data.partitions=3: must be a multiple of the world size 2",
         ),
         (
             {"rank": 0, "world_size": 1, "partitions": 3, "batch_size": 4},
-            "does not split over the 3 partitions",
+            "data.batch_size=4: must split evenly over the 3 partitions",
         ),
-        ({"rank": 2, "world_size": 2, "partitions": 2, "batch_size": 4}, "rank 2 is outside world size 2"),
+        ({"rank": 2, "world_size": 2, "partitions": 2, "batch_size": 4}, "rank=2: outside world size 2"),
     ],
 )
 def test_layout_rejects_inconsistent_settings(kwargs: dict, message: str) -> None:
@@ -165,6 +174,20 @@ def test_layout_rejects_inconsistent_settings(kwargs: dict, message: str) -> Non
 
 def _stream_samples(plan: EpochPlan) -> list[list[tuple[str, int]]]:
     return [[(r.shard.url, i) for r in ranges for i in r.indices()] for row in plan.streams for ranges in row]
+
+
+def _emitted(
+    plan: EpochPlan, segment: Segment, seed: int, epoch: int, generation: int
+) -> set[tuple[str, int]]:
+    """What the loader's streams emitted up to ``segment``'s positions, as data/streams.stream_samples reads
+    them (its buffered shuffle over the stream's samples, seeded per stream), not through used_by."""
+    out = set()
+    for p in range(segment.partitions):
+        for w in range(segment.workers):
+            items = _stream_samples(plan)[p * segment.workers + w]
+            order = shuffled(items, segment.buffer, random.Random(stream_seed(seed, epoch, p, w, generation)))
+            out |= set(itertools.islice(order, segment.positions[p][w]))
+    return out
 
 
 def test_reshaped_tails_read_every_unused_sample_once() -> None:
@@ -197,7 +220,8 @@ def test_reshaped_tails_read_every_unused_sample_once() -> None:
             # Each segment read with its own shuffle buffer size: a new size is a new layout too.
             buffer = rng.randrange(1, 20)
             segment = Segment(partitions, workers, micro, tuple(tuple(r) for r in positions), buffer)
-            used_now = used_by(plan, segment, seed, epoch, generation)
+            used_now = _emitted(plan, segment, seed, epoch, generation)
+            assert used_by(plan, segment, seed, epoch, generation) == used_now  # what replan will subtract
             assert len(used_now) == stop * global_batch
             used += sorted(used_now)
             history.append(segment)

@@ -13,10 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import fake_patients, tiny_tokenizer, write_shard_set
+from conftest import fake_patients, model_image, tiny_tokenizer, write_shard_set
 
 from retclip_dist.config import ConfigError, load_config
-from retclip_dist.data.config import DataConfig
+from retclip_dist.data.config import DataConfig, sized_for
 from retclip_dist.data.loader import build_train_data
 from retclip_dist.data.position import PositionError, patient_id
 from retclip_dist.train.checkpoint import STATE_NAME, Restored, checkpoint_name
@@ -174,7 +174,8 @@ def _checkpoint(cfg: RunConfig, steps: int) -> Path:
         "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
     }
     (path / STATE_NAME).write_text(json.dumps(state))
-    _, data_state = _stopped(cfg.data, steps, cfg.train.seed)
+    # As the trainer writes it: the loader sized by the model, which the config check sizes by too.
+    _, data_state = _stopped(sized_for(cfg.data, model_image(cfg.model).size), steps, cfg.train.seed)
     (path / "data_rank0.json").write_text(json.dumps(data_state))
     return path
 

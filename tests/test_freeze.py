@@ -168,7 +168,7 @@ def test_frozen_vision_under_zero2_trains_the_rest(shards, tmp_path):
         "--data.shards", str(shards), "--output_dir", str(tmp_path / "run"),
         "--data.batch_size", "8", "--data.num_workers", "0",
         "--train.max_steps", "3", "--train.warmup_steps", "1",
-        "--data.val_split", "null", "--log.tensorboard", "false", "--log.progress", "false",
+        "--data.val_split", "null", "--log.trackers", "[]", "--log.progress", "false",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -33,7 +33,7 @@ BASE = [
     "--train.warmup_steps", "2",
     "--log.every_steps", "1",
     "--data.val_split", "null",  # no validation (and no dependence on its section name)
-    "--log.tensorboard", "false",
+    "--log.trackers", "[]",
     "--log.progress", "false",
 ]  # fmt: skip
 

@@ -93,7 +93,7 @@ def overrides(shards: Path, out: Path, per_rank_batch: int, *extra: str) -> list
         "--log.every_steps", "1",
         "--val.every_epochs", "0",
         "--checkpoint.every_steps", "0",
-        "--log.tensorboard", "false",
+        "--log.trackers", "[]",
         "--log.progress", "false",
         *extra,
     ]  # fmt: skip

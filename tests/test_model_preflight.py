@@ -38,7 +38,7 @@ TINY = [
     "--data.val_split", "null",
     "--train.max_steps", "1",
     "--train.warmup_steps", "1",
-    "--log.tensorboard", "false",
+    "--log.trackers", "[]",
     "--log.progress", "false",
 ]  # fmt: skip
 # configs/tiny.yaml's vision tower: width 64, 2 blocks, patch 16 at 128 px; D = 32.

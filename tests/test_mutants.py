@@ -11,6 +11,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,3 +37,26 @@ def test_every_mutant_snippet_occurs_exactly_once_and_its_tests_exist():
             assert (ROOT / test.split("::")[0]).exists(), (m.name, test)
     assert stale == {}, f"snippets found a number of times other than once: {stale}"
     assert len({m.name for m in mutate.MUTANTS}) == len(mutate.MUTANTS)  # --only picks by name
+
+
+def test_only_a_failing_test_catches_a_mutant(tmp_path):
+    """A mutant counts as caught only when pytest ran the tests and one failed; a timeout, a collection
+    error (pytest's own crash) or no tests at all are reported as such, never as caught."""
+    mutate = _mutate_module()
+    assert [mutate.verdict(c) for c in (0, 1, 2, 3, 4, 5, -9, mutate.TIMED_OUT)] == [
+        "survived", "caught", "crashed", "crashed", "crashed", "crashed", "crashed", "timed out",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_pytest_exit_status_tells_a_failing_test_from_a_broken_run(tmp_path):
+    """The statuses above, as _pytest gets them from pytest: an error a test meets is a failure (caught),
+    an import that breaks collection is not."""
+    mutate = _mutate_module()
+    (tmp_path / "test_raises.py").write_text("def test_it():\n    raise ValueError('the mutant')\n")
+    (tmp_path / "test_broken.py").write_text("import no_such_module_anywhere\n\ndef test_it():\n    pass\n")
+    found = {
+        name: mutate.verdict(mutate._pytest(tmp_path, [f"{name}.py"])[0])
+        for name in ("test_raises", "test_broken")
+    }
+    assert found == {"test_raises": "caught", "test_broken": "crashed"}

@@ -1,37 +1,66 @@
-"""The two ViT-B/16 recipes: the paper's as we run it, and the release's own run (configs/)."""
+"""The two ViT-B/16 recipes (configs/): what each must build, checked against what its weights need and
+against the release's own model, not restated from the YAML."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
+import torch
+from release_reference import CLAMP, ReleaseClip
 
 from retclip_dist.config import ConfigError, load_config
-from retclip_dist.model.config import RELEASE_LOGIT_SCALE_RANGE
+from retclip_dist.model.convert_retclip import infer_config
+from retclip_dist.model.retclip import RetClip
+from retclip_dist.model.towers import build_vision_tower, tower_activation, vision_input_size
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.preflight import check_run_config
 
-
-def test_paper_recipe_builds_the_tower_clip_weights_were_trained_with():
-    cfg = load_config(RunConfig, "configs/retclip_vitb16.yaml")
-    assert cfg.model.vision_name == "vit_base_patch16_clip_quickgelu_224"
-    assert cfg.loss.gather is True and cfg.loss.duplicates == "mask"
-    assert (cfg.model.min_logit_scale, cfg.model.max_logit_scale) == (None, pytest.approx(math.log(100)))
-    assert cfg.model.patient_scale_from_clip is False
-    assert (cfg.train.precision, cfg.train.no_decay, cfg.data.hflip) == ("bf16", "1d", False)
+RECIPES = ("configs/retclip_vitb16.yaml", "configs/retclip_release.yaml")
 
 
-def test_release_recipe_is_the_example_script():
-    cfg = load_config(RunConfig, "configs/retclip_release.yaml")
-    assert cfg.model.vision_name == "vit_base_patch16_clip_quickgelu_224"
-    assert cfg.loss.gather is False  # --skip-aggregate
-    assert cfg.loss.duplicates == "keep"  # its loss pushes same-report patients apart
-    assert cfg.data.context_length == 100 and cfg.data.batch_size == 256 and cfg.data.hflip
-    assert (cfg.model.min_logit_scale, cfg.model.max_logit_scale) == RELEASE_LOGIT_SCALE_RANGE
-    assert cfg.model.patient_scale_from_clip and cfg.model.grad_checkpointing == "full"  # written true
-    train = cfg.train
-    assert (train.lr, train.weight_decay, train.warmup_steps, train.epochs) == (3e-5, 1e-3, 50, 10)
-    assert (train.precision, train.no_decay, train.betas, train.eps) == ("fp16", "release", [0.9, 0.98], 1e-6)
+def _model_config(path: str, *overrides: str):
+    return load_config(
+        RunConfig, path, ["--model.tokenizer_path", "configs/tiny_vocab.txt", *overrides]
+    ).model
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_each_recipe_builds_the_vision_tower_openai_clip_weights_need(path):
+    """Both recipes start from OpenAI's ViT-B/16 CLIP weights. A tower that loads them but computes
+    something else (GELU for QuickGELU, another side than the position table's 14 x 14 patches) fits
+    every tensor and trains silently worse: the tower as built must be CLIP's."""
+    cfg = _model_config(path)
+    with torch.device("meta"):
+        tower = build_vision_tower(cfg)
+    assert tower_activation(tower) == "quick_gelu"
+    assert vision_input_size(cfg) == 224 and tuple(tower.patch_embed.patch_size) == (16, 16)
+    assert tower.pos_embed.shape == (1, 1 + 14 * 14, 768)  # CLIP ViT-B/16's class token and patch grid
+    assert tower.patch_embed.proj.bias is None  # CLIP's conv1 has none
+    assert isinstance(tower.norm_pre, torch.nn.LayerNorm)  # CLIP's ln_pre
+
+
+def test_release_recipe_builds_the_image_side_a_release_checkpoint_converts_to():
+    """The release's own ViT-B/16 (its parameter names, at full size, on the meta device), read by the
+    converter, gives the vision tower, image heads and clamp the release recipe builds: a converted
+    release checkpoint and a run of the recipe are the same model."""
+    with torch.device("meta"):
+        release = ReleaseClip(vocab_size=21128, width=768, layers=12, patch=16, resolution=224, embed=512)
+    inferred = infer_config(release.state_dict(), "configs/tiny_vocab.txt")
+    # Built as a shape only: the recipe's patient scale comes from the CLIP file, left out here.
+    recipe = _model_config("configs/retclip_release.yaml", "--model.patient_scale_from_clip", "false")
+    inferred.text_config = recipe.text_config  # the reference's BERT is test-sized; text is not compared
+    shapes = []
+    for cfg in (recipe, inferred):
+        with torch.device("meta"):
+            model = RetClip(cfg)
+        shapes.append(
+            {k: v.shape for k, v in model.state_dict().items() if not k.startswith(("text", "bert"))}
+        )
+    assert shapes[0] == shapes[1] and any(k.startswith("visual.") for k in shapes[0])
+    assert (
+        (recipe.min_logit_scale, recipe.max_logit_scale)
+        == CLAMP
+        == (inferred.min_logit_scale, inferred.max_logit_scale)
+    )
 
 
 def test_release_recipe_is_refused_without_the_clip_file_it_starts_from(tmp_path):

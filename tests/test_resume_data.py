@@ -31,7 +31,7 @@ ARGS = [
     "--train.warmup_steps", "2",
     "--log.every_steps", "1",
     "--val.every_epochs", "0",
-    "--log.tensorboard", "false",
+    "--log.trackers", "[]",
     "--log.progress", "false",
     "--checkpoint.every_steps", "0",
 ]  # fmt: skip

@@ -271,3 +271,16 @@ def test_source_hashes_are_keyed_so_a_photo_cannot_be_tested_without_the_key(coh
     unkeyed = json.loads((tmp_path / "p" / "manifest.json").read_text())
     assert unkeyed["source_hash"] == "sha256" and "key_check" not in unkeyed
     assert {d for shard in unkeyed["shards"] for d in shard["source_sha256"]} == plain
+
+
+def test_a_pseudonym_cannot_be_matched_to_a_digest_of_the_same_text_elsewhere_in_the_set():
+    """Each keyed digest has its own domain: the id "P1" and an input path "P1" (or a photo's hash) get
+    unrelated digests, so a reader cannot link a manifest's option digest or a source digest to a patient."""
+    p = Pseudonymiser(KEY)
+    for text in ("P1", "/exports/HOSP.0500005", hashlib.sha256(b"photo").hexdigest()):
+        digests = {
+            p.pseudonym(text).removeprefix("ps-"),
+            p.option_digest(text).removeprefix("hmac-sha256:"),
+            p.source_digest(text)[:32],
+        }
+        assert len(digests) == 3, text

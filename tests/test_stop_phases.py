@@ -49,7 +49,7 @@ ARGS = [
     "--train.epochs", "2",
     "--train.warmup_steps", "1",
     "--log.every_steps", "1",
-    "--log.tensorboard", "false",
+    "--log.trackers", "[]",
     "--log.progress", "false",
     "--checkpoint.every_steps", "0",
     "--val.every_epochs", "1",

@@ -1,4 +1,4 @@
-"""The stop-signal convention (retclip_dist/launch/stop_signals.py) and the trainer's handler that uses it."""
+"""The stop-signal convention (retclip_dist/runtime/stop_signals.py) and the trainer's handler that uses it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from retclip_dist.launch.stop_signals import REQUEUE_SIGNAL_ENV, requeue_signal, stop_signals
+from retclip_dist.runtime.stop_signals import REQUEUE_SIGNAL_ENV, requeue_signal, stop_signals
 from retclip_dist.train.signals import StopRequest
 
 
@@ -51,7 +51,7 @@ def test_a_signal_nccl_is_told_to_take_is_refused(monkeypatch):
 def test_shell_launchers_get_the_name_or_one_line_and_status_2():
     def ask(**env: str) -> subprocess.CompletedProcess:
         clean = {k: v for k, v in os.environ.items() if k != REQUEUE_SIGNAL_ENV}
-        cmd = [sys.executable, "-m", "retclip_dist.launch.stop_signals"]
+        cmd = [sys.executable, "-m", "retclip_dist.runtime.stop_signals"]
         return subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, timeout=30)
 
     assert ask().stdout == "USR2\n"

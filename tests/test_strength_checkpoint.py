@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from retclip_dist.config import ConfigError
-from retclip_dist.train.checkpoint import Checkpointer
+from retclip_dist.train.checkpoint import Checkpointer, resume_path
 
 
 def _model_and_optimizer(acc: Accelerator) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -38,7 +38,7 @@ def test_checkpointer_keeps_the_newest_and_restores_weights_position_and_rng(tmp
         optimizer.zero_grad()
         ck.save(step, step // 3, {"note": "config"}, {"step_in_epoch": step})
     assert [p.name for p in ck.complete()] == ["step_00000004", "step_00000006"]
-    assert ck.latest().name == "step_00000006"
+    assert resume_path(root, "auto") == root / "step_00000006"  # what --checkpoint.resume auto takes
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     next_draws = torch.rand(5)  # what the run would have drawn after its save
 
@@ -74,7 +74,7 @@ def test_checkpointer_gives_every_saved_ranks_position_and_refuses_incomplete_di
     (path / "data_rank1.json").write_text(json.dumps({"rank": 1}))
     assert ck.load("auto").data_state == {"ranks": [{"rank": 0}, {"rank": 1}]}
     (path / "train_state.json").unlink()
-    assert ck.latest() is None
+    assert resume_path(tmp_path, "auto") is None  # no longer complete: a resume starts fresh
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         ck.load(str(path))
 

@@ -56,7 +56,7 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
     # A constant schedule, so that the stopped run's shorter max_steps leaves the learning rates alone.
     cfg["train"].update(accum_steps=2, schedule="constant", warmup_steps=1, lr=1e-3, epochs=2)
     cfg["checkpoint"].update(every_steps=2, keep_last=1)
-    cfg["log"].update(every_steps=1, tensorboard=False, progress=False)
+    cfg["log"].update(every_steps=1, trackers=[], progress=False)
     cfg["val"].update(every_epochs=0)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))

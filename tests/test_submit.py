@@ -33,7 +33,14 @@ from slurm_helpers import (
     wait_for_job,
 )
 
-from retclip_dist.launch.submit import PretrainJob, main
+from retclip_dist.launch.submit import (
+    PretrainJob,
+    build_executor,
+    main,
+    parse_args,
+    sbatch_script,
+    slurm_parameters,
+)
 from retclip_dist.runtime.health import Health
 
 
@@ -110,6 +117,37 @@ def test_dry_run_with_cpu_asks_slurm_for_no_gpus(tmp_path, capsys):
     lines = _script_lines(argv, capsys)
     assert "#SBATCH --nodes=1" in lines
     assert not [line for line in lines if "gpu" in line]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu nodes", "--time-min", "600"],
+        ["--cpu", "--requeue-signal", "USR1", "--signal-delay-s", "300", "--job-name", "ret clip"],
+    ],
+)
+def test_dry_run_script_is_the_text_submitit_writes_for_the_same_job(tmp_path, monkeypatch, capsys, extra):
+    """Our renderer (submitit has no public one) against submitit's own text for the executor the real
+    submission builds: a changed sbatch layout in a new submitit fails here, not on a cluster."""
+    import submitit.slurm.slurm as submitit_slurm  # the test may read submitit's internals
+
+    fake_bin = tmp_path / "bin"  # submitit builds a Slurm executor only where `srun` is on PATH
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake_bin))
+    # submitit's default signal line would name this one; ours must replace it, whatever the shell says.
+    monkeypatch.setattr(submitit_slurm.SlurmJobEnvironment, "USR_SIG", "TERM")
+    args = parse_args(["--config", "configs/tiny.yaml", "--log-dir", str(tmp_path / "logs"), *extra])
+    executor = build_executor(args)
+    theirs = executor._make_submission_file_text("<submitit task command>", "uid")
+    assert (
+        main(["--config", "configs/tiny.yaml", "--log-dir", str(tmp_path / "logs"), *extra, "--dry-run"]) == 0
+    )
+    ours = capsys.readouterr().out
+    assert ours == theirs + "\n"  # print's newline
+    assert sbatch_script(slurm_parameters(args), args.log_dir, "<submitit task command>") == theirs
+    assert "TERM" not in theirs
 
 
 def test_each_node_launches_its_share_of_all_processes():

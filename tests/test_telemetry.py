@@ -20,9 +20,11 @@ import torch
 from accelerate.utils import LoggerType
 from conftest import build_synth_shards, free_port, run_gloo_ranks
 
+from retclip_dist.config import from_dict, to_dict
 from retclip_dist.exit_codes import EXIT_CONFIG
 from retclip_dist.train import telemetry
 from retclip_dist.train.cli import main
+from retclip_dist.train.config import LogSection
 from retclip_dist.train.metrics_log import MetricsLog, read_metrics, tracker_config
 from retclip_dist.train.telemetry import StepClock, peak_memory_gb, step_timing, wait_share
 
@@ -175,7 +177,26 @@ def test_tensorboard_false_leaves_it_out_of_the_trackers(monkeypatch, capsys):
     monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
     args = ["--check", "--log.tensorboard", "false", "--log.trackers", "[tensorboard, wandb]"]
     assert main(args) == EXIT_CONFIG
-    assert "'wandb' needs its package" in capsys.readouterr().err  # tensorboard itself was not asked for
+    err = capsys.readouterr().err
+    assert "'wandb' needs its package" in err  # tensorboard itself was not asked for
+    assert "warning: log.tensorboard=false is an old switch; use log.trackers" in err
+
+
+@pytest.mark.parametrize(
+    ("alias", "trackers", "want"),
+    [
+        (None, ["tensorboard", "wandb", "tensorboard"], ["tensorboard", "wandb"]),
+        (False, ["tensorboard", "wandb"], ["wandb"]),
+        (True, ["wandb"], ["wandb"]),  # the alias never adds a tracker
+    ],
+)
+def test_log_tensorboard_is_only_a_warned_alias_of_log_trackers(capsys, alias, trackers, want):
+    """trackers is the one list: the alias is folded into it at once and config.json records no alias."""
+    section = LogSection(trackers=trackers, tensorboard=alias)
+    assert (section.trackers, section.tensorboard) == (want, None)
+    assert ("is an old switch" in capsys.readouterr().err) == (alias is not None)
+    assert to_dict(section)["tensorboard"] is None
+    assert from_dict(LogSection, to_dict(section)) == section
 
 
 # Rank SLOW_RANK's loader sleeps before handing over each batch; the trainer runs as `-m retclip_dist.train`.

@@ -43,7 +43,7 @@ ARGS = [
     "--log.every_steps", "1",
     "--val.every_epochs", "1",
     "--val.probe.label", "hard_exudates",
-    "--log.tensorboard", "false",
+    "--log.trackers", "[]",
     "--log.progress", "false",
     "--checkpoint.every_steps", "0",
 ]  # fmt: skip

@@ -9,12 +9,17 @@ Each mutant is (file, original snippet, mutated snippet, tests). The script copi
 configs to a temporary directory once, and for each mutant patches the copy, runs only that mutant's
 tests there (``PYTHONPATH`` pointing at the copy, so subprocesses see the mutant too) and restores the
 file. The working tree is never modified. Results:
-  caught    the tests failed (or errored) with the bug planted
-  survived  the tests passed with the bug planted: a missing test, or a bug the tests cannot see
-            (TESTING.md lists each survivor with its explanation)
-  stale     the original snippet is no longer in the file (the code was rewritten): update the mutant
+  caught     a test failed on an assertion or on an error the mutant causes (pytest's "tests failed")
+  survived   the tests passed with the bug planted: a missing test, or a bug the tests cannot see
+             (TESTING.md lists each survivor with its explanation)
+  stale      the original snippet is no longer in the file (the code was rewritten): update the mutant
+  timed out  the tests did not end within TIMEOUT_S: a hang the mutant caused, or a machine too loaded;
+             not caught, since no test said anything
+  crashed    pytest itself did not run the tests (a collection error, an internal error, no tests
+             collected, killed by a signal): not caught either, since no test judged the mutant
 A baseline run of all selected tests on the unmutated copy comes first; if it fails, nothing is judged.
-Exit status: 0 when no mutant survived unexpectedly and the baseline passed, 1 otherwise.
+Exit status: 0 when the baseline passed and every mutant was caught, stale or an explained survivor;
+1 when one survived unexplained, timed out or crashed.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 COPIED = ("retclip_dist", "tests", "configs", "pyproject.toml")
 TIMEOUT_S = 300
+TIMED_OUT = -1000  # what _pytest returns when the tests ran past TIMEOUT_S (no exit status of pytest's)
+VERDICTS = ("caught", "survived", "stale", "timed out", "crashed")
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,11 @@ EXPORT_CLI = "retclip_dist/export/cli.py"
 API = "retclip_dist/api.py"
 DOG = "retclip_dist/runtime/watchdog.py"
 REQUEUE = "retclip_dist/launch/requeue.py"
+RESHAPE = "retclip_dist/data/reshape.py"
+PSEUDONYM = "retclip_dist/shards/pseudonym.py"
+RUNLOCK = "retclip_dist/train/runlock.py"
+RETCLIP = "retclip_dist/model/retclip.py"
+BACKEND = "retclip_dist/train/backend.py"
 
 T_AUG = "tests/test_data_augment.py"
 T_AUG_PATHS = f"{T_AUG}::test_cpu_and_device_paths_agree_on_real_crops"
@@ -108,6 +120,20 @@ T_DUP_TOKENS = (
 T_FORK_STRESS = "tests/test_runtime_workers.py::test_hundreds_of_worker_starts_beside_thread_churn_never_hang"
 T_DOG = "tests/test_watchdog.py::test_a_rank_stuck_in_its_own_work_dumps_its_stacks_and_ends_with_exit_code_5"
 T_REQUEUE = "tests/test_watchdog.py::test_a_fault_is_requeued_until_it_repeats_without_a_newer_checkpoint"
+T_RESHAPE = "tests/test_data_plan.py::test_reshaped_tails_read_every_unused_sample_once"
+T_RESHAPE_LOADER = f"{T_LOADER}::test_resume_on_another_layout_uses_the_epochs_patients_once"
+T_LOCK_HOST = (
+    "tests/test_faults_train.py::test_lock_from_another_host_is_stale_only_after_its_heartbeat_stops"
+)
+T_LOCK_PID = "tests/test_faults_train.py::test_lock_holder_pid_reused_by_another_process_is_stale"
+T_DUP_RANKS = "tests/test_duplicates.py::test_two_ranks_equal_one_with_duplicates_across_ranks"
+T_CLAMP_STEP = (
+    "tests/test_train.py::test_a_step_that_pushes_the_logit_scales_past_the_clamp_leaves_them_at_its_bound"
+)
+T_PREFLIGHT = "tests/test_faults_train.py::test_preflight_names_the_field_and_the_reason"
+T_PREFLIGHT_RESUME = (
+    "tests/test_data_position.py::test_the_config_check_refuses_the_same_resumes_before_any_process_starts"
+)
 
 MUTANTS = [
     # --- augmentation
@@ -574,6 +600,86 @@ MUTANTS = [
         '        if entry.get("checkpoint") is None:\n            break\n',
         (T_REQUEUE,),
     ),
+    # --- issue 22: code that had no mutant
+    Mutant(
+        "reshape-replay-forgets-the-generation",
+        RESHAPE,
+        "rng = random.Random(stream_seed(seed, epoch, p, w, generation))",
+        "rng = random.Random(stream_seed(seed, epoch, p, w, 0))",
+        (T_RESHAPE, T_RESHAPE_LOADER),
+    ),
+    Mutant(
+        "reshape-replay-ignores-the-shuffle-buffer",
+        RESHAPE,
+        "order = shuffled(items, segment.buffer, rng)",
+        "order = shuffled(items, 1, rng)",
+        (T_RESHAPE, T_RESHAPE_LOADER),
+    ),
+    Mutant(
+        "pseudonym-without-the-key",
+        PSEUDONYM,
+        "return PSEUDONYM_PREFIX + self._mac(_ID_DOMAIN, patient_id)[:_PSEUDONYM_HEX]",
+        "return PSEUDONYM_PREFIX + hashlib.sha256(patient_id.encode()).hexdigest()[:_PSEUDONYM_HEX]",
+        (T_PSEUDO,),
+    ),
+    Mutant(
+        "pseudonym-shares-the-option-domain",
+        PSEUDONYM,
+        "return PSEUDONYM_PREFIX + self._mac(_ID_DOMAIN, patient_id)[:_PSEUDONYM_HEX]",
+        "return PSEUDONYM_PREFIX + self._mac(_OPTION_DOMAIN, patient_id)[:_PSEUDONYM_HEX]",
+        (
+            f"{T_PSEUDO}::test_a_pseudonym_cannot_be_matched_to_a_digest_of_the_same_text_elsewhere_in_the_set",
+        ),
+    ),
+    Mutant(
+        "runlock-another-hosts-lock-never-goes-stale",
+        RUNLOCK,
+        "    if age > STALE_AFTER_S:",
+        "    if False:",
+        (T_LOCK_HOST,),
+    ),
+    Mutant(
+        "runlock-reused-pid-still-holds-the-lock",
+        RUNLOCK,
+        "if holder.proc_start is not None and current is not None and current != holder.proc_start:",
+        "if False:",
+        (T_LOCK_PID,),
+    ),
+    Mutant(
+        "duplicate-mask-ignores-the-rank-offset",
+        LOSS,
+        "same[rows, rows + offset] = False",
+        "same[rows, rows] = False",
+        (T_DUP_RANKS,),
+    ),
+    Mutant(
+        "logit-scale-clamp-above-the-cap",
+        RETCLIP,
+        "scale.clamp_(min=self.config.min_logit_scale, max=self.config.max_logit_scale)",
+        "scale.clamp_(min=self.config.min_logit_scale, max=self.config.max_logit_scale + 1.0)",
+        (T_CLAMP_STEP, "tests/test_model.py::test_clamp_logit_scales"),
+    ),
+    Mutant(
+        "trainer-step-skips-the-clamp",
+        BACKEND,
+        "    if not uses_deepspeed(acc):\n        inner.clamp_logit_scales_()\n        return\n",
+        "    if not uses_deepspeed(acc):\n        return\n",
+        (T_CLAMP_STEP,),
+    ),
+    Mutant(
+        "preflight-lets-another-image-size-through",
+        PREFLIGHT,
+        "if cfg.data.image_size is not None and side != cfg.data.image_size:",
+        "if False:",
+        (T_PREFLIGHT,),
+    ),
+    Mutant(
+        "preflight-skips-the-data-position-check",
+        PREFLIGHT,
+        "    reason = position.refusal(first, now)\n",
+        "    reason = None\n",
+        (T_PREFLIGHT_RESUME,),
+    ),
 ]
 
 
@@ -595,12 +701,23 @@ def _pytest(tree: Path, tests: list[str]) -> tuple[int, float, str]:
     try:
         done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return -1, time.monotonic() - start, "timeout"
+        return TIMED_OUT, time.monotonic() - start, f"no result within {TIMEOUT_S} s"
     lines = [ln for ln in done.stdout.splitlines() if ln.strip()]
     summary = lines[-1] if lines else done.stderr[-200:]
     # The first error line says why a mutant was caught (an assertion, not a crash of the mutant itself).
     why = next((ln[1:].strip() for ln in lines if ln.startswith("E ")), "")
     return done.returncode, time.monotonic() - start, f"{summary}; {why[:90]}" if why else summary
+
+
+def verdict(code: int) -> str:
+    """The mutant's verdict from pytest's exit status (or TIMED_OUT)."""
+    if code == TIMED_OUT:
+        return "timed out"
+    if code == 0:
+        return "survived"
+    if code == 1:  # pytest: tests were collected and run, and some failed
+        return "caught"
+    return "crashed"  # 2 interrupted or a collection error, 3 internal error, 4 usage, 5 no tests, < 0 signal
 
 
 def run(mutants: list[Mutant], baseline: bool) -> int:
@@ -628,25 +745,27 @@ def run(mutants: list[Mutant], baseline: bool) -> int:
                 code, secs, last = _pytest(tree, list(m.tests))
             finally:
                 target.write_text(text, encoding="utf-8")
-            verdict = "survived" if code == 0 else "caught"
-            results.append((m, verdict, secs, last))
-            print(f"{verdict:9} {m.name} ({secs:.0f} s): {last}", flush=True)
+            found = verdict(code)
+            results.append((m, found, secs, last))
+            print(f"{found:9} {m.name} ({secs:.0f} s): {last}", flush=True)
 
     print("\n| mutant | file | verdict | tests | note |\n|---|---|---|---|---|")
-    for m, verdict, _, last in results:
-        note = (m.expect_survive if verdict == "survived" else last).replace("|", "/")
+    for m, found, _, last in results:
+        note = (m.expect_survive if found == "survived" else last).replace("|", "/")
         tests = ", ".join(t.replace("tests/", "").split("::")[0] for t in m.tests)
-        print(f"| {m.name} | {m.path.removeprefix('retclip_dist/')} | {verdict} | {tests} | {note} |")
-    counts = {v: sum(r[1] == v for r in results) for v in ("caught", "survived", "stale")}
+        print(f"| {m.name} | {m.path.removeprefix('retclip_dist/')} | {found} | {tests} | {note} |")
+    counts = {v: sum(r[1] == v for r in results) for v in VERDICTS}
     print(
-        f"\n{counts['caught']} caught, {counts['survived']} survived, {counts['stale']} stale "
-        f"in {time.monotonic() - began:.0f} s",
+        "\n" + ", ".join(f"{n} {v}" for v, n in counts.items()) + f" in {time.monotonic() - began:.0f} s",
         flush=True,
     )
     unexpected = [m.name for m, v, _, _ in results if v == "survived" and not m.expect_survive]
     if unexpected:
         print(f"survivors without an explanation: {unexpected}", file=sys.stderr)
-    return 1 if unexpected else 0
+    unjudged = [m.name for m, v, _, _ in results if v in ("timed out", "crashed")]
+    if unjudged:
+        print(f"not judged (timed out or crashed): {unjudged}", file=sys.stderr)
+    return 1 if unexpected or unjudged else 0
 
 
 def main() -> int:

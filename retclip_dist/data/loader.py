@@ -20,14 +20,14 @@ from transformers import PreTrainedTokenizerBase
 
 from retclip_dist.data import position
 from retclip_dist.data.augment import DeviceAugment
-from retclip_dist.data.config import DataConfig
+from retclip_dist.data.config import DataConfig, sized_for
 from retclip_dist.data.plan import EpochPlan, Layout, plan_epoch, stream_seed
 from retclip_dist.data.reshape import Segment, replan
 from retclip_dist.data.samples import SampleDecoder, collate
 from retclip_dist.data.skips import SkipCounter, skipped_total
 from retclip_dist.data.streams import stream_samples
-from retclip_dist.launch.stop_signals import stop_signals
 from retclip_dist.model.config import ImageInput
+from retclip_dist.runtime.stop_signals import stop_signals
 from retclip_dist.runtime.workers import WorkerSetup, worker_context
 from retclip_dist.shardset import Manifest, read_manifest
 
@@ -43,7 +43,7 @@ class LoaderError(RuntimeError):
 
 
 # Slurm signals every process of a job on preemption or before a time limit (the stop signals, defined in
-# retclip_dist.launch.stop_signals). The trainer answers by saving a checkpoint, which needs its loader
+# retclip_dist.runtime.stop_signals). The trainer answers by saving a checkpoint, which needs its loader
 # workers alive until then; they ignore the signals and stop when it exits (runtime/workers.py).
 
 
@@ -194,7 +194,7 @@ class TrainLoader:
         seed: int,
         image: ImageInput,
     ) -> None:
-        self.cfg = cfg
+        self.cfg = sized_for(cfg, image.size)  # data.image_size follows the model's input
         self.image = image  # the model's input size and normalisation
         self.tokenizer = tokenizer
         self.seed = seed
@@ -439,7 +439,7 @@ def build_train_data(
     """The training loader of ``rank`` of ``world_size`` for the shard set ``cfg.shards``.
 
     ``image``: the model's input (``RetClip.image_input``); the trainer always passes it. Without a model
-    (tests, benchmarks) it is CLIP normalisation at ``data.image_size``.
+    (tests, benchmarks) it is CLIP normalisation at ``data.image_size`` (CLIP's side when null).
     """
     manifest = read_manifest(cfg.shards, cfg.storage_options)
     return TrainLoader(

@@ -15,10 +15,10 @@ the whole plan from the manifest, so all ranks agree on the step count without t
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
+from retclip_dist.seeds import derive_seed
 from retclip_dist.shardset import ShardInfo
 
 # Recorded with a loader's position: a checkpoint's stream positions only mean something under the plan
@@ -27,10 +27,14 @@ PLAN_FORMAT = "ranges/1"
 LEGACY_PLAN_FORMAT = "shards/1"
 
 
-def derive_seed(*parts: int) -> int:
-    """A stable 64-bit seed from integers (Python's hash() of a tuple changes between processes)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little")
+class LayoutError(ValueError):
+    """A layout that cannot serve the batch: ``field=value: reason`` (the config key it comes from)."""
+
+    def __init__(self, field: str, value: int, reason: str) -> None:
+        super().__init__(f"{field}={value!r}: {reason}")
+        self.field = field
+        self.value = value
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -41,16 +45,20 @@ class Layout:
     batch_size: int  # patients per rank per step
 
     def __post_init__(self) -> None:
+        """The one check of a layout: the loader builds one per rank, preflight one for the whole run."""
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
+            raise LayoutError("rank", self.rank, f"outside world size {self.world_size}")
         if self.partitions % self.world_size:
-            raise ValueError(
-                f"data.partitions={self.partitions} is not a multiple of the world size {self.world_size}"
+            raise LayoutError(
+                "data.partitions", self.partitions, f"must be a multiple of the world size {self.world_size}"
             )
         per_rank = self.partitions // self.world_size
         if self.batch_size % per_rank:
-            raise ValueError(
-                f"data.batch_size={self.batch_size} does not split over the {per_rank} partitions of each rank"
+            raise LayoutError(
+                "data.batch_size",
+                self.batch_size,
+                f"must split evenly over the {per_rank} partitions of each rank "
+                f"(data.partitions={self.partitions}, {self.world_size} processes)",
             )
 
     @property
@@ -90,11 +98,6 @@ class EpochPlan:
     @property
     def steps(self) -> int:
         return len(self.order)
-
-    @property
-    def planned(self) -> int:
-        """Samples the streams read this epoch (each exactly once unless damaged)."""
-        return self.samples - self.unused
 
 
 def stream_seed(seed: int, epoch: int, p: int, w: int, generation: int = 0) -> int:

@@ -113,7 +113,7 @@ def build_val_data(
 ) -> ValLoader | None:
     """The validation loader, or None when no validation split is configured or the shard set has none.
 
-    ``image`` as for ``build_train_data``: the model's input, or CLIP normalisation at ``data.image_size``.
+    ``image`` as for ``build_train_data``: the model's input, or CLIP normalisation at ``data.image_size`` (CLIP's side when null).
     """
     if cfg.val_split is None:
         return None

@@ -10,7 +10,6 @@ names the table row it comes from.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -29,6 +28,7 @@ from retclip_dist.io import files
 from retclip_dist.io.errors import ImageNotFound, ImageReadError, ImageRootError
 from retclip_dist.io.roots import ImageStore, TarStore, open_image_root
 from retclip_dist.model.config import ImageInput
+from retclip_dist.seeds import unit_draw
 from retclip_dist.shardset import EYES, IMAGE_MEMBER, MANIFEST_NAME, is_eye_image, read_manifest
 
 # Ophthalmology writes laterality several ways; OD (oculus dexter) is the right eye.
@@ -290,8 +290,7 @@ SEEDED_SHARES = (("train", 0.6), ("val", 0.2), ("test", 0.2))
 def seeded_split(row_id: str, seed: int) -> str:
     """train, val or test for one row id: a fixed 60/20/20 draw from a hash of (seed, id), so a row keeps
     its split whatever the table's order or length."""
-    digest = hashlib.sha256(f"{seed}\0{row_id}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
+    u = unit_draw((seed, row_id), "\0")
     for name, share in SEEDED_SHARES:
         if u < share:
             return name

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_STALLED, EXIT_STOPPED, FAULT_CODES
-from retclip_dist.launch.env import slurm_job
+from retclip_dist.runtime.env import slurm_job
 from retclip_dist.runtime.health import HEALTH_DIR, read_records
 
 HISTORY_NAME = "requeues.jsonl"  # under output_dir/health

@@ -11,7 +11,7 @@ up to ``train.max_fault_requeues`` times in a row without a newer checkpoint (``
 ``--local`` runs the same job with submitit's local executor (no Slurm).
 ``--cpu`` asks Slurm for no GPUs (tests, CPU clusters); the trainer runs each process on the CPU itself.
 
-The warning signal is the requeue signal of ``retclip_dist.launch.stop_signals`` (USR2, submitit's own
+The warning signal is the requeue signal of ``retclip_dist.runtime.stop_signals`` (USR2, submitit's own
 default; ``--requeue-signal USR1`` or ``RETCLIP_REQUEUE_SIGNAL=USR1`` to change it). It is one setting
 for three listeners: the ``#SBATCH --signal`` line, submitit's handler in the task (which reads
 ``SUBMITIT_PREEMPT_SIGNAL`` when it is imported, so the script exports it before ``srun``) and the
@@ -24,19 +24,21 @@ import argparse
 import contextlib
 import functools
 import os
+import shlex
 import signal
 import subprocess
 import sys
-from unittest import mock
+from pathlib import Path
+from typing import Any
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from retclip_dist.config import load_config
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
-from retclip_dist.launch.env import slurm_job
 from retclip_dist.launch.requeue import decide
-from retclip_dist.launch.stop_signals import (
+from retclip_dist.runtime.env import slurm_job
+from retclip_dist.runtime.stop_signals import (
     DEFAULT_REQUEUE_SIGNAL,
     LAUNCHER_IGNORES,
     REQUEUE_SIGNAL_ENV,
@@ -158,38 +160,78 @@ class PretrainJob(Checkpointable):
         return state
 
 
-def build_executor(args: argparse.Namespace) -> submitit.AutoExecutor:
-    # Named, not detected: detection would fall back to the local executor where sbatch is missing.
-    cluster = "local" if args.local else "slurm"
-    if args.dry_run:
-        # submitit refuses to build a Slurm executor where `srun` is missing, but rendering the script
-        # needs no Slurm: a user checks it on a laptop or a login node before going to the cluster.
-        with mock.patch.object(submitit.SlurmExecutor, "affinity", classmethod(lambda cls: 1)):
-            executor = submitit.AutoExecutor(folder=args.log_dir, cluster=cluster)
-    else:
-        executor = submitit.AutoExecutor(folder=args.log_dir, cluster=cluster)
-    params: dict = {
-        "name": args.job_name,
+def slurm_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's sbatch settings in ``submitit.SlurmExecutor``'s own parameter names: what the executor
+    submits and what ``--dry-run`` prints (``sbatch_script``)."""
+    params: dict[str, Any] = {
+        "job_name": args.job_name,
         "nodes": args.nodes,
-        "tasks_per_node": 1,
-        "timeout_min": args.time_min,
+        "ntasks_per_node": 1,
+        "time": args.time_min,
         "cpus_per_task": args.cpus_per_task,
+        # submitit writes `--signal=<its USR_SIG>@delay` from the submitting process's environment; this
+        # line replaces it so that it names our signal whatever that environment holds.
+        "additional_parameters": {"signal": f"{args.requeue_signal}@{args.signal_delay_s}"},
+        "setup": _signal_exports(args.requeue_signal),
     }
-    if not args.local:
-        params["slurm_signal_delay_s"] = args.signal_delay_s
-        # submitit writes `--signal=<its USR_SIG>@delay` from the submitting process's environment; the
-        # line is replaced so it names our signal, and the exports reach submitit and the trainer in the
-        # task even on clusters that submit with --export=NONE.
-        params["slurm_additional_parameters"] = {"signal": f"{args.requeue_signal}@{args.signal_delay_s}"}
-        params["slurm_setup"] = [
-            f"export {_SUBMITIT_SIGNAL_ENV}={args.requeue_signal}",
-            f"export {REQUEUE_SIGNAL_ENV}={args.requeue_signal}",
-        ]
-        if args.gpus_per_node and not args.cpu:
-            params["gpus_per_node"] = args.gpus_per_node
-        if args.partition:
-            params["slurm_partition"] = args.partition
-    executor.update_parameters(**params)
+    if args.gpus_per_node and not args.cpu:
+        params["gpus_per_node"] = args.gpus_per_node
+    if args.partition:
+        params["partition"] = args.partition
+    return params
+
+
+def _signal_exports(requeue: str) -> list[str]:
+    """The job's environment, passed explicitly: lines the job runs before the task starts, so that
+    submitit's handler and the trainer hear the same signal whatever the submitting shell exported and
+    even on clusters that submit with --export=NONE."""
+    return [f"export {_SUBMITIT_SIGNAL_ENV}={requeue}", f"export {REQUEUE_SIGNAL_ENV}={requeue}"]
+
+
+# What submitit's sbatch script writes for every job (submitit 1.5: its default and fixed lines).
+_SUBMITIT_FIXED = {"wckey": "submitit", "open-mode": "append"}
+
+
+def _sbatch_flag(key: str, value: object) -> str:
+    key = key.replace("_", "-")
+    return f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={shlex.quote(str(value))}"
+
+
+def sbatch_script(params: dict[str, Any], folder: str | Path, command: str) -> str:
+    """The sbatch script ``submitit.SlurmExecutor`` writes for one job of ``params`` (its parameter
+    names, as ``slurm_parameters`` gives them), for ``--dry-run``: submitit has no public call that
+    renders without submitting. tests/test_submit.py compares it with submitit's own text."""
+    params = dict(params)
+    setup = params.pop("setup", None)
+    extra = params.pop("additional_parameters", {})
+    log = Path(folder).expanduser().absolute()  # submitit's log names: JOBID_TASK_log.out/.err
+    out, err = f"{log}/%j_%t_log.out", f"{log}/%j_%t_log.err"
+    flags = {**_SUBMITIT_FIXED, **params, "output": out.replace("%t", "0"), "error": err.replace("%t", "0")}
+    flags.update(extra)
+    lines = ["#!/bin/bash", "", "# Parameters"]
+    lines += [_sbatch_flag(k, flags[k]) for k in sorted(flags)]  # submitit's order: by its own key
+    if setup:
+        lines += ["", "# setup", *setup]
+    srun = shlex.join(["srun", "--unbuffered", "--output", out, "--error", err])
+    lines += ["", "# command", "export SUBMITIT_EXECUTOR=slurm", f"{srun} {command}", ""]
+    return "\n".join(lines)
+
+
+def build_executor(args: argparse.Namespace) -> submitit.Executor:
+    if args.local:
+        executor = submitit.AutoExecutor(folder=args.log_dir, cluster="local")
+        executor.update_parameters(
+            name=args.job_name,
+            nodes=args.nodes,
+            tasks_per_node=1,
+            timeout_min=args.time_min,
+            cpus_per_task=args.cpus_per_task,
+            local_setup=_signal_exports(args.requeue_signal),
+        )
+        return executor
+    # Named, not detected: detection would fall back to the local executor where sbatch is missing.
+    executor = submitit.SlurmExecutor(folder=args.log_dir)
+    executor.update_parameters(**slurm_parameters(args))
     return executor
 
 
@@ -251,19 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         args.port,
         args.requeue_signal,
     )
-    executor = build_executor(args)
     if args.dry_run:
         if args.local:
             print("--dry-run shows the sbatch script; it has no meaning with --local", file=sys.stderr)
             return EXIT_CONFIG
-        # submitit has no public "render only" call; this is the text its own submit() writes.
-        print(executor._executor._make_submission_file_text("<submitit task command>", "<uid>"))
+        # No executor: submitit's refuses to start where `srun` is missing, but the script needs no Slurm
+        # (a user checks it on a laptop or a login node before going to the cluster).
+        print(sbatch_script(slurm_parameters(args), args.log_dir, "<submitit task command>"))
         return EXIT_OK
-    # The local executor's controller and sbatch both take this process's environment: the same signal
-    # for submitit's handler there (a patch, so main() called in-process leaves os.environ as it was).
-    signal_env = {_SUBMITIT_SIGNAL_ENV: args.requeue_signal, REQUEUE_SIGNAL_ENV: args.requeue_signal}
-    with mock.patch.dict(os.environ, signal_env):
-        submitted = executor.submit(job)
+    submitted = build_executor(args).submit(job)
     print(f"job {submitted.job_id}")
     print(f"stdout {submitted.paths.stdout}")
     print(f"stderr {submitted.paths.stderr}")

@@ -16,6 +16,7 @@ LEVELS = ("patient", "left", "right")
 # CLIP's input normalisation (OpenAI and open_clip), which the release and its ViT-B/16 starting point use.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_SIZE = 224  # CLIP ViT-B/16's side: the data path's size where no model states one (tests, benchmarks)
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,10 @@ class ImageInput:
         return f"{self.size} px: {steps} ({self.interpolation}); mean ({mean}), std ({std})"
 
     @classmethod
-    def clip(cls, size: int) -> ImageInput:
-        """CLIP normalisation at ``size`` px: for data-path code that runs without a model (tests, benchmarks)."""
-        return cls(size, CLIP_MEAN, CLIP_STD)
+    def clip(cls, size: int | None = None) -> ImageInput:
+        """CLIP normalisation at ``size`` px (CLIP's own side by default): for data-path code that runs
+        without a model (tests, benchmarks)."""
+        return cls(CLIP_SIZE if size is None else size, CLIP_MEAN, CLIP_STD)
 
 
 # BERT-base shape with the Chinese vocabulary, used when no local text checkpoint is given.

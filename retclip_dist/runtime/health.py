@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from retclip_dist.launch.env import slurm_job
+from retclip_dist.runtime.env import slurm_job
 
 HEALTH_DIR = "health"  # under output_dir
 HEARTBEAT_S = 10.0  # how often a rank's watchdog rewrites its record

@@ -1,6 +1,6 @@
 """The trainer's answer to a stop signal, installed before anything else runs (stdlib only).
 
-The stop signals (``launch/stop_signals.py``: SIGTERM and both user signals) mean "save and leave".
+The stop signals (``runtime/stop_signals.py``: SIGTERM and both user signals) mean "save and leave".
 ``StopRequest`` records the first one. Outside setup the trainer looks at the record at safe points
 (after each step, each validation batch, each probe forward, after saves) and every rank stops after
 the same one. During setup (model build, data, checkpoint load) nothing needs saving yet, so a stop
@@ -19,7 +19,7 @@ import signal
 import threading
 import types
 
-from retclip_dist.launch.stop_signals import stop_signals
+from retclip_dist.runtime.stop_signals import stop_signals
 
 
 class StoppedInSetup(BaseException):  # like KeyboardInterrupt: no ``except Exception`` takes it

@@ -13,7 +13,7 @@ and forks every worker from its single thread.
 
 What the workers keep from the direct fork they replace:
 
-- the stop signals never reach them (the trainer saves first, see ``launch/stop_signals.py``): the server
+- the stop signals never reach them (the trainer saves first, see ``runtime/stop_signals.py``): the server
   is started with them blocked, every worker inherits that mask, and ``WorkerSetup`` ignores them before
   unblocking them. The resource tracker that multiprocessing starts beside the server is started the same
   way (it ignores SIGTERM by itself; a user signal would otherwise kill it);
@@ -46,9 +46,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from retclip_dist.launch.lifetime import exit_with_parent, exit_with_process
-from retclip_dist.launch.stop_signals import LAUNCHER_IGNORES
 from retclip_dist.runtime import stacks
+from retclip_dist.runtime.lifetime import exit_with_parent, exit_with_process
+from retclip_dist.runtime.stop_signals import LAUNCHER_IGNORES
 
 # What the fork server imports once, so that each worker starts with it loaded instead of importing it
 # again: the loaders' data stack (the tokenizer's module matters most: transformers imports its tokenizer

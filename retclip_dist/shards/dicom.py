@@ -34,7 +34,7 @@ from retclip_dist.io.errors import ImageReadError, ImageRootError
 from retclip_dist.io.files import OutputDir
 from retclip_dist.io.roots import ImageStore, open_image_root
 from retclip_dist.runtime.workers import process_pool
-from retclip_dist.shards.plan import hash_unit
+from retclip_dist.seeds import hash_unit
 from retclip_dist.shards.records import PatientRecord, Reject, RejectError, ShardInputError, read_reject
 from retclip_dist.shards.sources import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, table_rows
 from retclip_dist.shardset import EYES

@@ -7,15 +7,9 @@ worker count, so two runs over the same patients always produce the same shard c
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
+from retclip_dist.seeds import hash_unit
 from retclip_dist.shards.records import PatientRecord, Reject, assign_keys
-
-
-def hash_unit(*parts: object) -> float:
-    """A uniform number in [0, 1) from a stable hash of ``parts`` (Python's hash() is salted per process)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def drop_duplicates(records: list[PatientRecord]) -> tuple[list[PatientRecord], list[Reject]]:

@@ -21,9 +21,9 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from retclip_dist.config import ConfigError
-from retclip_dist.launch.env import accelerator_placement, world_info_from_env
-from retclip_dist.launch.lifetime import exit_with_parent
 from retclip_dist.model.card import TrainingSummary
+from retclip_dist.runtime.env import accelerator_placement, world_info_from_env
+from retclip_dist.runtime.lifetime import exit_with_parent
 from retclip_dist.train.config import RunConfig
 
 TRACKER_DIR = "tensorboard"  # under output_dir: the files of the trackers that write locally
@@ -39,7 +39,7 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
     precision = cfg.train.precision if cuda or cfg.train.precision != "fp16" else "no"
     # Trackers that keep files (TensorBoard, Aim) keep them under output_dir/tensorboard, where TensorBoard's
     # event files always were; check_run_config() refused names this Accelerate cannot start.
-    trackers = cfg.log.active_trackers()
+    trackers = cfg.log.trackers
     project = ProjectConfiguration(
         project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_DIR)
     )

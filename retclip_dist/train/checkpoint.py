@@ -116,10 +116,6 @@ class Checkpointer:
         """Complete checkpoints, oldest first."""
         return complete_checkpoints(self.root)
 
-    def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1] if done else None
-
     def save(self, step: int, epoch: int, config: dict[str, Any], data_state: dict[str, Any]) -> Path:
         acc = self.accelerator
         final = self.root / checkpoint_name(step)

@@ -29,7 +29,7 @@ from retclip_dist.exit_codes import (
     EXIT_PEER_LOST,
     EXIT_STOPPED,
 )
-from retclip_dist.launch.env import world_info_from_env
+from retclip_dist.runtime.env import world_info_from_env
 from retclip_dist.runtime.health import Health, describe_peers
 from retclip_dist.runtime.stop import adopt, catch_early
 from retclip_dist.train.config import RunConfig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -94,13 +95,23 @@ class LogSection:
     # tracker reads its own environment (WANDB_MODE=offline, MLFLOW_TRACKING_URI, ...).
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     project: str = "retclip"  # trackers' project name; TensorBoard writes to output_dir/tensorboard/<project>
-    tensorboard: bool = True  # false leaves "tensorboard" out of trackers (the switch older configs use)
     progress: bool = True  # tqdm bar on the main process
+    # Old switch, an alias of log.trackers only: false drops "tensorboard" from trackers (with a warning)
+    tensorboard: bool | None = None
 
-    def active_trackers(self) -> list[str]:
-        """``trackers`` without "tensorboard" where ``tensorboard`` is false, each name once."""
-        names = [t for t in self.trackers if self.tensorboard or t != "tensorboard"]
-        return list(dict.fromkeys(names))
+    def __post_init__(self) -> None:
+        # Folded into trackers at once, so that trackers is the one list everything reads (and config.json
+        # records); the alias is then None again.
+        if self.tensorboard is not None:
+            print(
+                f"warning: log.tensorboard={str(self.tensorboard).lower()} is an old switch; "
+                'use log.trackers (e.g. --log.trackers "[]")',
+                file=sys.stderr,
+            )
+            if not self.tensorboard:
+                self.trackers = [t for t in self.trackers if t != "tensorboard"]
+            self.tensorboard = None
+        self.trackers = list(dict.fromkeys(self.trackers))  # each tracker once
 
 
 @dataclass

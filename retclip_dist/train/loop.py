@@ -1,7 +1,7 @@
 """Tripartite RET-CLIP pretraining under Accelerate (DDP or DeepSpeed ZeRO).
 
 Reads top to bottom: ``train`` builds the run and restores it, then calls ``train_step`` until done,
-``save_checkpoint`` on a schedule and on a stop signal (launch/stop_signals.py), ``validate``
+``save_checkpoint`` on a schedule and on a stop signal (runtime/stop_signals.py), ``validate``
 (train/validate.py) each epoch, and writes the model with ``save_pretrained``. Backend details (DeepSpeed,
 ZeRO-3 gathers) live in train/backend.py, the config checks run before any process starts in
 train/preflight.py.
@@ -9,6 +9,7 @@ train/preflight.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -24,16 +25,17 @@ from tqdm import tqdm
 
 from retclip_dist.config import ConfigError, to_dict
 from retclip_dist.data.augment import DeviceAugment
+from retclip_dist.data.config import sized_for
 from retclip_dist.data.loader import TrainLoader, build_train_data
 from retclip_dist.data.samples import REPORT_HASH
 from retclip_dist.data.validation import build_val_data
 from retclip_dist.exit_codes import EXIT_OK, EXIT_STOPPED
-from retclip_dist.launch.env import world_info_from_env
 from retclip_dist.loss import TripartiteLoss
 from retclip_dist.model.config import ModelConfigError
 from retclip_dist.model.retclip import RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.weights import random_towers, weights_record
+from retclip_dist.runtime.env import world_info_from_env
 from retclip_dist.runtime.health import Health
 from retclip_dist.runtime.stop import StoppedInSetup
 from retclip_dist.runtime.watchdog import WAIT, WORK, Limits, Watchdog
@@ -177,6 +179,8 @@ def _train(cfg: RunConfig, preset: str | None, stop: StopRequest, watchdog: Watc
     loaded = weights_record(model.load_reports)
     tokenizer = build_tokenizer(cfg.model)
     image = model.image_input  # both augmentation paths resize and normalise as the model states
+    # data.image_size follows the model; config.json and the data position record the side it took.
+    cfg = dataclasses.replace(cfg, data=sized_for(cfg.data, image.size))
     rank, world = acc.process_index, acc.num_processes
     _setup_stage(stop, "the data setup")
     try:

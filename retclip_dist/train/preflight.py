@@ -28,13 +28,14 @@ from accelerate.utils import LoggerType
 
 from retclip_dist.config import ConfigError
 from retclip_dist.data import position
-from retclip_dist.data.plan import Layout
+from retclip_dist.data.config import sized_for
+from retclip_dist.data.plan import Layout, LayoutError
 from retclip_dist.io import files
-from retclip_dist.launch.stop_signals import stop_signals
 from retclip_dist.model.config import ModelConfig, ModelConfigError
 from retclip_dist.model.retclip import WEIGHTS_FILE, RetClip
 from retclip_dist.model.tokenizer import build_tokenizer
 from retclip_dist.model.towers import image_input, text_model_config, vision_input_size
+from retclip_dist.runtime.stop_signals import stop_signals
 from retclip_dist.shardset import Manifest, read_manifest
 from retclip_dist.train import runlock
 from retclip_dist.train.checkpoint import CHECKPOINTS_DIR, data_state_files, read_train_state, resume_path
@@ -73,7 +74,6 @@ def _ranges(cfg: RunConfig) -> None:
         ("data.prefetch_factor", cfg.data.prefetch_factor, _AT_LEAST_1),
         ("data.shuffle_buffer", cfg.data.shuffle_buffer, _AT_LEAST_1),
         ("data.context_length", cfg.data.context_length, _TOKENS),
-        ("data.image_size", cfg.data.image_size, _AT_LEAST_1),
         ("data.decode_size", cfg.data.decode_size, _AT_LEAST_1),
         ("data.jitter", cfg.data.jitter, _UNIT_OPEN),
         ("data.erase_prob", cfg.data.erase_prob, _PROBABILITY),
@@ -94,6 +94,7 @@ def _ranges(cfg: RunConfig) -> None:
         ("train.max_steps", cfg.train.max_steps, _AT_LEAST_1),
         ("train.grad_clip", cfg.train.grad_clip, _POSITIVE),
         ("data.partitions", cfg.data.partitions, _AT_LEAST_1),
+        ("data.image_size", cfg.data.image_size, _AT_LEAST_1),
         ("val.max_samples", cfg.val.max_samples, _AT_LEAST_1),
     ]
     rules += [rule for rule in optional if rule[1] is not None]
@@ -151,7 +152,7 @@ def _trackers(cfg: RunConfig) -> None:
     # without the lab's tracker and nobody would notice until looking for the curves.
     known = [t.value for t in LoggerType if t.value != "all"]
     installed = {LoggerType(t).value for t in accelerate.tracking.get_available_trackers()}
-    for name in cfg.log.active_trackers():
+    for name in cfg.log.trackers:
         if name not in known:
             raise _fail(
                 "log.trackers", cfg.log.trackers, f"unknown tracker {name!r}; Accelerate knows {known}"
@@ -165,18 +166,12 @@ def _trackers(cfg: RunConfig) -> None:
             )
 
 
-def _layout(cfg: RunConfig, world_size: int) -> None:
-    partitions = cfg.data.partitions or world_size
-    if partitions % world_size:
-        raise _fail("data.partitions", partitions, f"must be a multiple of the world size {world_size}")
-    per_rank = partitions // world_size
-    if cfg.data.batch_size % per_rank:
-        raise _fail(
-            "data.batch_size",
-            cfg.data.batch_size,
-            f"must split evenly over the {per_rank} partitions of each rank (data.partitions={partitions}, "
-            f"{world_size} processes)",
-        )
+def _layout(cfg: RunConfig, world_size: int) -> Layout:
+    """The run's data layout, checked by ``Layout`` itself (the loader's check, seen before launch)."""
+    try:
+        layout = Layout(0, world_size, cfg.data.partitions or world_size, cfg.data.batch_size)
+    except LayoutError as exc:
+        raise _fail(exc.field, exc.value, exc.reason) from None
     if cfg.data.batch_size % cfg.train.accum_steps:
         raise _fail(
             "train.accum_steps",
@@ -184,9 +179,11 @@ def _layout(cfg: RunConfig, world_size: int) -> None:
             f"must divide data.batch_size={cfg.data.batch_size} "
             "(each rank's batch is split into equal chunks)",
         )
+    return layout
 
 
-def _model_fit(cfg: RunConfig) -> None:
+def _model_fit(cfg: RunConfig) -> int:
+    """The model's input side, once every model setting is checked."""
     if cfg.model.init_from is not None:
         if not (Path(cfg.model.init_from) / WEIGHTS_FILE).is_file():
             raise _fail(
@@ -228,12 +225,12 @@ def _model_fit(cfg: RunConfig) -> None:
         image_input(cfg.model, side)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    if side != cfg.data.image_size:
+    if cfg.data.image_size is not None and side != cfg.data.image_size:
         raise _fail(
             "data.image_size",
             cfg.data.image_size,
             f"the vision tower {cfg.model.vision_name!r} takes {side} px images "
-            "(set model.vision_kwargs.img_size or data.image_size to match)",
+            "(set model.vision_kwargs.img_size to change it, and leave data.image_size null: it follows the model)",
         )
     for name in ("image_mean", "image_std"):
         value = getattr(cfg.model, name)
@@ -242,6 +239,7 @@ def _model_fit(cfg: RunConfig) -> None:
     if min(cfg.model.image_std) <= 0:
         raise _fail("model.image_std", cfg.model.image_std, "must be above 0 in every channel")
     _model_builds(cfg.model)
+    return side
 
 
 def _model_builds(cfg: ModelConfig) -> None:
@@ -314,7 +312,7 @@ def _same_param_groups(cfg: RunConfig, path: Path, saved: dict[str, Any]) -> Non
             )
 
 
-def _resume(cfg: RunConfig, world_size: int, manifest: Manifest) -> None:
+def _resume(cfg: RunConfig, world_size: int, manifest: Manifest, side: int) -> None:
     root = Path(cfg.output_dir) / CHECKPOINTS_DIR
     path = resume_path(root, cfg.checkpoint.resume)
     if path is None:
@@ -329,7 +327,7 @@ def _resume(cfg: RunConfig, world_size: int, manifest: Manifest) -> None:
     state = read_train_state(path)
     _same_param_groups(cfg, path, state.get("config", {}).get("train", {}))
     _same_global_batch(cfg, world_size, path, state)
-    _same_data_position(cfg, world_size, path, state, manifest)
+    _same_data_position(cfg, world_size, path, state, manifest, side)
 
 
 def _same_global_batch(cfg: RunConfig, world_size: int, path: Path, state: dict[str, Any]) -> None:
@@ -385,7 +383,7 @@ def _same_global_batch(cfg: RunConfig, world_size: int, path: Path, state: dict[
 
 
 def _same_data_position(
-    cfg: RunConfig, world_size: int, path: Path, state: dict[str, Any], manifest: Manifest
+    cfg: RunConfig, world_size: int, path: Path, state: dict[str, Any], manifest: Manifest, side: int
 ) -> None:
     """The checkpoint's data position continues on this run (data/position.py), or the user allows its epoch
     to start again where it cannot (``checkpoint.reset_data``); every rank's loader checks again."""
@@ -407,10 +405,10 @@ def _same_data_position(
         first = json.loads(saved[0].read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"checkpoint.resume: cannot read {saved[0]}: {exc}") from exc
-    _layout(cfg, world_size)
-    layout = Layout(0, world_size, cfg.data.partitions or world_size, cfg.data.batch_size)
+    layout = _layout(cfg, world_size)
     shards = manifest.split(cfg.data.train_split)
-    now = position.layout_record(cfg.data, shards, layout, max(cfg.data.num_workers, 1), cfg.train.seed)
+    data = sized_for(cfg.data, side)  # what the loader records: the model's side
+    now = position.layout_record(data, shards, layout, max(cfg.data.num_workers, 1), cfg.train.seed)
     reason = position.refusal(first, now)
     if reason is not None:
         raise ConfigError(f"checkpoint.resume: {path}: {reason}; {position.way_out(state['epoch'])}")
@@ -446,7 +444,7 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
     _trackers(cfg)
     if cfg.checkpoint.resume is None:
         _layout(cfg, world_size)  # else after _resume, which may set the batch for a new world size
-    _model_fit(cfg)
+    side = _model_fit(cfg)
     _fp8(cfg)
     manifest = _shards(cfg)
     _probe(cfg)
@@ -456,5 +454,5 @@ def check_run_config(cfg: RunConfig, world_size: int, check_lock: bool = False) 
             runlock.check(cfg.output_dir)
         except runlock.RunLocked as exc:
             raise ConfigError(str(exc)) from exc
-    _resume(cfg, world_size, manifest)
+    _resume(cfg, world_size, manifest, side)
     _layout(cfg, world_size)

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from retclip_dist.launch.env import slurm_job
+from retclip_dist.runtime.env import slurm_job
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Agree on flags across ranks: a stop signal, a non-finite loss, a long wait for one rank's work.
 
 The stop signals are SIGTERM (preemption) and the requeue signal the launchers send ahead of a time limit
-(SIGUSR2, or SIGUSR1 under ``RETCLIP_REQUEUE_SIGNAL``); ``retclip_dist.launch.stop_signals`` is their one
+(SIGUSR2, or SIGUSR1 under ``RETCLIP_REQUEUE_SIGNAL``); ``retclip_dist.runtime.stop_signals`` is their one
 home. Both mean "save and leave". Acting inside the handler would interrupt a collective half-way, so
 outside setup the handler (``runtime/stop.py``) only records the request and every rank stops after the
 same step.

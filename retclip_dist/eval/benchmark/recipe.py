@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from retclip_dist.eval.benchmark.suite import FinetuneRecipe
 from retclip_dist.eval.finetune import optimiser_step, predict
 from retclip_dist.eval.metrics import compute_metrics, selection_score
-from retclip_dist.launch.env import accelerator_placement
 from retclip_dist.model.retclip import RetClip
+from retclip_dist.runtime.env import accelerator_placement
 
 if TYPE_CHECKING:
     from retclip_dist.eval.models.base import BenchModel

@@ -48,8 +48,8 @@ from retclip_dist.eval.benchmark.suite import DatasetSpec, ModelSpec, Suite, che
 from retclip_dist.eval.data import LabelError
 from retclip_dist.eval.models.registry import Resolved, resolve
 from retclip_dist.exit_codes import EXIT_CONFIG, EXIT_OK
-from retclip_dist.launch.env import accelerator_placement
 from retclip_dist.model.card import record_benchmark
+from retclip_dist.runtime.env import accelerator_placement
 
 log = logging.getLogger(__name__)
 RECORD = "benchmark.json"

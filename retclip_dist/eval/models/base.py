@@ -4,8 +4,8 @@ fine-tune, and the preprocessing its authors used.
 An adapter is a BenchModel subclass in its own file (see registry.py for the list). It loads strictly from
 a local path: every tensor of the model comes from the file, and every tensor of the file is either used
 or a part of the published checkpoint the adapter names as unused (MAE's decoder, DINO's heads); anything
-else refuses the file with one line naming the keys (load_strict). Image-only adapters leave ``text``
-False, and their zero-shot cells say "n/a (image-only)".
+else refuses the file with one line naming the keys (model/weights.load_strict, the trainer's loader too).
+Image-only adapters leave ``text`` False, and their zero-shot cells say "n/a (image-only)".
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from retclip_dist.eval.features import normalise
 from retclip_dist.model.config import ImageInput
 
 # Keys a layout error names of each kind (the count is always complete).
-_KEYS_SHOWN = 6
 
 
 class LayoutError(ValueError):
@@ -42,42 +41,8 @@ class NoOptions:
     """Adapters without options take ``options: {}``."""
 
 
-def _some(keys: list[str]) -> str:
-    more = f", ... ({len(keys)} in all)" if len(keys) > _KEYS_SHOWN else ""
-    return ", ".join(keys[:_KEYS_SHOWN]) + more
-
-
-def load_strict(
-    module: nn.Module,
-    state: dict[str, Tensor],
-    source: str,
-    layout: str,
-    unused: tuple[str, ...] = (),
-    fresh: tuple[str, ...] = (),
-) -> None:
-    """Fill every tensor of ``module`` from ``state``, or refuse the file naming the keys.
-
-    ``unused``: key prefixes of the published checkpoint that this model does not use (dropped);
-    ``fresh``: key prefixes of the module that the authors' own code initialises anew rather than loads
-    (left as built). Any other missing or extra key, or a shape that differs, is a LayoutError."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(fresh)]
-    extra = [k for k in state if k not in own and not k.startswith(unused)]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or extra or shapes:
-        found = []
-        if missing:
-            found.append(f"missing {_some(missing)}")
-        if extra:
-            found.append(f"unexpected {_some(extra)}")
-        if shapes:
-            found.append(f"other shapes (file vs model) {_some(shapes)}")
-        raise LayoutError(f"{source}: not a {layout} checkpoint: {'; '.join(found)}")
-    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+# How a file that does not fit ends its one line (model/weights.load_strict, the one strict loader).
+REMEDY = "the file is not in the layout this adapter reads (check models[].kind and models[].path)"
 
 
 def weights_file(spec: ModelSpec, where: str) -> Path:

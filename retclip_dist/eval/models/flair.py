@@ -31,9 +31,9 @@ from transformers import AutoConfig, AutoTokenizer, BertModel
 
 from retclip_dist.config import ConfigError
 from retclip_dist.eval.benchmark.suite import ModelSpec
-from retclip_dist.eval.models.base import BenchModel, LayoutError, load_strict
+from retclip_dist.eval.models.base import REMEDY, BenchModel, LayoutError
 from retclip_dist.model.config import ImageInput
-from retclip_dist.model.weights import read_state_dict
+from retclip_dist.model.weights import load_strict, read_state_dict
 
 # What the FLAIR hub folder (PyTorchModelHubMixin) calls its weights, when ``path`` is that folder.
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -157,7 +157,7 @@ class FlairModel(BenchModel):
             raise LayoutError(f"{source}: not a FLAIR checkpoint: missing {_VISION_PROJ}.weight")
         config = AutoConfig.from_pretrained(options.text, local_files_only=True)
         net = FlairNet(_stage_blocks(state, source), config, proj.shape[0], _VISION_PROJ + ".bias" in state)
-        load_strict(net, state, source, "FLAIR", unused=UNUSED)
+        load_strict(net, state, tower="FLAIR", source=source, field="path", may_leave=UNUSED, remedy=REMEDY)
         tokenizer = AutoTokenizer.from_pretrained(options.text, local_files_only=True)
         tokenizer.model_max_length = MAX_TOKENS
         return cls(net, tokenizer, options, device)

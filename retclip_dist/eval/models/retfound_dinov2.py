@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 from retclip_dist.eval.benchmark.suite import ModelSpec
-from retclip_dist.eval.models.base import TowerOptions, load_strict
+from retclip_dist.eval.models.base import REMEDY, TowerOptions
 from retclip_dist.eval.models.retfound_mae import SIZE, eval_input
 from retclip_dist.eval.models.timm_tower import TimmTowerModel, create_tower, fit_pos_embed
-from retclip_dist.model.weights import read_state_dict
+from retclip_dist.model.weights import load_strict, read_state_dict
 
 ARCH = "vit_large_patch14_dinov2"  # RETFound_dinov2 in models_vit.py (timm, img_size=224)
 WRAPPERS = ("teacher", "model", "state_dict")  # DINOv2 saves the teacher; a re-saved file may not wrap it
-UNUSED = ("mask_token", "dino_head.", "ibot_head.", "head.")  # DINOv2's masking token and its heads
+UNUSED = ("mask_token", "dino_head.*", "ibot_head.*", "head.*")  # DINOv2's masking token and its heads
 RENAMES = (("mlp.w12.", "mlp.fc1."), ("mlp.w3.", "mlp.fc2."))  # DINOv2's SwiGLU names -> timm's
 
 
@@ -55,5 +55,8 @@ class RetFoundDinov2(TimmTowerModel):
         tower = create_tower(ARCH, img_size=size, **options.timm_kwargs)
         state = _timm_names(read_state_dict(spec.path, WRAPPERS))
         fit_pos_embed(state, tower, spec.path)
-        load_strict(tower, state, spec.path, "RETFound DINOv2 (teacher backbone)", unused=UNUSED)
+        layout = "RETFound DINOv2 (teacher backbone)"
+        load_strict(
+            tower, state, tower=layout, source=spec.path, field="path", may_leave=UNUSED, remedy=REMEDY
+        )
         return cls(tower, eval_input(size), "class token after the final norm", device)

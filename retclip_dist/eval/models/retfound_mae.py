@@ -16,15 +16,15 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from retclip_dist.eval.benchmark.suite import ModelSpec
-from retclip_dist.eval.models.base import TowerOptions, load_strict
+from retclip_dist.eval.models.base import REMEDY, TowerOptions
 from retclip_dist.eval.models.timm_tower import TimmTowerModel, create_tower, fit_pos_embed
 from retclip_dist.model.config import ImageInput
-from retclip_dist.model.weights import read_state_dict
+from retclip_dist.model.weights import load_strict, read_state_dict
 
 ARCH = "vit_large_patch16_224"  # RETFound_mae in models_vit.py
 SIZE = 224  # the input size of RETFound's README fine-tuning command
-UNUSED = ("mask_token", "decoder_", "norm.", "head.")  # MAE's decoder and final norm; a task head
-FRESH = ("fc_norm.",)  # created by RETFound's fine-tuning, never in the pretrained checkpoint
+UNUSED = ("mask_token", "decoder_*", "norm.*", "head.*")  # MAE's decoder and final norm; a task head
+FRESH = ("fc_norm.*",)  # created by RETFound's fine-tuning, never in the pretrained checkpoint
 
 
 def eval_input(size: int) -> ImageInput:
@@ -49,7 +49,10 @@ class RetFoundMae(TimmTowerModel):
         tower = create_tower(ARCH, global_pool="avg", img_size=size, **options.timm_kwargs)
         state = read_state_dict(spec.path)
         fit_pos_embed(state, tower, spec.path)
-        load_strict(tower, state, spec.path, "RETFound MAE (ViT encoder)", unused=UNUSED, fresh=FRESH)
+        load_strict(
+            tower, state, tower="RETFound MAE (ViT encoder)", source=spec.path, field="path",
+            may_leave=UNUSED, may_lack=FRESH, remedy=REMEDY,
+        )  # fmt: skip
         return cls(
             tower, eval_input(size), "mean of the patch tokens + fc_norm (RETFound's global pool)", device
         )

@@ -17,11 +17,11 @@ from timm.data import resolve_data_config
 
 from retclip_dist.config import ConfigError
 from retclip_dist.eval.benchmark.suite import ModelSpec
-from retclip_dist.eval.models.base import load_strict, weights_file
+from retclip_dist.eval.models.base import REMEDY, weights_file
 from retclip_dist.eval.models.timm_tower import TimmTowerModel, create_tower
 from retclip_dist.model.config import ImageInput
 from retclip_dist.model.towers import tower_input_size
-from retclip_dist.model.weights import read_state_dict
+from retclip_dist.model.weights import load_strict, read_state_dict
 
 # timm's crop_mode -> ImageInput.resize ("border" crops inside a border and has no counterpart).
 _CROP_MODES = {"center": "shortest", "squash": "squash"}
@@ -70,6 +70,10 @@ class TimmModel(TimmTowerModel):
     def load(cls, spec: ModelSpec, options: Any, device: torch.device) -> TimmModel:
         tower = create_tower(spec.arch, **options.kwargs)
         classifier = tower.pretrained_cfg.get("classifier") or ()
-        unused = tuple(f"{c}." for c in ([classifier] if isinstance(classifier, str) else classifier))
-        load_strict(tower, read_state_dict(spec.path), spec.path, f"timm {spec.arch}", unused=unused)
+        unused = [f"{c}.*" for c in ([classifier] if isinstance(classifier, str) else classifier)]
+        state = read_state_dict(spec.path)
+        layout = f"timm {spec.arch}"
+        load_strict(
+            tower, state, tower=layout, source=spec.path, field="path", may_leave=unused, remedy=REMEDY
+        )
         return cls(tower, timm_input(tower, spec.path), f"timm {spec.arch} pooled features", device)

@@ -5,7 +5,7 @@ Two signals stop a run: SIGTERM (Slurm's preemption, ``scancel``, torchrun passi
 ``RETCLIP_REQUEUE_SIGNAL`` names SIGUSR1 (``USR1``, ``SIGUSR1`` or ``usr1``). Everything reads it from
 here: the trainer's handler (``train/signals.py``), the loader workers that ignore both
 (``data/loader.py``), ``launch/pretrain.sh`` and ``launch/node.sh`` (through ``python -m
-retclip_dist.launch.stop_signals``, which prints the name or one line and exit code 2), and the submitit
+retclip_dist.runtime.stop_signals``, which prints the name or one line and exit code 2), and the submitit
 launcher (``launch/submit.py``, which also hands it to submitit as ``SUBMITIT_PREEMPT_SIGNAL``).
 
 Why USR2 by default, checked against the stack this project runs on (torch 2.14, accelerate 1.15,
