@@ -604,15 +604,15 @@ MUTANTS = [
     Mutant(
         "reshape-replay-forgets-the-generation",
         RESHAPE,
-        "rng = random.Random(stream_seed(seed, epoch, p, w, generation))",
-        "rng = random.Random(stream_seed(seed, epoch, p, w, 0))",
+        "order = emission_order(len(items), segment.buffer, stream_seed(seed, epoch, p, w, generation))",
+        "order = emission_order(len(items), segment.buffer, stream_seed(seed, epoch, p, w, 0))",
         (T_RESHAPE, T_RESHAPE_LOADER),
     ),
     Mutant(
         "reshape-replay-ignores-the-shuffle-buffer",
         RESHAPE,
-        "order = shuffled(items, segment.buffer, rng)",
-        "order = shuffled(items, 1, rng)",
+        "order = emission_order(len(items), segment.buffer, stream_seed(seed, epoch, p, w, generation))",
+        "order = emission_order(len(items), 1, stream_seed(seed, epoch, p, w, generation))",
         (T_RESHAPE, T_RESHAPE_LOADER),
     ),
     Mutant(
