@@ -613,7 +613,9 @@ def test_a_live_run_holds_its_output_dir_until_it_stops(shards, tmp_path):
 
 # --- a stuck rank ends the job with the reason ----------------------------------------------------------
 
-STALL_S = 60  # train.stall_timeout_s of the stuck run: above a first batch (fork server, decode) on a busy machine
+STALL_S = (
+    60  # train.stall_timeout_s of the stuck run: above a first batch (fork server, decode) on a busy machine
+)
 
 
 def _late_shard_of_rank_1(shards: Path, per_rank_batch: int) -> str:
