@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -328,8 +329,11 @@ def test_a_killed_then_a_frozen_node_end_the_other_nodes_ranks_and_the_requeued_
     env["SLURM_RESTART_COUNT"] = "1"
     took, text = fault_node_1(fake_slurm, env, args, out, 7, signal.SIGSTOP, tmp_path / "frozen.log")
     assert COLLECTIVE_S - 5 < took < COLLECTIVE_S + 60, (took, text[-3000:])
-    line = next(x for x in text.splitlines() if x.startswith("retclip-train: rank 0: lost contact with"))
-    assert "Timed out waiting" in line and "rank 2 on" in line and "rank 3 on" in line, line
+    # The node-0 rank whose collective times out first leaves; the other may then see its connection close
+    # instead: one of them names the timeout, and both name the silent ranks.
+    lines = [x for x in text.splitlines() if re.match(r"retclip-train: rank [01]: lost contact with", x)]
+    assert len(lines) == 2 and any("Timed out waiting" in x for x in lines), lines
+    assert all("rank 2 on" in x and "rank 3 on" in x for x in lines), lines
     assert "retclip: requeueing: rank 0 ended with exit code 6" in text, text[-3000:]
     calls = (fake_slurm / "calls").read_text().splitlines()
     assert calls == [f"scontrol requeue {JOB_ID}"] * 2
