@@ -595,3 +595,16 @@ def train_two_ranks(
     done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done.stderr
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids whose parent is ``pid``, read from /proc (Linux)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_synth_shards, free_port, model_image
+from conftest import build_synth_shards, child_pids, free_port, model_image
 from safetensors.torch import load_file
 
 from retclip_dist.config import ConfigError, load_config
@@ -394,18 +394,6 @@ def test_a_process_in_its_own_session_dies_with_its_parent():
 # --- end to end ---------------------------------------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.dist
 def test_killing_the_launchers_process_group_ends_the_ranks_and_their_workers(shards, tmp_path):
@@ -422,9 +410,9 @@ def test_killing_the_launchers_process_group_ends_the_ranks_and_their_workers(sh
     # Loader workers start anew with each epoch's iterator, from each rank's fork server (a child of the
     # rank, beside multiprocessing's resource tracker): wait until both ranks have a worker.
     while True:
-        ranks = _children(launcher.pid)
-        helpers = [h for r in ranks for h in _children(r)]
-        workers = [w for h in helpers for w in _children(h)]
+        ranks = child_pids(launcher.pid)
+        helpers = [h for r in ranks for h in child_pids(r)]
+        workers = [w for h in helpers for w in child_pids(h)]
         if len(ranks) == 2 and len(workers) >= 2:
             break
         assert launcher.poll() is None and time.monotonic() < deadline, (ranks, helpers, workers)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import build_synth_shards, free_port
+from conftest import build_synth_shards, child_pids, free_port
 
 from retclip_dist.exit_codes import EXIT_STOPPED
 from retclip_dist.train.metrics_log import read_metrics
@@ -207,7 +207,7 @@ def node_processes(fake_slurm: Path, node: int) -> list[int]:
     ranks and their helpers (fork server, resource tracker)."""
     srun = int((fake_slurm / "srun.pid").read_text())
     tops = []
-    for pid in children(srun):
+    for pid in child_pids(srun):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -218,19 +218,7 @@ def node_processes(fake_slurm: Path, node: int) -> list[int]:
     while todo:
         pid = todo.pop()
         out.append(pid)
-        todo += children(pid)
-    return out
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
+        todo += child_pids(pid)
     return out
 
 
