@@ -18,6 +18,7 @@ import contextlib
 import signal
 import threading
 import types
+from collections.abc import Iterator
 
 from retclip_dist.runtime.stop_signals import stop_signals
 
@@ -77,3 +78,17 @@ def catch_early() -> None:
 def adopt() -> StopRequest:
     """The request ``catch_early`` installed, or a new one (ValueError for a bad requeue signal)."""
     return _early if _early is not None else StopRequest()
+
+
+@contextlib.contextmanager
+def early_setup(stage: str) -> Iterator[None]:
+    """While ``stage`` runs before the trainer adopts the early request (the config check, which reads the
+    checkpoint to resume): a stop signal ends it with ``StoppedInSetup``, as in the trainer's own setup."""
+    if _early is None:
+        yield
+        return
+    _early.enter_setup(stage)
+    try:
+        yield
+    finally:
+        _early.end_setup()

@@ -31,7 +31,7 @@ from retclip_dist.exit_codes import (
 )
 from retclip_dist.runtime.env import world_info_from_env
 from retclip_dist.runtime.health import Health, describe_peers
-from retclip_dist.runtime.stop import adopt, catch_early
+from retclip_dist.runtime.stop import StoppedInSetup, adopt, catch_early, early_setup
 from retclip_dist.train.config import RunConfig
 from retclip_dist.train.loop import NonFiniteLoss, train
 from retclip_dist.train.preflight import check_run_config
@@ -133,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             world_size = _accelerate_world_size(args.launch, args.num_processes)
         else:
             world_size = args.world_size or world.world_size
-        check_run_config(cfg, world_size, check_lock=preflight)
+        with early_setup("the config check"):  # it reads the checkpoint's data position: a hung file
+            check_run_config(cfg, world_size, check_lock=preflight)
+    except StoppedInSetup as exc:
+        _say(
+            world.rank, f"stopped by {exc.name} during {exc.stage}: nothing to save yet, exiting for requeue"
+        )
+        return EXIT_STOPPED
     except ConfigError as exc:
         _say(0 if preflight else world.rank, str(exc))
         return EXIT_CONFIG
