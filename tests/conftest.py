@@ -608,3 +608,21 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             out.append(int(stat.parent.name))
     return out
+
+
+# --- make test's two workers (pytest-xdist, --dist loadgroup) ---
+
+# The files that drive the one local Slurm cluster: its node runs one 2-CPU job at a time, and they share
+# slurm_helpers' memoised reference run, so they go to one worker, one after the other.
+SLURM_FILES = {"test_slurm", "test_submit"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, keep each file on one worker (its module fixtures, often a trainer run, are built
+    once) and every real-Slurm test on the same worker; without xdist, nothing changes."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.module.__name__.rsplit(".", 1)[-1]
+            item.add_marker(pytest.mark.xdist_group("slurm" if module in SLURM_FILES else module))
