@@ -10,7 +10,9 @@ and the records' counts.
 
 Switches with an end-to-end test elsewhere: train.freeze [vision] (test_freeze.py, ZeRO-2),
 train.accum_steps (test_train.py, one process), checkpoint.keep_best (test_train_probe.py),
-data.shuffle_buffer / train.seed / data.partitions (test_resume_data.py, test_data_position.py).
+data.shuffle_buffer / train.seed / data.partitions (test_resume_data.py, test_data_position.py), the
+augmentation (data.augment_on, decode_size, crop_scale, crop_ratio, jitter, erase_prob, hflip),
+model.init_logit_scale and train.betas / eps (test_augment_e2e.py, one process).
 """
 
 from __future__ import annotations
