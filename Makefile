@@ -32,8 +32,9 @@ test-lowest: $(STAMP)
 	PYTHONPATH=.lowest $(BIN)/python -m pytest -m "not slow and not dist" -p no:cacheprovider
 
 # Not in CI: plants ~70 realistic bugs one at a time in a temporary copy and reports each as caught,
-# survived, stale, timed out or crashed (tools/mutate.py; survivors are explained in TESTING.md). Several
-# minutes on 2 cores; MUTATE_ARGS=--slow adds the mutants that need slow tests, --only NAME picks some.
+# survived, stale, timed out or crashed (tools/mutate.py; survivors are explained in TESTING.md). Up to an
+# hour on 2 busy cores; MUTATE_ARGS=--slow adds the mutants that need slow tests (with --timeout 900 on a
+# loaded machine), --only NAME picks some.
 mutate: $(STAMP)
 	$(BIN)/python tools/mutate.py $(MUTATE_ARGS)
 
