@@ -3,7 +3,8 @@
 Tests import them by name (``from conftest import fake_patients``): pytest puts this directory on
 sys.path. Synthetic *fundus* patients, with reports that say what was drawn, are retclip_dist.synth (the
 demo ships them); here are smooth stand-in eyes for the data-path tests, fake shard sets packed by
-make-shards' own writer, the one tiny vocabulary as a tokenizer, and a free TCP port.
+make-shards' own writer, the one tiny vocabulary as a tokenizer, a free TCP port, and the tiny trainer's
+arguments, environment and launch commands for the end-to-end tests.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import itertools
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -557,22 +560,56 @@ def write_dicom_export(root: Path, size: tuple[int, int] = (96, 80), seed: int =
     return DicomExport(export, table, files, visits, identifiers)
 
 
-# --- retclip-train end to end: the tiny config on 2 gloo ranks under `accelerate launch` ---
+# --- retclip-train end to end: the tiny config, in one process or on 2 gloo ranks under `accelerate launch` ---
 
-# Quick and small: the tiny config's 128 px eyes from 64 px shards, 8 patients per rank, every step logged,
-# no TensorBoard, no progress bar, checkpoints only at the end.
-TINY_TRAIN_ARGS = [
+CPU_2PROC = str(ROOT / "configs/accelerate/cpu_2proc.yaml")  # two local CPU processes (gloo)
+# The tiny config, quick and quiet: 8 patients per rank, no loader workers, a one-step warm-up, every step
+# logged, no trackers, no progress bar. Every end-to-end test file starts from it and appends its own few
+# settings (a later flag wins over an earlier one, so an appended value replaces the one here).
+TINY_ARGS = [
     "--config", str(ROOT / "configs/tiny.yaml"),
     "--model.tokenizer_path", str(TINY_VOCAB),
     "--data.batch_size", "8",
     "--data.num_workers", "0",
-    "--data.partitions", "2",
     "--train.warmup_steps", "1",
     "--log.every_steps", "1",
-    "--log.tensorboard", "false",
+    "--log.trackers", "[]",
     "--log.progress", "false",
-    "--checkpoint.every_steps", "0",
 ]  # fmt: skip
+# train_two_ranks' runs (and the other 2-rank files'): 2 data partitions, checkpoints only at the end.
+TINY_TRAIN_ARGS = [*TINY_ARGS, "--data.partitions", "2", "--checkpoint.every_steps", "0"]
+
+
+def tiny_argv(base: Sequence[str], shards: str | Path, out: str | Path, *extra: str) -> list[str]:
+    """``retclip-train`` arguments: ``base`` (TINY_ARGS and a file's settings), the shards, the output
+    directory, then ``extra``."""
+    return [*base, "--data.shards", str(shards), "--output_dir", str(out), *extra]
+
+
+def trainer_env(**extra: str) -> dict[str, str]:
+    """The environment of a trainer subprocess: one OpenMP thread per process (the machine is shared and
+    small), unbuffered output (a test reads it line by line while the run goes on), then ``extra``."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def trainer_cmd(*args: str) -> list[str]:
+    """``retclip-train *args`` in one process, by this interpreter."""
+    return [sys.executable, "-m", "retclip_dist.train", *args]
+
+
+def accelerate_cmd(
+    *args: str, script: Path | None = None, config: str | Path = CPU_2PROC, processes: int = 2
+) -> list[str]:
+    """``accelerate launch`` of ``retclip-train *args`` (``-m retclip_dist.train``, or ``script``, which
+    ends in ``cli.main()``) on ``processes`` processes of ``config``, on a free port."""
+    entry = [str(script)] if script is not None else ["-m", "retclip_dist.train"]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(config),
+        "--num_processes", str(processes),
+        "--main_process_port", str(free_port()),
+        *entry, *args,
+    ]  # fmt: skip
 
 
 def train_two_ranks(
@@ -580,19 +617,8 @@ def train_two_ranks(
 ) -> str:
     """``retclip-train`` (``-m retclip_dist.train``, or ``script``, which ends in ``cli.main()``) on 2 gloo
     ranks with TINY_TRAIN_ARGS, then ``extra``; asserts exit 0 and returns stderr."""
-    import subprocess
-    import sys
-
-    entry = [str(script)] if script is not None else ["-m", "retclip_dist.train"]
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch",
-        "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
-        "--num_processes", "2",
-        "--main_process_port", str(free_port()),
-        *entry, *TINY_TRAIN_ARGS, "--data.shards", str(shards), "--output_dir", str(out), *extra,
-    ]  # fmt: skip
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    done = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600)
+    cmd = accelerate_cmd(*tiny_argv(TINY_TRAIN_ARGS, shards, out, *extra), script=script)
+    done = subprocess.run(cmd, env=trainer_env(**(env or {})), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done.stderr
 

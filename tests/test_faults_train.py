@@ -24,7 +24,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_synth_shards, child_pids, free_port, model_image
+from conftest import (
+    CPU_2PROC,
+    TINY_TRAIN_ARGS,
+    accelerate_cmd,
+    build_synth_shards,
+    child_pids,
+    free_port,
+    model_image,
+    tiny_argv,
+    trainer_cmd,
+    trainer_env,
+)
 from safetensors.torch import load_file
 
 from retclip_dist.config import ConfigError, load_config
@@ -43,20 +54,7 @@ from retclip_dist.train.preflight import check_run_config
 from retclip_dist.train.runlock import RunLock, RunLocked
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = [
-    "--config", str(ROOT / "configs/tiny.yaml"),
-    "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
-    "--data.batch_size", "8",
-    "--data.num_workers", "0",
-    "--data.partitions", "2",
-    "--train.epochs", "1",
-    "--train.warmup_steps", "1",
-    "--log.every_steps", "1",
-    "--log.trackers", "[]",
-    "--log.progress", "false",
-    "--checkpoint.every_steps", "0",
-]  # fmt: skip
-CPU_2PROC = str(ROOT / "configs/accelerate/cpu_2proc.yaml")
+TINY = [*TINY_TRAIN_ARGS, "--train.epochs", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -65,28 +63,24 @@ def shards(tmp_path_factory) -> Path:
     return build_synth_shards(root, 100, seed=3, raw_size=96, size=64, max_count=12, val_fraction=0.2)
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _args(shards: Path, out: Path, *extra: str) -> list[str]:
-    return [*TINY, "--data.shards", str(shards), "--output_dir", str(out), *extra]
-
-
-def _trainer(*args: str) -> list[str]:
-    return [sys.executable, "-m", "retclip_dist.train", *args]
-
-
-def _accelerate(*args: str) -> list[str]:
-    return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", CPU_2PROC, "--main_process_port", str(free_port()),
-        "-m", "retclip_dist.train", *args,
-    ]  # fmt: skip
+    return tiny_argv(TINY, shards, out, *extra)
 
 
 def _run(cmd: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(cmd, env=trainer_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def _training(cmd: list[str], out: Path, **kwargs) -> tuple[subprocess.Popen, float]:
+    """Start ``cmd``, a run into ``out``, and wait until it has logged a training step; returns the process
+    and the deadline (240 s from the start) that a caller's further waits share."""
+    proc = subprocess.Popen(cmd, env=trainer_env(), **kwargs)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and read_metrics(metrics, "train")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+        time.sleep(0.2)
+    return proc, deadline
 
 
 def _cfg(shards: Path, out: Path, *extra: str) -> RunConfig:
@@ -283,7 +277,7 @@ _HOLD = textwrap.dedent(
 
 def _holder(directory: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(directory)], env=_env(), stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _HOLD, str(directory)], env=trainer_env(), stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout.readline() == "held\n"
     return proc
@@ -298,7 +292,7 @@ def test_second_run_is_refused_and_a_dead_holders_lock_is_taken_over(shards, tmp
             RunLocked, match=f"is in use by another run .pid {holder.pid} on {socket.gethostname()}"
         ):
             RunLock(out).acquire()
-        done = _run(_trainer("--check", *_args(shards, out)), timeout=120)
+        done = _run(trainer_cmd("--check", *_args(shards, out)), timeout=120)
         assert done.returncode == EXIT_CONFIG
         assert done.stderr.count(f"is in use by another run (pid {holder.pid} on") == 1
         assert len(done.stderr.strip().splitlines()) == 1
@@ -380,7 +374,7 @@ def _wait_gone(pids: list[int], timeout: float) -> float:
 def test_a_process_in_its_own_session_dies_with_its_parent():
     launcher = subprocess.Popen(
         [sys.executable, "-c", _LAUNCHER],
-        env=_env(),
+        env=trainer_env(),
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -398,15 +392,10 @@ def test_a_process_in_its_own_session_dies_with_its_parent():
 @pytest.mark.dist
 def test_killing_the_launchers_process_group_ends_the_ranks_and_their_workers(shards, tmp_path):
     out = tmp_path / "run"
-    cmd = _accelerate(*_args(shards, out, "--train.epochs", "50", "--data.num_workers", "1"))
-    launcher = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    cmd = accelerate_cmd(*_args(shards, out, "--train.epochs", "50", "--data.num_workers", "1"))
+    launcher, deadline = _training(
+        cmd, out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and read_metrics(metrics, "train")):
-        assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start training"
-        time.sleep(0.2)
     # Loader workers start anew with each epoch's iterator, from each rank's fork server (a child of the
     # rank, beside multiprocessing's resource tracker): wait until both ranks have a worker.
     while True:
@@ -428,13 +417,8 @@ def test_killing_the_launchers_process_group_ends_the_ranks_and_their_workers(sh
 @pytest.mark.dist
 def test_when_one_rank_dies_the_other_leaves_its_collective_within_seconds(shards, tmp_path):
     out = tmp_path / "run"
-    cmd = _accelerate(*_args(shards, out, "--train.epochs", "50"))
-    launcher = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and read_metrics(metrics, "train")):
-        assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start training"
-        time.sleep(0.2)
+    cmd = accelerate_cmd(*_args(shards, out, "--train.epochs", "50"))
+    launcher, _ = _training(cmd, out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rank0 = json.loads((out / runlock.LOCK_NAME).read_text())["pid"]  # the main process holds the lock
     os.kill(rank0, signal.SIGKILL)
     output, _ = launcher.communicate(timeout=120)  # a bound for a loaded machine, not the measure
@@ -456,7 +440,7 @@ def test_every_shard_empty_ends_both_ranks_with_one_line_each(shards, tmp_path):
     for tar in shards.glob("*.tar"):
         (empty / tar.name).write_bytes(b"")
     out = tmp_path / "run"
-    done = _run(_accelerate(*_args(empty, out, "--data.num_workers", "1")), timeout=240)  # raises past it
+    done = _run(accelerate_cmd(*_args(empty, out, "--data.num_workers", "1")), timeout=240)  # raises past it
     assert done.returncode != 0
     # Each rank ended on the data error itself (not on a lost peer or a stall after the other left).
     ends = {rank: rec["exit"] for rank, rec in read_records(out).items()}
@@ -477,7 +461,7 @@ def test_every_shard_empty_ends_both_ranks_with_one_line_each(shards, tmp_path):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_a_bad_config_is_one_line_and_exit_2_under_launch(shards, tmp_path):
-    cmd = _trainer("--launch", CPU_2PROC, "--main_process_port", str(free_port()))
+    cmd = trainer_cmd("--launch", CPU_2PROC, "--main_process_port", str(free_port()))
     done = _run([*cmd, *_args(shards, tmp_path / "run", "--data.batch_size=-4")], timeout=120)
     assert done.returncode == EXIT_CONFIG
     output = done.stdout + done.stderr
@@ -488,7 +472,7 @@ def test_a_bad_config_is_one_line_and_exit_2_under_launch(shards, tmp_path):
 @pytest.mark.slow
 @pytest.mark.dist
 def test_a_bad_config_under_bare_accelerate_launch_is_printed_by_rank_0_only(shards, tmp_path):
-    done = _run(_accelerate(*_args(shards, tmp_path / "run", "--train.epochs", "0")), timeout=180)
+    done = _run(accelerate_cmd(*_args(shards, tmp_path / "run", "--train.epochs", "0")), timeout=180)
     assert done.returncode != 0
     assert done.stderr.count("retclip-train: train.epochs=0: must be at least 1") == 1
     assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr
@@ -496,7 +480,7 @@ def test_a_bad_config_under_bare_accelerate_launch_is_printed_by_rank_0_only(sha
 
 @pytest.mark.slow
 def test_sbatch_script_checks_the_config_once_before_srun(shards, tmp_path):
-    env = {**_env(), "GPUS_PER_NODE": "2", "PYTHON": sys.executable}
+    env = {**trainer_env(), "GPUS_PER_NODE": "2", "PYTHON": sys.executable}
     args = _args(shards, tmp_path / "run", "--train.lr=-1")[1:]  # pretrain.sh takes the config path first
     done = subprocess.run(
         ["bash", str(ROOT / "launch/pretrain.sh"), *args],
@@ -547,7 +531,7 @@ def test_end_and_val_records_sum_skipped_samples_over_ranks(shards, tmp_path):
     for tar in damaged.glob("train-*.tar"):
         _damage_first_sample(tar)
     out = tmp_path / "run"
-    cmd = _trainer("--launch", CPU_2PROC, "--main_process_port", str(free_port()))
+    cmd = trainer_cmd("--launch", CPU_2PROC, "--main_process_port", str(free_port()))
     done = _run(
         [*cmd, *_args(damaged, out, "--train.max_steps", "3", "--val.every_epochs", "1")], timeout=300
     )
@@ -564,7 +548,7 @@ def test_end_and_val_records_sum_skipped_samples_over_ranks(shards, tmp_path):
 
     # The checkpoint was saved by 2 processes with batch 8: one process resumes it at batch 16 (the
     # global batch), not at batch 5.
-    again = _run(_trainer(*_args(damaged, out, "--checkpoint.resume", "auto", "--data.batch_size", "5")))
+    again = _run(trainer_cmd(*_args(damaged, out, "--checkpoint.resume", "auto", "--data.batch_size", "5")))
     assert again.returncode == EXIT_CONFIG
     assert again.stderr.count("data.batch_size=5: ") == 1
     assert (
@@ -577,8 +561,8 @@ def test_end_and_val_records_sum_skipped_samples_over_ranks(shards, tmp_path):
 def test_a_live_run_holds_its_output_dir_until_it_stops(shards, tmp_path):
     out = tmp_path / "run"
     first = subprocess.Popen(
-        _trainer(*_args(shards, out, "--train.epochs", "50", "--data.num_workers", "1")),
-        env=_env(),
+        trainer_cmd(*_args(shards, out, "--train.epochs", "50", "--data.num_workers", "1")),
+        env=trainer_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -589,7 +573,7 @@ def test_a_live_run_holds_its_output_dir_until_it_stops(shards, tmp_path):
     while not (metrics.exists() and read_metrics(metrics, "train")):
         assert first.poll() is None and time.monotonic() < deadline, "the first run did not start"
         time.sleep(0.2)
-    second = _run(_trainer(*_args(shards, out, "--checkpoint.resume", "auto")), timeout=120)
+    second = _run(trainer_cmd(*_args(shards, out, "--checkpoint.resume", "auto")), timeout=120)
     assert second.returncode == EXIT_CONFIG
     assert second.stderr.count(f"is in use by another run (pid {first.pid} on {socket.gethostname()}") == 1
     assert len(second.stderr.strip().splitlines()) == 1
@@ -655,9 +639,9 @@ def test_a_hung_read_on_rank_1_ends_the_job_with_its_stack_and_the_requeued_run_
     ]  # fmt: skip
     out = tmp_path / "run"
     # As under Slurm (job 77, first run): the ranks' health records name the attempt the launchers ask about.
-    env = {**_env(), "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0"}
+    env = {**trainer_env(), "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0"}
     log = tmp_path / "stalled.log"
-    tail = _run_logged(_accelerate(*_args(hung, out, *common)), env, log, out / "metrics.jsonl", 420)
+    tail = _run_logged(accelerate_cmd(*_args(hung, out, *common)), env, log, out / "metrics.jsonl", 420)
     text = log.read_text()
 
     # Rank 1 wrote its stacks and one line naming the stuck frame and the shard; the job ended well within
@@ -685,11 +669,11 @@ def test_a_hung_read_on_rank_1_ends_the_job_with_its_stack_and_the_requeued_run_
     shutil.copy(shards / stuck, hung / stuck)
     env["SLURM_RESTART_COUNT"] = "1"
     log = tmp_path / "resumed.log"
-    resumed = _accelerate(*_args(hung, out, *common, "--checkpoint.resume", "auto"))
+    resumed = accelerate_cmd(*_args(hung, out, *common, "--checkpoint.resume", "auto"))
     _run_logged(resumed, env, log, out / "metrics.jsonl", 300)
     assert f"resuming at step {stopped_at}" in log.read_text(), log.read_text()[-3000:]
     reference = tmp_path / "reference"
-    done = _run(_accelerate(*_args(shards, reference, *common)))
+    done = _run(accelerate_cmd(*_args(shards, reference, *common)))
     assert done.returncode == 0, done.stderr[-3000:]
     (last,) = read_metrics(reference / "metrics.jsonl", "end")
     assert 0 < stopped_at < last["step"]

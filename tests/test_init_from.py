@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_synth_shards, tiny_model_config
+from conftest import TINY_ARGS, build_synth_shards, tiny_argv, tiny_model_config, trainer_cmd, trainer_env
 
 from retclip_dist.config import from_dict
 from retclip_dist.data.loader import build_train_data
@@ -26,15 +24,9 @@ from retclip_dist.train.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = [
-    "--config", str(ROOT / "configs/tiny.yaml"),
-    "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
-    "--data.batch_size", "8",
-    "--data.num_workers", "0",
+    *TINY_ARGS,
     "--train.warmup_steps", "2",
-    "--log.every_steps", "1",
     "--data.val_split", "null",  # no validation (and no dependence on its section name)
-    "--log.trackers", "[]",
-    "--log.progress", "false",
 ]  # fmt: skip
 
 
@@ -121,10 +113,8 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _train(shards: Path, out: Path, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "retclip_dist.train", *BASE, "--data.shards", str(shards)]
-    cmd += ["--output_dir", str(out), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = trainer_cmd(*tiny_argv(BASE, shards, out, *extra))
+    done = subprocess.run(cmd, env=trainer_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == expect, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 

@@ -8,14 +8,12 @@ test starts ``python -m retclip_dist.train`` on the issue's own case (a timm fil
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_synth_shards, fake_patients, write_shard_set
+from conftest import TINY_ARGS, build_synth_shards, fake_patients, trainer_cmd, trainer_env, write_shard_set
 from release_reference import Visual
 from safetensors.torch import save_file
 from transformers import AutoConfig, BertForMaskedLM
@@ -30,16 +28,12 @@ from retclip_dist.train.config import RunConfig
 from retclip_dist.train.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
+# One step, no validation; tiny.yaml's log.every_steps (10), as these runs always had.
 TINY = [
-    "--config", str(ROOT / "configs/tiny.yaml"),
-    "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
-    "--data.batch_size", "8",
-    "--data.num_workers", "0",
+    *TINY_ARGS,
     "--data.val_split", "null",
     "--train.max_steps", "1",
-    "--train.warmup_steps", "1",
-    "--log.trackers", "[]",
-    "--log.progress", "false",
+    "--log.every_steps", "10",
 ]  # fmt: skip
 # configs/tiny.yaml's vision tower: width 64, 2 blocks, patch 16 at 128 px; D = 32.
 WIDTH, LAYERS, PATCH, RES, EMBED = 64, 2, 16, 128, 32
@@ -188,9 +182,7 @@ def test_the_mistakes_cases_still_fit_when_corrected(files, tmp_path, capsys):
 
 
 def _train(argv: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "retclip_dist.train", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(trainer_cmd(*argv), env=trainer_env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ One tiny run stopped at step 6 (epoch 1, step 2 of 4) is copied and resumed the 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,25 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import build_synth_shards
+from conftest import TINY_TRAIN_ARGS, build_synth_shards, tiny_argv, trainer_cmd, trainer_env
 
 from retclip_dist.exit_codes import EXIT_CONFIG
 from retclip_dist.train.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = [
-    "--config", str(ROOT / "configs/tiny.yaml"),
-    "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
+    *TINY_TRAIN_ARGS,
     "--data.batch_size", "16",
-    "--data.num_workers", "0",
-    "--data.partitions", "2",
     "--train.epochs", "3",
     "--train.warmup_steps", "2",
-    "--log.every_steps", "1",
     "--val.every_epochs", "0",
-    "--log.trackers", "[]",
-    "--log.progress", "false",
-    "--checkpoint.every_steps", "0",
 ]  # fmt: skip
 # 77 training patients, global batch 16: 4 steps per epoch, 13 patients past the last whole batch.
 USED, STEPS = 64, 4
@@ -46,10 +38,9 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _run(shards: Path, out: Path, *extra: str, code: str | None = None) -> subprocess.CompletedProcess:
-    args = [*ARGS, "--data.shards", str(shards), "--output_dir", str(out), *extra]
-    cmd = [sys.executable, "-m", "retclip_dist.train"] if code is None else [sys.executable, "-c", code]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600)
+    args = tiny_argv(ARGS, shards, out, *extra)
+    cmd = trainer_cmd(*args) if code is None else [sys.executable, "-c", code, *args]
+    return subprocess.run(cmd, env=trainer_env(), capture_output=True, text=True, timeout=600)
 
 
 def _ok(done: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

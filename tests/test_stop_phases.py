@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import build_synth_shards
+from conftest import TINY_TRAIN_ARGS, build_synth_shards, trainer_cmd, trainer_env
 
 from retclip_dist.exit_codes import EXIT_OK, EXIT_STOPPED
 from retclip_dist.synth import write_labelled_set
@@ -39,20 +39,11 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parent.parent
 # 40 training patients at batch 8: 5 steps per epoch, 2 epochs; 20 validation patients.
 ARGS = [
-    "--config", str(ROOT / "configs/tiny.yaml"),
-    "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
+    *TINY_TRAIN_ARGS,
     "--model.vision_kwargs", "{img_size: 64, patch_size: 16, embed_dim: 64, depth: 2, num_heads: 2}",
     "--data.image_size", "64",
     "--data.decode_size", "64",
-    "--data.batch_size", "8",
-    "--data.num_workers", "0",
-    "--data.partitions", "2",
     "--train.epochs", "2",
-    "--train.warmup_steps", "1",
-    "--log.every_steps", "1",
-    "--log.trackers", "[]",
-    "--log.progress", "false",
-    "--checkpoint.every_steps", "0",
     "--val.every_epochs", "1",
 ]  # fmt: skip
 REQUEUE = signal.SIGUSR2  # the launchers' requeue signal
@@ -76,9 +67,10 @@ def _probe(table: Path, images: Path, every: int) -> list[str]:
 
 
 def _start(out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "retclip_dist.train", *ARGS, "--output_dir", str(out), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = trainer_cmd(*ARGS, "--output_dir", str(out), *extra)
+    return subprocess.Popen(
+        cmd, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout_s: float) -> str:

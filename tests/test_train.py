@@ -11,14 +11,21 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import build_synth_shards, free_port, tiny_model_config
+from conftest import (
+    TINY_ARGS,
+    accelerate_cmd,
+    build_synth_shards,
+    tiny_argv,
+    tiny_model_config,
+    trainer_cmd,
+    trainer_env,
+)
 from safetensors.torch import load_file
 
 from retclip_dist.config import from_dict
@@ -34,20 +41,13 @@ from retclip_dist.train.metrics_log import read_metrics
 from retclip_dist.train.validate import recall_at_k
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-# Small and quick: the tiny config's 128 px eyes from 64 px shards, 8 patients per rank, every step logged, no TensorBoard.
+# conftest's TINY_ARGS over 2 epochs with validation, checkpoints every 2 steps.
 BASE = [
-    "--config", str(ROOT / "configs/tiny.yaml"),
-    "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
-    "--data.batch_size", "8",
-    "--data.num_workers", "0",
+    *TINY_ARGS,
     "--data.partitions", "2",
     "--train.epochs", "2",
     "--train.warmup_steps", "2",
-    "--log.every_steps", "1",
     "--val.every_epochs", "1",
-    "--log.trackers", "[]",
-    "--log.progress", "false",
     "--checkpoint.every_steps", "2",
     "--checkpoint.keep_last", "2",
 ]  # fmt: skip
@@ -92,20 +92,10 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _command(shards: Path, out: Path, processes: int, extra: list[str], accelerate_config: str) -> list[str]:
-    args = [*BASE, "--data.shards", str(shards), "--output_dir", str(out), *extra]
+    args = tiny_argv(BASE, shards, out, *extra)
     if processes == 1:
-        return [sys.executable, "-m", "retclip_dist.train", *args]
-    return [
-        str(BIN / "accelerate"), "launch",
-        "--config_file", str(ROOT / accelerate_config),
-        "--num_processes", str(processes),
-        "--main_process_port", str(free_port()),
-        "-m", "retclip_dist.train", *args,
-    ]  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        return trainer_cmd(*args)
+    return accelerate_cmd(*args, config=ROOT / accelerate_config, processes=processes)
 
 
 def train(
@@ -117,17 +107,22 @@ def train(
     expect: int = 0,
 ) -> subprocess.CompletedProcess:
     cmd = _command(shards, out, processes, list(extra), accelerate_config)
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, env=trainer_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == expect, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
 
 
-def start(shards: Path, out: Path, *extra: str) -> subprocess.Popen:
-    cmd = _command(shards, out, 1, list(extra), "")
+def start(shards: Path, out: Path, *extra: str, processes: int = 1) -> subprocess.Popen:
+    cmd = _command(shards, out, processes, list(extra), "configs/accelerate/cpu_2proc.yaml")
     # Its own process group, so a test can signal the trainer and its loader workers together, as
     # Slurm does on preemption.
     return subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        env=trainer_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -295,10 +290,7 @@ def test_sigterm_then_resume_on_another_shape_finishes_the_run(
     (n, w), (n2, w2) = before, after
     batch = ["--data.batch_size", str(16 // n)]
     extra = [*batch, "--checkpoint.every_steps", "0", "--data.num_workers", str(w)]
-    cmd = _command(shards, tmp_path, n, extra, "configs/accelerate/cpu_2proc.yaml")
-    proc = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+    proc = start(shards, tmp_path, *extra, processes=n)
     metrics = tmp_path / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and len(read_metrics(metrics, "train")) >= 2, proc)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -393,18 +385,10 @@ def test_fresh_run_refuses_an_output_dir_with_checkpoints(shards, reference):
 
 def test_bad_override_is_a_clear_error(tmp_path):
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "retclip_dist.train",
-            "--config",
-            str(ROOT / "configs/tiny.yaml"),
-            "--train.lrr",
-            "1",
-        ],
+        trainer_cmd("--config", str(ROOT / "configs/tiny.yaml"), "--train.lrr", "1"),
         capture_output=True,
         text=True,
-        env=_env(),
+        env=trainer_env(),
         timeout=120,
     )
     assert done.returncode == 2

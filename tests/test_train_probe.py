@@ -8,7 +8,6 @@ model, the kept best checkpoint against the logged values, and that a resume kee
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -18,7 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TINY_VOCAB, build_synth_shards, free_port, tiny_model_config
+from conftest import (
+    TINY_ARGS,
+    TINY_VOCAB,
+    accelerate_cmd,
+    build_synth_shards,
+    tiny_argv,
+    tiny_model_config,
+    trainer_cmd,
+    trainer_env,
+)
 
 from retclip_dist.config import ConfigError, load_config
 from retclip_dist.eval.commands import run_linear_probe
@@ -34,17 +42,15 @@ from retclip_dist.train.probe import TrainProbe, read_probe_splits, run_probe
 
 ROOT = Path(__file__).resolve().parent.parent
 LABEL = "hard_exudates"
-# The tiny config, small: 4 steps per epoch at batch 16, every step logged, no progress bar.
+# The tiny config, small: 4 steps per epoch at batch 16, every step logged, no progress bar; TensorBoard on
+# (log.trackers' default), as these runs always had.
 TINY = [
-    "--config", str(ROOT / "configs/tiny.yaml"),
-    "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
+    *TINY_ARGS,
     "--data.batch_size", "16",
-    "--data.num_workers", "0",
     "--data.partitions", "2",
     "--train.warmup_steps", "2",
-    "--log.every_steps", "1",
-    "--log.progress", "false",
     "--val.every_epochs", "0",
+    "--log.trackers", "[tensorboard]",
 ]  # fmt: skip
 
 
@@ -190,7 +196,7 @@ def test_a_probe_that_fails_is_logged_and_training_goes_on(labelled, tiny_model,
 
 
 def _cfg(shards: Path, out: Path, *extra: str) -> RunConfig:
-    args = [*TINY, "--data.shards", str(shards), "--output_dir", str(out), *extra]
+    args = tiny_argv(TINY, shards, out, *extra)
     return load_config(RunConfig, args[1], args[2:])
 
 
@@ -241,22 +247,10 @@ def test_preflight_names_the_probe_field_and_the_reason(shards, labelled, tmp_pa
 # --- end to end ------------------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _train(shards: Path, out: Path, *extra: str, processes: int = 1) -> subprocess.CompletedProcess:
-    args = [*TINY, "--data.shards", str(shards), "--output_dir", str(out), *extra]
-    if processes == 1:
-        cmd = [sys.executable, "-m", "retclip_dist.train", *args]
-    else:
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
-            "--num_processes", str(processes), "--main_process_port", str(free_port()),
-            "-m", "retclip_dist.train", *args,
-        ]  # fmt: skip
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    args = tiny_argv(TINY, shards, out, *extra)
+    cmd = trainer_cmd(*args) if processes == 1 else accelerate_cmd(*args, processes=processes)
+    done = subprocess.run(cmd, env=trainer_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
 
@@ -301,7 +295,7 @@ def test_training_probes_each_epoch_like_retclip_eval_and_keeps_the_best(shards,
             "--model", str(out / "model"), "--output_dir", str(tmp_path / "eval"),
             "--data.table", str(labelled[0]), "--data.images", str(labelled[1]), "--data.label_column", LABEL,
         ],
-        env=_env(), capture_output=True, text=True, timeout=300,
+        env=trainer_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
