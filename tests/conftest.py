@@ -598,17 +598,22 @@ def trainer_cmd(*args: str) -> list[str]:
 
 
 def accelerate_cmd(
-    *args: str, script: Path | None = None, config: str | Path = CPU_2PROC, processes: int = 2
+    *args: str,
+    script: Path | None = None,
+    config: str | Path = CPU_2PROC,
+    processes: int = 2,
+    launcher: Sequence[str] = (),
 ) -> list[str]:
     """``accelerate launch`` of ``retclip-train *args`` (``-m retclip_dist.train``, or ``script``, which
-    ends in ``cli.main()``) on ``processes`` processes of ``config``, on a free port."""
+    ends in ``cli.main()``) on ``processes`` processes of ``config``, on a free port; ``launcher``: more
+    flags of ``accelerate launch`` itself."""
     entry = [str(script)] if script is not None else ["-m", "retclip_dist.train"]
     return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(config),
         "--num_processes", str(processes),
         "--main_process_port", str(free_port()),
-        *entry, *args,
+        *launcher, *entry, *args,
     ]  # fmt: skip
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_synth_shards, free_port, tiny_model_config
+from conftest import TINY_ARGS, accelerate_cmd, build_synth_shards, tiny_argv, tiny_model_config, trainer_env
 from safetensors.torch import load_file
 
 from retclip_dist.config import ConfigError, load_config
@@ -23,7 +21,6 @@ from retclip_dist.train.optim import build_optimizer, freeze_, set_lr
 from retclip_dist.train.preflight import check_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def _model(tmp_path: Path) -> RetClip:
@@ -155,22 +152,18 @@ def test_frozen_vision_under_zero2_trains_the_rest(shards, tmp_path):
     )
     torch.manual_seed(11)
     start = RetClip(cfg.model).save_pretrained(tmp_path / "start")
-    cmd = [
-        str(BIN / "accelerate"), "launch",
-        "--config_file", str(ROOT / "configs/accelerate/zero2.yaml"),
-        "--num_processes", "2",
-        "--main_process_port", str(free_port()),
-        "-m", "retclip_dist.train",
-        "--config", str(ROOT / "configs/tiny.yaml"),
-        "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
+    args = [
+        *TINY_ARGS,
         "--model.init_from", str(start),
         "--train.freeze", "[vision]",
-        "--data.shards", str(shards), "--output_dir", str(tmp_path / "run"),
-        "--data.batch_size", "8", "--data.num_workers", "0",
-        "--train.max_steps", "3", "--train.warmup_steps", "1",
-        "--data.val_split", "null", "--log.trackers", "[]", "--log.progress", "false",
+        "--train.max_steps", "3",
+        "--data.val_split", "null",
+        "--log.every_steps", "10",  # tiny.yaml's, as this run always had
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = accelerate_cmd(
+        *tiny_argv(args, shards, tmp_path / "run"), config=ROOT / "configs/accelerate/zero2.yaml"
+    )
+    env = trainer_env()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     before = load_file(str(start / "model.safetensors"))

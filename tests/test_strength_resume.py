@@ -9,15 +9,13 @@ stand in for the device). A run of 4 steps (3 per epoch) is compared with one st
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import build_synth_shards
+from conftest import build_synth_shards, trainer_cmd, trainer_env
 from safetensors.torch import load_file
 
 from retclip_dist.train.metrics_log import read_metrics
@@ -64,9 +62,8 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _train(config: Path, out: Path, *extra: str) -> None:
-    cmd = [sys.executable, "-m", "retclip_dist.train", "--config", str(config), "--output_dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, timeout=600)
+    cmd = trainer_cmd("--config", str(config), "--output_dir", str(out), *extra)
+    done = subprocess.run(cmd, env=trainer_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
 
 

@@ -8,9 +8,7 @@ record back from ``metrics.jsonl`` and TensorBoard's event files.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +16,7 @@ import accelerate.tracking
 import pytest
 import torch
 from accelerate.utils import LoggerType
-from conftest import build_synth_shards, free_port, run_gloo_ranks
+from conftest import TINY_ARGS, accelerate_cmd, build_synth_shards, run_gloo_ranks, tiny_argv, trainer_env
 
 from retclip_dist.config import from_dict, to_dict
 from retclip_dist.exit_codes import EXIT_CONFIG
@@ -227,26 +225,16 @@ def slowed_run(tmp_path_factory) -> Path:
     script = root / "slow_loader.py"
     script.write_text(SLOW_LOADER)
     out = root / "run"
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"), "launch",
-        "--config_file", str(ROOT / "configs/accelerate/cpu_2proc.yaml"),
-        "--num_processes", "2",
-        "--main_process_port", str(free_port()),
-        str(script),
-        "--config", str(ROOT / "configs/tiny.yaml"),
-        "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
-        "--data.shards", str(shards),
-        "--output_dir", str(out),
-        "--data.batch_size", "8",
-        "--data.num_workers", "0",
+    args = [
+        *TINY_ARGS,
         "--train.epochs", "2",
-        "--train.warmup_steps", "1",
         "--log.every_steps", "2",
-        "--log.progress", "false",
+        "--log.trackers", "[tensorboard]",  # log.trackers' default: the records go to TensorBoard too
         "--val.every_epochs", "0",
         "--checkpoint.every_steps", "0",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLOW_RANK": str(SLOW_RANK), "SLOW_S": str(SLOW_S)}
+    cmd = accelerate_cmd(*tiny_argv(args, shards, out), script=script)
+    env = trainer_env(SLOW_RANK=str(SLOW_RANK), SLOW_S=str(SLOW_S))
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert "waiting for data: " in done.stderr

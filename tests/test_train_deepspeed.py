@@ -12,14 +12,12 @@ so logging, clamping, validation, the probe, the finite check and saving all rea
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import fake_patients, free_port, write_shard_set
+from conftest import TINY_TRAIN_ARGS, accelerate_cmd, fake_patients, trainer_cmd, trainer_env, write_shard_set
 from safetensors.torch import load_file
 
 from retclip_dist.model.retclip import RetClip
@@ -28,24 +26,17 @@ from retclip_dist.train.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = 2.6593  # configs/tiny.yaml's init_logit_scale
+# _train sets the batch last, per run: 16 in one process, 8 on each of 2 ranks.
 ARGS = [
-    "--config", str(ROOT / "configs/tiny.yaml"),
-    "--model.tokenizer_path", str(ROOT / "configs/tiny_vocab.txt"),
+    *TINY_TRAIN_ARGS,
     "--model.vision_kwargs", "{embed_dim: 192}",
     "--model.text_config", "{hidden_size: 192, intermediate_size: 768}",
     "--model.min_logit_scale", str(SCALE),
     "--model.max_logit_scale", str(SCALE),
-    "--data.num_workers", "0",
-    "--data.partitions", "2",
     "--train.epochs", "2",
-    "--train.warmup_steps", "1",
     "--train.schedule", "constant",
-    "--log.every_steps", "1",
     "--val.every_epochs", "1",
     "--val.probe.label", "hard_exudates",
-    "--log.trackers", "[]",
-    "--log.progress", "false",
-    "--checkpoint.every_steps", "0",
 ]  # fmt: skip
 VAL_SAMPLES = 20
 
@@ -70,17 +61,12 @@ def _train(
     """A run: one process, or 2 under ``zero`` (a stage's documented config, or an Accelerate config file)."""
     args = [*ARGS, *data, "--output_dir", str(out), *extra]
     if zero is None:  # one process with both partitions: the global batch of the two ZeRO ranks
-        cmd = [sys.executable, "-m", "retclip_dist.train", *args, "--data.batch_size", "16"]
+        cmd = trainer_cmd(*args, "--data.batch_size", "16")
     else:
         config = zero if isinstance(zero, Path) else ROOT / f"configs/accelerate/zero{zero}.yaml"
-        cmd = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(config),
-            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-            "-m", "retclip_dist.train", *args, "--data.batch_size", "8",
-        ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        no_amp = ["--mixed_precision", "no"]
+        cmd = accelerate_cmd(*args, "--data.batch_size", "8", config=config, launcher=no_amp)
+    done = subprocess.run(cmd, env=trainer_env(), capture_output=True, text=True, timeout=900)
     assert (done.returncode == 0) == ok, (
         f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-6000:]}"
     )
