@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 # Two workers (tests/conftest.py keeps each file, and all real-Slurm tests, on one worker).
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not dist"

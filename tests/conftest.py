@@ -641,19 +641,34 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
-# --- make test's two workers (pytest-xdist, --dist loadgroup) ---
+# --- make test's two workers (pytest-xdist, --dist loadgroup --no-loadscope-reorder) ---
 
 # The files that drive the one local Slurm cluster: its node runs one 2-CPU job at a time, and they share
 # slurm_helpers' memoised reference run, so they go to one worker, one after the other.
 SLURM_FILES = {"test_slurm", "test_submit"}
+# The longest groups first (longest-first keeps the two workers' ends close; measured with --durations):
+# the Slurm files (~15 min together), the demo, the benchmark end to end, then the trainer-heavy files.
+LONGEST_FIRST = [
+    "slurm",
+    "test_demo",
+    "test_eval_benchmark_e2e",
+    "test_train",
+    "test_faults_train",
+    "test_launch_multinode",
+    "test_freeze",
+]
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under xdist, keep each file on one worker (its module fixtures, often a trainer run, are built
-    once) and every real-Slurm test on the same worker; without xdist, nothing changes."""
+    """Where xdist is installed, keep each file on one worker (its module fixtures, often a trainer run,
+    are built once) and every real-Slurm test on the same worker, longest groups first; without xdist,
+    nothing changes."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
+    order = {group: i for i, group in enumerate(LONGEST_FIRST)}
+    groups = {}
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            module = item.module.__name__.rsplit(".", 1)[-1]
-            item.add_marker(pytest.mark.xdist_group("slurm" if module in SLURM_FILES else module))
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        groups[item.nodeid] = "slurm" if module in SLURM_FILES else module
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    items.sort(key=lambda item: order.get(groups[item.nodeid], len(order)))  # stable: the rest as collected

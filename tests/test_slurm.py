@@ -93,7 +93,7 @@ def run_interrupted(
     out, log = tmp_path / "run", tmp_path / "job.out"
     job = submit(shard_set(tmp_path_factory), out, log, **env_extra)
     try:
-        wait_for(lambda: latest_step(out) >= SIGNAL_AFTER_STEP or None, 180, f"step {SIGNAL_AFTER_STEP}")
+        wait_for(lambda: latest_step(out) >= SIGNAL_AFTER_STEP or None, 300, f"step {SIGNAL_AFTER_STEP}")
         subprocess.run([*interrupt, job], timeout=20, check=True)
         fields = wait_for_job(job, 300, log)
     finally:

@@ -199,7 +199,7 @@ def test_checkpoint_hook_waits_for_the_trainer_inside_popen_wait(tmp_path):
     assert done.stdout.strip() == "0 saved PretrainJob ['--train.epochs', '3'] None"
 
 
-def submit(out_dir: Path, log_dir: Path, shards: Path, *flags: str, timeout_s: float = 30) -> str:
+def submit(out_dir: Path, log_dir: Path, shards: Path, *flags: str, timeout_s: float = 120) -> str:
     cmd = [
         sys.executable, "-m", "retclip_dist.launch.submit", "--config", "configs/tiny.yaml",
         "--accelerate-config", CPU_2PROC, "--gpus-per-node", "2", "--port", str(free_port()),
@@ -267,7 +267,7 @@ def test_submitit_requeues_on_its_signal_and_resumes_bit_exactly(
     job = re.search(r"^job (\d+)$", stdout, re.MULTILINE).group(1)
     err_log = log_dir / f"{job}_0_log.err"
     try:
-        wait_for(lambda: latest_step(out) >= SIGNAL_AFTER_STEP or None, 180, f"step {SIGNAL_AFTER_STEP}")
+        wait_for(lambda: latest_step(out) >= SIGNAL_AFTER_STEP or None, 300, f"step {SIGNAL_AFTER_STEP}")
         # What `#SBATCH --signal=USR2@120` (USR1 with --requeue-signal USR1) does ahead of the time limit:
         # signal every process of the step.
         subprocess.run(["scancel", f"--signal={sig}", job], timeout=20, check=True)
