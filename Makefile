@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m retclip_dist.demo --output_dir demo
 
-# Two workers (tests/conftest.py keeps each file, and all real-Slurm tests, on one worker).
+# Two workers, the longest tests first (tests/conftest.py; the Slurm tests take turns on the one node).
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder --durations=25
 

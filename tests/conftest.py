@@ -643,11 +643,14 @@ def child_pids(pid: int) -> list[int]:
 
 # --- make test's two workers (pytest-xdist, --dist loadgroup --no-loadscope-reorder) ---
 
-# The files that drive the one local Slurm cluster: its node runs one 2-CPU job at a time, and they share
-# slurm_helpers' memoised reference run, so they go to one worker, one after the other.
+# Meant to keep each file on one worker (its module fixtures, often a trainer run, built once) and the
+# real-Slurm files together. With pytest 9.2 and xdist 3.8 the groups do not take effect: xdist writes the
+# group into `item._nodeid`, which pytest 9.2 no longer reads, so tests are spread one by one (verified
+# in a worker: no `@group` suffix). The order below still holds, and slurm_helpers.slurm_node makes the
+# Slurm tests take turns on the one node across workers. The marks take effect once xdist follows pytest.
 SLURM_FILES = {"test_slurm", "test_submit"}
-# The longest groups first (longest-first keeps the two workers' ends close; measured with --durations):
-# the Slurm files (~15 min together), the demo, the benchmark end to end, then the trainer-heavy files.
+# The longest first, so that neither worker ends with a long tail (measured with --durations): the Slurm
+# files (~15 min together), the demo, the benchmark end to end, then the trainer-heavy files.
 LONGEST_FIRST = [
     "slurm",
     "test_demo",
@@ -659,10 +662,12 @@ LONGEST_FIRST = [
 ]
 
 
+# tryfirst: xdist's own hook turns the xdist_group marks into the groups it schedules by, so they must be
+# there before it runs.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Where xdist is installed, keep each file on one worker (its module fixtures, often a trainer run,
-    are built once) and every real-Slurm test on the same worker, longest groups first; without xdist,
-    nothing changes."""
+    """Where xdist is installed: mark each test with its file's group (the Slurm files share one) and
+    put the longest groups first; without xdist, nothing changes."""
     if not config.pluginmanager.hasplugin("xdist"):
         return
     order = {group: i for i, group in enumerate(LONGEST_FIRST)}

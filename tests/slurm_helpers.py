@@ -4,11 +4,14 @@ bit for bit."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +74,20 @@ def require_idle_slurm() -> None:
         pytest.skip(
             f"no idle Slurm node with 2 CPUs (states: {states}); see `sinfo`, `launch/local_slurm.sh`"
         )
+
+
+# make test's two workers share the one local node: a Slurm test waits here for the other worker's to end,
+# instead of finding the node busy and skipping.
+_NODE_LOCK = Path(tempfile.gettempdir()) / "retclip-dist-slurm-tests.lock"
+
+
+@contextlib.contextmanager
+def slurm_node():
+    """Hold the local cluster's node for one test (across pytest processes), once it is idle."""
+    with _NODE_LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        require_idle_slurm()
+        yield
 
 
 def job_env(**extra: str) -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,9 @@ from slurm_helpers import (
     load_weights,
     metrics,
     reference_weights,
-    require_idle_slurm,
     run_overrides,
     shard_set,
+    slurm_node,
     wait_for,
     wait_for_job,
 )
@@ -52,8 +53,9 @@ def submit(shards: Path, out_dir: Path, log: Path, **env_extra: str) -> str:
 
 
 @pytest.fixture
-def cluster() -> None:
-    require_idle_slurm()
+def cluster() -> Iterator[None]:
+    with slurm_node():
+        yield
 
 
 def test_sbatch_run_completes_and_matches_direct_run(cluster, tmp_path_factory, tmp_path):

@@ -10,6 +10,7 @@ import pickle
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,9 @@ from slurm_helpers import (
     load_weights,
     metrics,
     reference_weights,
-    require_idle_slurm,
     run_overrides,
     shard_set,
+    slurm_node,
     wait_for,
     wait_for_job,
 )
@@ -229,8 +230,9 @@ def test_local_mode_runs_to_completion_without_slurm(tmp_path_factory, tmp_path)
 
 
 @pytest.fixture
-def cluster() -> None:
-    require_idle_slurm()
+def cluster() -> Iterator[None]:
+    with slurm_node():
+        yield
 
 
 def _result(log_dir: Path, job: str) -> tuple[str, object]:
