@@ -79,13 +79,26 @@ def require_idle_slurm() -> None:
 # make test's two workers share the one local node: a Slurm test waits here for the other worker's to end,
 # instead of finding the node busy and skipping.
 _NODE_LOCK = Path(tempfile.gettempdir()) / "retclip-dist-slurm-tests.lock"
+# The longest one Slurm test here holds the node (a requeued run: ~6 min on a quiet machine), with room.
+NODE_WAIT_S = 1200
 
 
 @contextlib.contextmanager
 def slurm_node():
-    """Hold the local cluster's node for one test (across pytest processes), once it is idle."""
+    """Hold the local cluster's node for one test (across pytest processes), once it is idle; fail naming
+    the lock after NODE_WAIT_S rather than wait on a holder that never lets go."""
     with _NODE_LOCK.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + NODE_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(
+                        f"{_NODE_LOCK}: another Slurm test held the local node for over {NODE_WAIT_S} s"
+                    )
+                time.sleep(1)
         require_idle_slurm()
         yield
 
